@@ -1,0 +1,34 @@
+# edge-rt: `make demo` runs the main job on the default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export EDGE_RT_HOME ?= $(HOME)/.cache/edge-rt
+DEMO_MODEL := $(EDGE_RT_HOME)/converted/smollm2-135m-q4.gguf
+C_SOURCES  := $(shell find kernels_c -name '*.[ch]') CMakeLists.txt
+
+.PHONY: setup demo test peer clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(C_SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+$(DEMO_MODEL): | setup
+	mkdir -p $(dir $@)
+	$(BIN)/edge-rt pull smollm2-135m
+	$(BIN)/edge-rt convert smollm2-135m -o $@ --bits 4
+
+demo: setup $(DEMO_MODEL)
+	$(BIN)/edge-rt run $(DEMO_MODEL) --chat --prompt "What is the capital of France?" -n 64 --mem-budget 2GB
+
+peer: setup
+	bash scripts/peer.sh $(VENV)
+
+test: setup peer
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build _skbuild

@@ -1,0 +1,185 @@
+"""The Python API an app uses: `edge_rt.load(model, mem_budget=..., threads=...)`."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+from threadpoolctl import threadpool_limits
+
+from . import formats, memory, metrics
+from .errors import EdgeRtError
+from .gguf_file import GGUFFile
+from .models import spec_from_meta
+from .models.transformer import KVCache, forward, logits
+from .plan import Plan, check, make_plan, parse_size
+from .pull import resolve
+from .sample import Sampler
+from .tokenizer import Tokenizer
+from .weights import Weights
+
+N_BATCH = 512       # tokens per forward step while reading a prompt
+LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
+
+
+@dataclass
+class Metrics:
+    n_prompt: int = 0
+    n_generated: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    values: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        decode_steps = max(self.n_generated - 1, 0)  # the first token comes from the prefill
+        return {
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "prefill_tokens_per_s": self.n_prompt / self.prefill_s if self.prefill_s else 0.0,
+            "decode_tokens_per_s": decode_steps / self.decode_s if self.decode_s else 0.0,
+            "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+        } | self.values
+
+
+class Model:
+    """A model opened for running. Opening maps the file and reads its metadata; the
+    weights and the KV cache are made resident by the first call that passes the plan."""
+
+    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048):
+        memory.return_freed_memory()
+        self.path = resolve(model)
+        self.g = GGUFFile(self.path)
+        version = self.g.meta.get("edgert.format_version")
+        if version is not None and version != formats.FORMAT_VERSION:
+            raise EdgeRtError(f"{self.path}: made by edge-rt with layout version {version}; this edge-rt reads "
+                              f"version {formats.FORMAT_VERSION}: convert the source model again")
+        self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta)
+        self.spec = spec_from_meta(self.g.meta, self.tokenizer.n_vocab, self.path)
+        if ctx < 2 or ctx > self.spec.ctx_train:
+            raise EdgeRtError(f"--ctx {ctx} is outside 2..{self.spec.ctx_train} (the model's trained context)")
+        self.threads = threads or os.cpu_count() or 1
+        self.budget = parse_size(mem_budget) if mem_budget is not None else None
+        self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
+        self.ctx, self.kv = ctx, None
+        self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
+        self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
+        self.metrics = Metrics()
+
+    def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
+        """The memory a call reading n_prompt tokens and generating n_predict would hold."""
+        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx,
+                         min(N_BATCH, max(n_prompt, 1)), min(n_prompt + n_predict, self.ctx), logit_rows, scored)
+
+    def _reserve(self, plan: Plan) -> None:
+        """Check the plan against the budget, then make weights and KV cache resident."""
+        check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
+        self.plan = plan
+        if self.kv is None:
+            self.g.populate()
+            self.kv = KVCache(self.spec, self.ctx)
+
+    # -- the forward pass under the thread limit ------------------------------------
+    def _forward(self, tokens: np.ndarray, keep_from: int) -> np.ndarray:
+        """Read tokens from position 0 in steps of N_BATCH; the hidden states of
+        positions keep_from.. (the others are dropped as soon as a step is done)."""
+        kept = []
+        for i in range(0, len(tokens), N_BATCH):
+            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv)
+            if i + len(h) > keep_from:
+                kept.append(h[max(keep_from - i, 0):])
+        return np.concatenate(kept)
+
+    def _info(self) -> dict:
+        return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx}
+
+    def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 seed: int | None = None, chat: bool = False) -> Iterator[str]:
+        """Stream the text of up to n new tokens; stops at the model's end-of-generation tokens."""
+        if chat:  # the template's special tokens are parsed; its own BOS is not doubled
+            text = self.tokenizer.render_chat([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(text, add_bos=not text.startswith(self.tokenizer.bos_text), special=True)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise EdgeRtError("the prompt is empty")
+        if len(ids) + n > self.ctx:
+            raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx}")
+        self._reserve(self.plan_for(len(ids), n))
+        sample = Sampler(temperature, top_k, top_p, seed)
+        decoder = self.tokenizer.stream_decoder()
+        m = self.metrics = Metrics(n_prompt=len(ids))
+        io0 = metrics.storage_read_bytes()
+        with threadpool_limits(self.threads):
+            t0 = time.perf_counter()
+            h = self._forward(np.array(ids), len(ids) - 1)
+            tok = sample(logits(self.weights, h)[0])
+            m.prefill_s = m.ttft_s = time.perf_counter() - t0
+            pos, t1 = len(ids), time.perf_counter()
+            while tok not in self.tokenizer.eos_ids:
+                m.n_generated += 1
+                piece = decoder.push(tok)
+                if piece:
+                    yield piece
+                if m.n_generated >= n:
+                    break
+                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv)
+                tok = sample(logits(self.weights, h[-1:])[0])
+                pos += 1
+            m.decode_s = time.perf_counter() - t1
+        rest = decoder.flush()
+        if rest:
+            yield rest
+        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(),
+                                   "storage_read_bytes": metrics.storage_read_bytes() - io0}
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits at every position of one sequence starting at position 0."""
+        tokens = np.asarray(tokens)
+        if len(tokens) > self.ctx:
+            raise EdgeRtError(f"{len(tokens)} tokens exceed the context this model was loaded with ({self.ctx})")
+        self._reserve(self.plan_for(len(tokens), 0, LOGIT_ROWS))
+        with threadpool_limits(self.threads):
+            h = self._forward(tokens, 0)
+            return np.concatenate([logits(self.weights, h[i:i + LOGIT_ROWS]) for i in range(0, len(h), LOGIT_ROWS)])
+
+    def eval_perplexity(self, text: str, ctx: int = 512, windows: int | None = None, progress=None) -> dict:
+        """Perplexity as llama.cpp's llama-perplexity computes it: the text tokenized once,
+        cut into non-overlapping windows of ctx tokens, each window's first token replaced
+        by BOS where the model adds one, the second half of each window scored."""
+        if ctx > self.ctx:
+            raise EdgeRtError(f"--ctx {ctx} is larger than the context this model was loaded with ({self.ctx})")
+        ids = np.array(self.tokenizer.encode(text))
+        available = len(ids) // ctx
+        if available < 1:
+            raise EdgeRtError(f"the text has {len(ids)} tokens: fewer than one window of --ctx {ctx}")
+        windows = min(windows or available, available)
+        self._reserve(self.plan_for(ctx, 0, LOGIT_ROWS, scored=True))
+        first = ctx // 2
+        nll, count = 0.0, 0
+        with threadpool_limits(self.threads):
+            for w in range(windows):
+                chunk = ids[w * ctx:(w + 1) * ctx].copy()
+                if self.tokenizer.add_bos:
+                    chunk[0] = self.tokenizer.bos_id
+                h = self._forward(chunk, first)  # h[j] is position first + j
+                for i in range(first, ctx - 1, LOGIT_ROWS):
+                    rows = np.arange(i, min(i + LOGIT_ROWS, ctx - 1))
+                    z = logits(self.weights, h[rows - first]).astype(np.float64)
+                    z -= z.max(axis=1, keepdims=True)
+                    logp = z[np.arange(len(rows)), chunk[rows + 1]] - np.log(np.exp(z).sum(axis=1))
+                    nll -= logp.sum()
+                    count += len(rows)
+                if progress:
+                    progress(w + 1, windows, float(np.exp(nll / count)))
+        return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "ctx": ctx, "windows": windows,
+                "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
+
+
+def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048) -> Model:
+    """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
+    against mem_budget ('2GB', or bytes) and map its weights."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx)

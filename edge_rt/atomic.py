@@ -1,0 +1,43 @@
+"""Write a file so that OUT is either absent or complete: write a temporary file
+beside it, fsync, rename. Interrupted or failed writes leave nothing behind."""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import EdgeRtError
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yields a temporary path in OUT's folder; renames it to OUT if the block succeeds."""
+    out = Path(path)
+    if out.is_dir():
+        raise EdgeRtError(f"{out}: is a folder; give a file name for the output")
+    if not out.parent.is_dir():
+        raise EdgeRtError(f"{out.parent}: no such folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as an ordinary open() would have made it
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise EdgeRtError(f"{out}: no space left on the device; nothing was written") from None
+        raise EdgeRtError(f"{out}: cannot write: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,201 @@
+"""edge-rt's command line: parse, call the Python API, print. With --json the last
+line on stdout is one JSON object and streamed text goes to stderr."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgeRtError
+from .formats import DEFAULT_GROUP_SIZE
+from .plan import format_size
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, separators=(",", ":"), default=str))
+
+
+class Size(click.ParamType):
+    """2GB, 512M, 1.5GiB: powers of 1024."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .plan import parse_size
+        try:
+            return parse_size(value)
+        except EdgeRtError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _threads(value):
+    if value is not None and value < 1:
+        raise click.BadParameter("must be at least 1")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-rt")
+def cli():
+    """On-device LLM inference under a hard memory budget."""
+
+
+@cli.command()
+def models():
+    """List the models `pull` can fetch."""
+    from .models.registry import MODELS
+    from .pull import cached_path
+    for e in MODELS.values():
+        state = "cached" if cached_path(e).exists() else "not fetched"
+        click.echo(f"{e.name:14s} {e.arch:7s} {e.size / 2**20:6.0f} MiB  {state:11s}  {e.description}; license: {e.license}")
+
+
+@cli.command()
+@click.argument("name")
+def pull(name):
+    """Fetch a registry model into the cache ($EDGE_RT_HOME, default ~/.cache/edge-rt)."""
+    from .pull import pull as do_pull
+    click.echo(str(do_pull(name)))
+
+
+@cli.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output GGUF file.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
+@click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp"]), default="edge-rt", show_default=True,
+              help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types.")
+def convert(src, out, bits, group_size, target):
+    """Convert SRC (a GGUF of any ggml type, a Hugging Face folder, or a registry name)."""
+    from .converters.convert import convert as do_convert
+    from .pull import resolve
+    path = do_convert(resolve(src), out, int(bits), group_size, target)
+    click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@click.option("-n", "n_predict", type=click.IntRange(1), default=128, show_default=True, help="Tokens to generate.")
+@click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
+@click.option("--mem-budget", type=Size(), default=None, help="Peak memory this run may use, e.g. 2GB (powers of 1024).")
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None, help="Default: all cores.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
+def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, top_p, seed, chat, as_json):
+    """Generate text from MODEL (a path or a registry name) and report speed and memory."""
+    from .api import load
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    out = sys.stderr if as_json else sys.stdout
+    pieces = []
+    for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    r = m.metrics.as_dict() | {"text": "".join(pieces)}
+    if as_json:
+        _emit_json(r)
+        return
+    budget = format_size(r["mem_budget_bytes"]) if r["mem_budget_bytes"] else "none"
+    click.echo(f"prefill {r['n_prompt']} tokens at {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['n_generated']} "
+               f"tokens at {r['decode_tokens_per_s']:.1f} tok/s, ttft {r['ttft_s']:.3f} s | peak RSS "
+               f"{format_size(r['peak_rss_bytes'])} (planned {format_size(r['planned_bytes'])}, budget {budget}) | "
+               f"kernel {r['kernel']}, {r['threads']} threads", err=True)
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file.")
+@click.option("--ctx", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--windows", type=click.IntRange(1), default=None, help="Windows to score (default: all).")
+@click.option("--mem-budget", type=Size(), default=None)
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(model, text_file, ctx, windows, mem_budget, threads, as_json):
+    """Perplexity of MODEL on a text, scored as llama.cpp's llama-perplexity scores it."""
+    from .api import load
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
+    r = m.eval_perplexity(text, ctx, windows, progress=show)
+    if as_json:
+        _emit_json(r)
+    else:
+        click.echo(f"perplexity {r['ppl']:.4f} over {r['tokens_scored']} tokens ({r['windows']} windows of ctx {ctx})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, as_json):
+    """Architecture, hyper-parameters, tensors and bits per weight of a GGUF file."""
+    from .inspect import inspect as do_inspect
+    from .pull import resolve
+    r = do_inspect(resolve(model))
+    if as_json:
+        _emit_json(r)
+        return
+    for key, val in r["summary"].items():
+        click.echo(f"{key:22s} {val}")
+    click.echo(f"{'tensor':40s} {'type':8s} {'shape':>16s} {'bytes':>12s}")
+    for t in r["tensors"]:
+        click.echo(f"{t['name']:40s} {t['type']:8s} {'x'.join(map(str, t['shape'])):>16s} {t['bytes']:12d}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def info(as_json):
+    """The CPU features found and the kernel chosen for each weight format."""
+    from . import formats, kernels
+    r = {"cpu_features": kernels.cpu_features(),
+         "kernels": {name: kernels.kernel_name(fid) for name, fid in formats.FORMAT_IDS.items()}}
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"cpu features: {r['cpu_features']}")
+    for name, k in r["kernels"].items():
+        click.echo(f"{name:4s} -> {k}")
+
+
+def main(argv=None) -> None:
+    """Entry point: a user error is one line on stderr and exit status 1, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="edge-rt", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("edge-rt: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:  # usage errors: one line too (`--help` shows the usage)
+        click.echo(f"edge-rt: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except EdgeRtError as e:
+        click.echo(f"edge-rt: error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("edge-rt: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except MemoryError:
+        click.echo("edge-rt: error: out of memory (try a smaller --ctx, or see `edge-rt run --mem-budget`)", err=True)
+        sys.exit(EXIT_ERROR)
+    except BrokenPipeError:
+        sys.exit(EXIT_ERROR)
+    except Exception as e:  # a bug of ours: one line, and the traceback on request
+        if os.environ.get("EDGE_RT_DEBUG"):
+            raise
+        click.echo(f"edge-rt: internal error: {type(e).__name__}: {e} (set EDGE_RT_DEBUG=1 for the traceback)", err=True)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The memory plan: every byte a run will hold, added up before anything is loaded,
+and checked against the budget. Nothing streams yet (that comes with flash loading),
+so the whole model is resident."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import EdgeRtError
+from .models.spec import Spec
+from .models.transformer import KVCache
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '2G', '2GiB', '512M', '1.5g', 1024 -> bytes; every unit is a power of 1024."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), re.I)
+    if not m:
+        raise EdgeRtError(f"cannot read size {text!r}: use a number with K, M or G, e.g. 2GB or 512M")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def format_size(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        if n >= UNITS[unit]:
+            return f"{n / UNITS[unit]:.2f} {unit}iB"
+    return f"{n} B"
+
+
+@dataclass
+class Plan:
+    base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
+    weights_bytes: int   # every tensor, mapped from the file and resident
+    kv_bytes: int        # the KV cache for ctx positions
+    buffer_bytes: int    # activations, attention scores and logits of the largest step
+    ctx: int
+    n_batch: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + self.weights_bytes + self.kv_bytes + self.buffer_bytes
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total_bytes": self.total_bytes}
+
+    def describe(self) -> str:
+        return (f"weights {format_size(self.weights_bytes)} + KV cache {format_size(self.kv_bytes)} (ctx {self.ctx}) + "
+                f"buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
+
+
+def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
+    """The largest set of arrays alive at once in one forward step of n tokens that
+    attend over `positions` positions, then logit_rows rows of logits (scored: with
+    their float64 log-softmax). Derived from models/transformer.py, line by line."""
+    d, hq, hkv, ff = spec.d_model, spec.n_heads * spec.head_dim, spec.kv_dim(), spec.d_ff
+    stream = 4 * n * (2 * d + 2 * hq + 2 * hkv)            # x, h, q, k, v, attention output
+    attn = spec.n_heads * n * positions * (4 * 2 + 1)       # scores, exp(scores), mask
+    ffn = 4 * n * ff * (4 if spec.act == "gelu_tanh" else 3)  # gate, up and the activation's temporaries
+    scratch = n * max(ff, d) * 2                            # the kernels' int8 activations and scales
+    logits = logit_rows * spec.n_vocab * (4 + (16 if scored else 0))
+    return stream + max(attn, ffn) + scratch + logits
+
+
+def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, positions: int,
+              logit_rows: int = 1, scored: bool = False) -> Plan:
+    return Plan(base_bytes, weights_bytes, KVCache.nbytes(spec, ctx),
+                buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
+
+
+def check(plan: Plan, budget: int | None, available: int) -> None:
+    """Refuse up front, naming the smallest budget that works."""
+    need = plan.total_bytes
+    if budget is not None and need > budget:
+        raise EdgeRtError(f"--mem-budget {format_size(budget)} is too small: this run needs at least "
+                          f"{format_size(need)} ({plan.describe()}); try --mem-budget {-(-need // (1 << 20))}M"
+                          f"{' or a smaller --ctx' if plan.kv_bytes > need // 4 else ''}")
+    if budget is None and need > available:
+        raise EdgeRtError(f"this run needs {format_size(need)} ({plan.describe()}) but only "
+                          f"{format_size(available)} of memory is available")

@@ -1,0 +1,102 @@
+"""Tensors of an open GGUF file, seen by the forward pass through three calls:
+`linear(name, x)`, `vec(name)` and `embed(tokens)`.
+
+`Weights` multiplies with the C kernels over the mmapped file (no copies);
+`ReferenceWeights` dequantizes to float32 and multiplies in numpy: the test oracle."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import formats, kernels
+from .errors import EdgeRtError
+from .gguf_file import GGUFFile
+
+FMT_KEY = "edgert.format."  # + tensor name -> "q4:64": a group-quantized tensor of ours
+
+
+def tensor_format(g: GGUFFile, name: str):
+    """(format, parts, rows, cols) of a 2-D weight the kernels can multiply by."""
+    spec = g.meta.get(FMT_KEY + name)
+    t = g.tensors[name]
+    if spec is not None:
+        kind, group = spec.split(":")
+        fmt = formats.by_name(kind, int(group))
+        codes = g.array(name).view(np.uint8)
+        parts = {"codes": codes, "scale": g.array(name + ".scale"), "min": g.array(name + ".min")}
+        return fmt, parts, codes.shape[0], codes.shape[1] * 8 // fmt.bits
+    if t.ggml_type in (T.F32, T.F16) and len(t.shape) == 2:
+        fmt = formats.F32() if t.ggml_type == T.F32 else formats.F16()
+        return fmt, {"": g.array(name)}, t.shape[0], t.shape[1]
+    raise EdgeRtError(f"{g.path}: tensor {name} is {t.type_name}, which edge-rt does not run directly; "
+                      f"convert the file first: edge-rt convert {g.path} -o OUT --bits 4")
+
+
+def is_matrix(g: GGUFFile, name: str) -> bool:
+    return not name.endswith((".scale", ".min")) and (FMT_KEY + name in g.meta or len(g.tensors[name].shape) == 2)
+
+
+class ReferenceWeights:
+    """Float32 weights (any ggml type or ours, dequantized), numpy products. With
+    same_arithmetic, products of our formats follow the kernels' integer arithmetic
+    (formats.matmul_reference), so the C path can be checked tightly."""
+
+    def __init__(self, g: GGUFFile, same_arithmetic: bool = False):
+        self.g, self._cache, self.same_arithmetic = g, {}, same_arithmetic
+
+    def has(self, name: str) -> bool:
+        return name in self.g.tensors
+
+    def matrix(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            if FMT_KEY + name in self.g.meta:
+                fmt, parts, rows, cols = tensor_format(self.g, name)
+                self._cache[name] = fmt.dequantize(parts, cols)
+            else:
+                self._cache[name] = self.g.dequantize(name)
+        return self._cache[name]
+
+    def vec(self, name: str) -> np.ndarray:
+        return self.matrix(name)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        if self.same_arithmetic and FMT_KEY + name in self.g.meta:
+            fmt, parts, rows, cols = tensor_format(self.g, name)
+            return formats.matmul_reference(fmt, parts, cols, x)
+        return x @ self.matrix(name).T
+
+    def embed(self, tokens) -> np.ndarray:
+        return self.matrix("token_embd.weight")[np.asarray(tokens)]
+
+
+class Weights:
+    """The runtime's weights: views of the mapped file, multiplied by the C kernels."""
+
+    def __init__(self, g: GGUFFile, threads: int = 1):
+        self.g, self.threads = g, threads
+        self.matrices = {}
+        for name in g.tensors:
+            if is_matrix(g, name):
+                fmt, parts, rows, cols = tensor_format(g, name)
+                self.matrices[name] = kernels.Weight(fmt, rows, cols, parts)
+        self.vectors = {name: g.array(name) for name in g.tensors
+                        if name not in self.matrices and not name.endswith((".scale", ".min"))}
+
+    def has(self, name: str) -> bool:
+        return name in self.matrices or name in self.vectors
+
+    def vec(self, name: str) -> np.ndarray:
+        return self.vectors[name]
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        return kernels.matmul(self.matrices[name], x, self.threads)
+
+    def embed(self, tokens) -> np.ndarray:
+        return kernels.dequantize_rows(self.matrices["token_embd.weight"], np.asarray(tokens))
+
+    def kernel(self) -> str:
+        """The kernels dispatched for the model's matrices, e.g. 'q4:avx2'."""
+        return ",".join(sorted({kernels.kernel_name(w.fmt.id) for w in self.matrices.values()}))
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.g.tensors.values())

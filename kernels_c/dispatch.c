@@ -1,0 +1,365 @@
+/* Public entry points, argument checks, CPU feature detection, threading, and THE
+ * table mapping a weight format to its kernels per instruction set.
+ *
+ * Adding a format: a row in FORMATS below (plus its kernels in ref.c and, when
+ * wanted, the SIMD files; a missing SIMD entry falls back to the next lower ISA).
+ */
+#define ERT_BUILDING
+#include "edgert.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define ERT_X86 1
+#include <cpuid.h>
+#endif
+
+#if defined(__aarch64__)
+#define ERT_ARM64 1
+#if defined(__linux__) || defined(__ANDROID__)
+#include <sys/auxv.h>
+#ifndef AT_HWCAP
+#define AT_HWCAP 16
+#endif
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1 << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#endif
+
+#ifndef ERT_HAVE_AVX2
+#define ERT_HAVE_AVX2 0
+#endif
+#ifndef ERT_HAVE_NEON
+#define ERT_HAVE_NEON 0
+#endif
+#ifndef ERT_HAVE_NEON_DOTPROD
+#define ERT_HAVE_NEON_DOTPROD 0
+#endif
+
+/* ---- instruction sets -------------------------------------------------------------- */
+
+enum { ISA_REF, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_N };
+static const char *const ISA_NAME[ISA_N] = {"ref", "avx2", "neon", "neon-dotprod"};
+/* where a missing kernel falls back to */
+static const int ISA_FALLBACK[ISA_N] = {-1, ISA_REF, ISA_REF, ISA_NEON};
+
+#define K_REF(f) {ert_##f##_matmul_ref, ert_##f##_dequant_ref}
+#if ERT_HAVE_AVX2
+#define K_AVX2(f) {ert_##f##_matmul_avx2, ert_##f##_dequant_avx2}
+#define QA_AVX2 ert_quant_act_avx2
+#else
+#define K_AVX2(f) {0, 0}
+#define QA_AVX2 0
+#endif
+#if ERT_HAVE_NEON
+#define K_NEON(f) {ert_##f##_matmul_neon, ert_##f##_dequant_neon}
+#define QA_NEON ert_quant_act_neon
+#else
+#define K_NEON(f) {0, 0}
+#define QA_NEON 0
+#endif
+#if ERT_HAVE_NEON_DOTPROD
+#define K_NEON_DP(f) {ert_##f##_matmul_neon_dotprod, ert_##f##_dequant_neon}
+#else
+#define K_NEON_DP(f) {0, 0}
+#endif
+#define K_NONE {0, 0}
+
+/* THE table: format id -> name, and its kernels {ref, avx2, neon, neon-dotprod}. */
+static const struct {
+    const char *name;
+    ert_kernel k[ISA_N];
+} FORMATS[ERT_NFORMATS] = {
+    [ERT_F32] = {"f32", {K_REF(f32), K_AVX2(f32), K_NEON(f32), K_NONE}}, /* dotprod: nothing to gain */
+    [ERT_F16] = {"f16", {K_REF(f16), K_AVX2(f16), K_NEON(f16), K_NONE}},
+    [ERT_Q1] = {"q1", {K_REF(q1), K_AVX2(q1), K_NEON(q1), K_NEON_DP(q1)}},
+    [ERT_Q2] = {"q2", {K_REF(q2), K_AVX2(q2), K_NEON(q2), K_NEON_DP(q2)}},
+    [ERT_Q3] = {"q3", {K_REF(q3), K_AVX2(q3), K_NEON(q3), K_NEON_DP(q3)}},
+    [ERT_Q4] = {"q4", {K_REF(q4), K_AVX2(q4), K_NEON(q4), K_NEON_DP(q4)}},
+    [ERT_Q8] = {"q8", {K_REF(q8), K_AVX2(q8), K_NEON(q8), K_NEON_DP(q8)}},
+};
+
+/* activation quantizers (bit-exact with each other) */
+static const ert_quant_act_fn QUANT_ACT[ISA_N] = {ert_quant_act_ref, QA_AVX2, QA_NEON, 0};
+
+/* ---- state chosen at start-up --------------------------------------------------------- */
+
+static int g_inited;
+static int g_isa_ok[ISA_N];    /* compiled in and supported by this CPU */
+static int g_best;             /* best usable ISA */
+static struct {
+    ert_kernel k;
+    int isa;
+} g_sel[ERT_NFORMATS];
+static ert_quant_act_fn g_quant_act;
+static char g_features[96];
+static char g_names[ERT_NFORMATS][32];
+
+static void add_feature(const char *f) {
+    size_t len = strlen(g_features);
+    if (len + strlen(f) + 2 >= sizeof g_features) return;
+    if (len) g_features[len++] = ' ';
+    strcpy(g_features + len, f);
+}
+
+static void detect_cpu(void) {
+    g_isa_ok[ISA_REF] = 1;
+#if ERT_X86 && defined(__GNUC__)
+    unsigned a, b, c, d;
+    int avx = 0, fma = 0, f16c = 0, avx2 = 0, ymm_os = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        fma = (c >> 12) & 1;
+        f16c = (c >> 29) & 1;
+        int osxsave = (c >> 27) & 1;
+        avx = (c >> 28) & 1;
+        if (osxsave && avx) {
+            unsigned lo, hi;
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            ymm_os = (lo & 6) == 6; /* the OS saves xmm and ymm state */
+        }
+        if (__get_cpuid_max(0, 0) >= 7) {
+            __cpuid_count(7, 0, a, b, c, d);
+            avx2 = (b >> 5) & 1;
+        }
+    }
+    avx = avx && ymm_os;
+    avx2 = avx2 && ymm_os;
+    if (avx) add_feature("avx");
+    if (avx2) add_feature("avx2");
+    if (fma && avx) add_feature("fma");
+    if (f16c && avx) add_feature("f16c");
+    g_isa_ok[ISA_AVX2] = ERT_HAVE_AVX2 && avx2 && fma && f16c;
+#elif ERT_ARM64
+    int dotprod = 0;
+#if defined(__linux__) || defined(__ANDROID__)
+    unsigned long hw = getauxval(AT_HWCAP);
+    dotprod = (hw & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+    int v = 0;
+    size_t len = sizeof v;
+    if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, NULL, 0) == 0) dotprod = v != 0;
+#endif
+    add_feature("neon"); /* Advanced SIMD is mandatory on AArch64 */
+    if (dotprod) add_feature("dotprod");
+    g_isa_ok[ISA_NEON] = ERT_HAVE_NEON;
+    g_isa_ok[ISA_NEON_DOTPROD] = ERT_HAVE_NEON && ERT_HAVE_NEON_DOTPROD && dotprod;
+#endif
+}
+
+static void select_kernels(int isa) {
+    for (int f = 0; f < ERT_NFORMATS; f++) {
+        int i = isa;
+        while (i > 0 && (!g_isa_ok[i] || !FORMATS[f].k[i].matmul || !FORMATS[f].k[i].dequant)) i = ISA_FALLBACK[i];
+        if (i < 0) i = ISA_REF;
+        g_sel[f].k = FORMATS[f].k[i];
+        g_sel[f].isa = i;
+        strcpy(g_names[f], FORMATS[f].name);
+        strcat(g_names[f], ":");
+        strcat(g_names[f], ISA_NAME[i]);
+    }
+    int i = isa;
+    while (i > 0 && (!g_isa_ok[i] || !QUANT_ACT[i])) i = ISA_FALLBACK[i];
+    g_quant_act = QUANT_ACT[i < 0 ? ISA_REF : i];
+}
+
+static void init(void) {
+    if (g_inited) return;
+    detect_cpu();
+    g_best = ISA_REF;
+    for (int i = 0; i < ISA_N; i++)
+        if (g_isa_ok[i]) g_best = i; /* later entries are better within their family */
+    select_kernels(g_best);
+    g_inited = 1;
+}
+
+#if defined(__GNUC__)
+__attribute__((constructor)) static void init_at_load(void) { init(); }
+#endif
+
+/* ---- argument checks ------------------------------------------------------------------- */
+
+static int ngroups(const ert_weight *w) { return (w->cols + w->group_size - 1) / w->group_size; }
+
+static int check_weight(const ert_weight *w) {
+    if (!w || !w->data || w->rows < 0 || w->cols <= 0) return ERT_EINVAL;
+    if (w->format < 0 || w->format >= ERT_NFORMATS) return ERT_EFORMAT;
+    if (ert_format_bits(w->format)) {
+        if (!w->scale || !w->min) return ERT_EINVAL;
+        if (w->cols % ERT_BLOCK || w->group_size <= 0 || w->group_size % ERT_BLOCK) return ERT_ESHAPE;
+    }
+    return ERT_OK;
+}
+
+/* ---- entry points ---------------------------------------------------------------------- */
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+#define ROW_TILE 16 /* rows per unit of work: a multiple of it */
+
+static void run_rows(ert_matmul_fn fn, const ert_weight *w, const ert_act *a, float *y, int threads) {
+    const int rows = w->rows;
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+    if (threads > omp_get_num_procs()) threads = omp_get_num_procs(); /* never oversubscribe */
+    /* tiny products: forking costs more than it saves (results are identical) */
+    if ((double)rows * w->cols * a->n < 16384.0) threads = 1;
+    if (threads > 1) {
+        /* about 8 tiles per thread, taken dynamically: a slower core (big.LITTLE, or one
+           shared with another process) takes fewer. A row is computed the same way
+           whichever thread computes it, so y does not depend on the thread count. */
+        int tile = (rows + 8 * threads - 1) / (8 * threads);
+        tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+        const int ntiles = (rows + tile - 1) / tile;
+        if (threads > ntiles) threads = ntiles;
+        if (threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+            for (int t = 0; t < ntiles; t++) {
+                const int r0 = t * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
+                fn(w, a, r0, r1, y);
+            }
+            return;
+        }
+    }
+#else
+    (void)threads;
+#endif
+    fn(w, a, 0, rows, y);
+}
+
+int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads) {
+    init();
+    int rc = check_weight(w);
+    if (rc) return rc;
+    if (!x || !y || n < 0) return ERT_EINVAL;
+    if (n == 0 || w->rows == 0) return ERT_OK;
+
+    ert_act a;
+    memset(&a, 0, sizeof a);
+    a.n = n;
+    a.cols = w->cols;
+    a.x = x;
+    void *scratch = NULL;
+    if (ert_format_bits(w->format)) {
+        const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
+        size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
+        size_t ns = align64(sizeof(int32_t) * (size_t)n * nblk), ngs = align64(sizeof(float) * (size_t)n * ngp);
+        size_t nbg = align64(sizeof(int32_t) * ((size_t)nblk + 8));
+        size_t no = align64(sizeof(int32_t) * (size_t)n * nblk * 8);
+        scratch = malloc(nq + nd + ns + no + ngs + nbg); /* SIMD code loads unaligned */
+        if (!scratch) return ERT_ENOMEM;
+        char *p = (char *)scratch;
+        int8_t *q = (int8_t *)p;
+        float *da = (float *)(p += nq);
+        int32_t *qsum = (int32_t *)(p += nd);
+        int32_t *qoff = (int32_t *)(p += ns);
+        float *gsum = (float *)(p += no);
+        int32_t *bgroup = (int32_t *)(p += ngs);
+        const int bits = ert_format_bits(w->format);
+        g_quant_act(x, n, w->cols, q, da, qsum);
+        memset(da + (size_t)n * nblk, 0, 8 * sizeof(float));
+        for (size_t i = 0; i < (size_t)n * nblk * 8; i++)
+            qoff[i] = (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]) * (1 << (bits - 1));
+        for (int j = 0; j < n; j++)
+            for (int g = 0; g < ngp; g++) {
+                int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+                float s = 0.0f;
+                for (int b = g * bpg; b < b1; b++) s += da[(size_t)j * nblk + b] * (float)qsum[(size_t)j * nblk + b];
+                gsum[(size_t)j * ngp + g] = s;
+            }
+        for (int b = 0; b < nblk + 8; b++) bgroup[b] = (b < nblk ? b : nblk - 1) / bpg;
+        a.nblk = nblk;
+        a.ngroups = ng;
+        a.group_size = w->group_size;
+        a.q = q;
+        a.da = da;
+        a.qsum = qsum;
+        a.qoff = qoff;
+        a.gsum = gsum;
+        a.bgroup = bgroup;
+    }
+    run_rows(g_sel[w->format].k.matmul, w, &a, y, threads);
+    free(scratch);
+    return ERT_OK;
+}
+
+int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out) {
+    init();
+    int rc = check_weight(w);
+    if (rc) return rc;
+    if (!out || nrows < 0) return ERT_EINVAL;
+    if (row0 < 0 || (long long)row0 + nrows > w->rows) return ERT_ERANGE;
+    if (nrows) g_sel[w->format].k.dequant(w, NULL, row0, nrows, out);
+    return ERT_OK;
+}
+
+int ert_dequantize_gather(const ert_weight *w, const int64_t *idx, int k, float *out) {
+    init();
+    int rc = check_weight(w);
+    if (rc) return rc;
+    if (!out || k < 0 || (k && !idx)) return ERT_EINVAL;
+    for (int i = 0; i < k; i++)
+        if (idx[i] < 0 || idx[i] >= w->rows) return ERT_ERANGE;
+    if (k) g_sel[w->format].k.dequant(w, idx, 0, k, out);
+    return ERT_OK;
+}
+
+const char *ert_kernel_name(int format) {
+    init();
+    if (format < 0 || format >= ERT_NFORMATS) return "?";
+    return g_names[format];
+}
+
+const char *ert_cpu_features(void) {
+    init();
+    return g_features;
+}
+
+int ert_force_isa(const char *isa) {
+    init();
+    if (!isa || !strcmp(isa, "auto") || !*isa) {
+        select_kernels(g_best);
+        return ERT_OK;
+    }
+    for (int i = 0; i < ISA_N; i++)
+        if (!strcmp(isa, ISA_NAME[i]) || (i == ISA_NEON_DOTPROD && !strcmp(isa, "neon_dotprod"))) {
+            if (!g_isa_ok[i]) return ERT_EUNAVAIL;
+            select_kernels(i);
+            return ERT_OK;
+        }
+    return ERT_EUNAVAIL;
+}
+
+size_t ert_weight_nbytes(const ert_weight *w) {
+    if (!w || w->rows < 0 || w->cols < 0) return 0;
+    size_t rc = (size_t)w->rows * w->cols;
+    switch (w->format) {
+    case ERT_F32: return 4 * rc;
+    case ERT_F16: return 2 * rc;
+    default: {
+        int bits = ert_format_bits(w->format);
+        if (!bits || w->group_size <= 0) return 0;
+        return rc * bits / 8 + (size_t)w->rows * ngroups(w) * 4;
+    }
+    }
+}
+
+int ert_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int ert_version(void) { return 1; }

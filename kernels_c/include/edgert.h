@@ -1,0 +1,195 @@
+/* edge-rt C kernel library: matrix-vector / matrix-matrix products and row
+ * dequantization for the weight formats of edge_rt/formats.py.
+ *
+ * The C side knows arrays, shapes and a format id; nothing about Python.
+ * edge_rt/formats.py is the numpy definition of every format and of the kernels'
+ * arithmetic (formats.matmul_reference); this library agrees with it:
+ *   - ert_dequantize_rows is bit-exact with formats.<fmt>.dequantize;
+ *   - ert_matmul has the same integer parts as matmul_reference and differs only
+ *     by float32 rounding / summation order.
+ */
+#ifndef EDGERT_H
+#define EDGERT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define ERT_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define ERT_API __attribute__((visibility("default")))
+#else
+#define ERT_API
+#endif
+
+/* Weight formats; the values equal formats.FORMAT_IDS. */
+enum ert_format {
+    ERT_F32 = 0,
+    ERT_F16 = 1,
+    ERT_Q1 = 2,
+    ERT_Q2 = 3,
+    ERT_Q3 = 4,
+    ERT_Q4 = 5,
+    ERT_Q8 = 6,
+    ERT_NFORMATS
+};
+
+#define ERT_BLOCK 32 /* columns per code block (formats.BLOCK) */
+
+/* Error codes (all negative). */
+enum ert_status {
+    ERT_OK = 0,
+    ERT_EINVAL = -1,   /* NULL pointer, negative size */
+    ERT_EFORMAT = -2,  /* unknown format id */
+    ERT_ESHAPE = -3,   /* cols not a multiple of 32 / bad group size for a group format */
+    ERT_ERANGE = -4,   /* row index out of range */
+    ERT_ENOMEM = -5,   /* scratch allocation failed */
+    ERT_EUNAVAIL = -6  /* ISA not compiled in or not supported by this CPU */
+};
+
+/* A weight matrix W[rows][cols]. Read only; the library never keeps pointers. */
+typedef struct {
+    int format;         /* enum ert_format */
+    int rows, cols;
+    int group_size;     /* group formats: columns per (scale, min); multiple of 32; ignored for f32/f16 */
+    const void *data;   /* f32: float[rows][cols]; f16: uint16 (IEEE half)[rows][cols];
+                           group formats: codes uint8[rows][cols*bits/8] */
+    const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size) */
+    const uint16_t *min;   /* group formats: float16 [rows][ngroups] */
+} ert_weight;
+
+/* y[n][rows] = x[n][cols] . W^T (y is overwritten; x and y must not overlap).
+ * threads <= 0: the OpenMP default; at most the number of processors is used.
+ * Results do not depend on the thread count, nor on n (a row of x gives the same
+ * output alone or in a batch). Returns ERT_OK or < 0. */
+ERT_API int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads);
+
+/* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
+ERT_API int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out);
+
+/* out[i][cols] = W[idx[i]] dequantized, i < k (embedding lookup of k tokens). */
+ERT_API int ert_dequantize_gather(const ert_weight *w, const int64_t *idx, int k, float *out);
+
+/* "q4:avx2", "q4:neon-dotprod", "f32:ref", ...: the kernel ert_matmul uses now;
+ * "?" for an unknown format. */
+ERT_API const char *ert_kernel_name(int format);
+
+/* The CPU features the library detected and uses, e.g. "avx2 fma f16c",
+ * "neon dotprod", or "" (scalar only). */
+ERT_API const char *ert_cpu_features(void);
+
+/* "ref", "avx2", "neon", "neon-dotprod" forces that instruction set (formats it has
+ * no kernel for fall back to the next lower one, finally ref); "auto" or NULL goes
+ * back to the best one. Returns ERT_OK, or ERT_EUNAVAIL (nothing changed) if the
+ * ISA is not compiled in or this CPU lacks it. Not thread safe: call it before
+ * running kernels. */
+ERT_API int ert_force_isa(const char *isa);
+
+/* Bytes of W as stored (codes + scales + mins), for bandwidth figures. */
+ERT_API size_t ert_weight_nbytes(const ert_weight *w);
+
+/* OpenMP threads available (1 when built without OpenMP). */
+ERT_API int ert_max_threads(void);
+
+ERT_API int ert_version(void);
+
+/* ------------------------------------------------------------------------------
+ * Internal interface between dispatch.c and the kernel files (ref.c, x86/avx2.c,
+ * arm/neon.c). Not part of the public API.
+ * ---------------------------------------------------------------------------- */
+#ifdef ERT_BUILDING
+
+/* Activations prepared once per ert_matmul call. */
+typedef struct {
+    int n, cols;
+    const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
+    /* group formats only: */
+    int nblk, ngroups, group_size;
+    const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
+    const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
+    const int32_t *qsum;/* [n][nblk]  sum of the block's q */
+    const int32_t *qoff;/* [n][nblk][8]  2^(bits-1) * (sum of q[4i..4i+3]) for lane i < 8
+                           of each block: the offset of the codes, per 4 columns */
+    const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
+                           sum over the group's blocks of da*qsum */
+    const int32_t *bgroup; /* [nblk + 8] group of each block (the padding repeats the last) */
+} ert_act;
+
+/* Computes y[j][r] for all j < a->n and r0 <= r < r1 (y has w->rows columns). */
+typedef void (*ert_matmul_fn)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y);
+/* out[i][cols] = dequantized row rows[i] (rows == NULL: row0 + i), i < k. */
+typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row0, int k, float *out);
+/* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
+ * formats.quantize_activations in every implementation. */
+typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
+
+typedef struct {
+    ert_matmul_fn matmul;
+    ert_dequant_fn dequant;
+} ert_kernel;
+
+/* bits per code of a group format (0 for f32/f16); 2^(bits-1) offsets the codes */
+static inline int ert_format_bits(int format) {
+    switch (format) {
+    case ERT_Q1: return 1;
+    case ERT_Q2: return 2;
+    case ERT_Q3: return 3;
+    case ERT_Q4: return 4;
+    case ERT_Q8: return 8;
+    default: return 0;
+    }
+}
+
+/* IEEE half -> float, exact (subnormals, inf, NaN payload). */
+static inline float ert_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+    union { uint32_t u; float f; } v;
+    v.u = bits;
+    return v.f;
+}
+
+/* kernels of each file; see the table in dispatch.c */
+#define ERT_DECLARE_KERNELS(isa)                                                          \
+    void ert_f32_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);     \
+    void ert_f16_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);     \
+    void ert_q1_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q2_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q3_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q4_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q8_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_f32_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);    \
+    void ert_f16_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);    \
+    void ert_q1_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q2_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q3_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);
+
+ERT_DECLARE_KERNELS(ref)
+ERT_DECLARE_KERNELS(avx2)
+ERT_DECLARE_KERNELS(neon)
+ERT_DECLARE_KERNELS(neon_dotprod)
+
+#endif /* ERT_BUILDING */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EDGERT_H */

@@ -1,0 +1,123 @@
+"""The forward pass of every family, top to bottom, in numpy. A family differs only by
+the switches of its Spec. Matrix products go through `W.linear`, so the same code is
+the test oracle (float weights, numpy products) and the runtime (C kernels)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .spec import Spec
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return x / np.sqrt(ms + np.float32(eps)) * w
+
+
+def silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def gelu_tanh(x):
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+def rope(x: np.ndarray, pos: np.ndarray, base: float, dim: int, style: str, scale: float = 1.0) -> np.ndarray:
+    """Rotate the first `dim` features of each head of x[n, heads, head_dim] by position."""
+    inv_freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angle = (pos[:, None] / scale * inv_freq[None, :]).astype(np.float32)  # [n, dim/2]
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    out = x.copy()
+    if style == "norm":
+        a, b = x[..., 0:dim:2], x[..., 1:dim:2]
+        out[..., 0:dim:2], out[..., 1:dim:2] = a * cos - b * sin, a * sin + b * cos
+    else:  # neox
+        a, b = x[..., : dim // 2], x[..., dim // 2: dim]
+        out[..., : dim // 2], out[..., dim // 2: dim] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..ctx-1, float32."""
+
+    def __init__(self, spec: Spec, ctx: int):
+        shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim)
+        self.k, self.v, self.ctx = np.empty(shape, np.float32), np.empty(shape, np.float32), ctx
+        self.k.fill(0)  # written now, so the whole cache is resident from the start
+        self.v.fill(0)
+
+    @staticmethod
+    def nbytes(spec: Spec, ctx: int) -> int:
+        return 2 * 4 * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
+
+
+def attention(q, k, v, pos, first, window, scale):
+    """q[n, H, d] at positions pos; k, v[T, KV, d] hold positions first..first+T-1.
+    Causal; with a window, position p sees only p-window+1 .. p."""
+    n, H, d = q.shape
+    T, KV = k.shape[0], k.shape[1]
+    G = H // KV  # query heads per key/value head
+    qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)  # [KV, G, n, d]
+    scores = qh @ k.transpose(1, 2, 0)[:, None] * np.float32(scale)  # [KV, G, n, T]
+    kpos = first + np.arange(T)
+    masked = kpos[None, :] > pos[:, None]
+    if window:
+        masked |= pos[:, None] - kpos[None, :] >= window
+    np.copyto(scores, np.float32(-np.inf), where=masked)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = p @ v.transpose(1, 0, 2)[:, None]  # [KV, G, n, d]
+    return out.transpose(2, 0, 1, 3).reshape(n, H * d)
+
+
+def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+    """Run tokens (at positions pos0, pos0+1, ...) through the model, filling the KV
+    cache; returns the final-normed hidden states [n, d_model]."""
+    n, eps = len(tokens), spec.norm_eps
+    H, KV, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    pos = pos0 + np.arange(n)
+    act = ACTIVATIONS[spec.act]
+    x = W.embed(tokens) * np.float32(spec.embed_scale)
+    for layer in range(spec.n_layers):
+        p = f"blk.{layer}."
+        # attention
+        h = rmsnorm(x, W.vec(p + "attn_norm.weight"), eps)
+        q, k, v = W.linear(p + "attn_q.weight", h), W.linear(p + "attn_k.weight", h), W.linear(p + "attn_v.weight", h)
+        if spec.qkv_bias:
+            q, k, v = q + W.vec(p + "attn_q.bias"), k + W.vec(p + "attn_k.bias"), v + W.vec(p + "attn_v.bias")
+        q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, hd)
+        if spec.qk_norm:
+            q, k = rmsnorm(q, W.vec(p + "attn_q_norm.weight"), eps), rmsnorm(k, W.vec(p + "attn_k_norm.weight"), eps)
+        local = spec.is_local(layer)
+        base = spec.rope_base_local if local and spec.rope_base_local else spec.rope_base
+        scale = 1.0 if local else spec.rope_scale
+        q, k = rope(q, pos, base, spec.rope_dim, spec.rope_style, scale), rope(k, pos, base, spec.rope_dim, spec.rope_style, scale)
+        kv.k[layer, pos0:pos0 + n], kv.v[layer, pos0:pos0 + n] = k, v
+        window = spec.sliding_window if local else 0
+        first = max(0, pos0 - window + 1) if window else 0
+        a = attention(q, kv.k[layer, first:pos0 + n], kv.v[layer, first:pos0 + n], pos, first, window,
+                      spec.attn_scale or 1.0 / np.sqrt(hd))
+        a = W.linear(p + "attn_output.weight", a)
+        if spec.post_norms:
+            a = rmsnorm(a, W.vec(p + "post_attention_norm.weight"), eps)
+        x = x + a
+        # feed-forward
+        h = rmsnorm(x, W.vec(p + "ffn_norm.weight"), eps)
+        f = W.linear(p + "ffn_down.weight", act(W.linear(p + "ffn_gate.weight", h)) * W.linear(p + "ffn_up.weight", h))
+        if spec.post_norms:
+            f = rmsnorm(f, W.vec(p + "post_ffw_norm.weight"), eps)
+        x = x + f
+    return rmsnorm(x, W.vec("output_norm.weight"), eps)
+
+
+def output_name(W) -> str:
+    """The output head: its own tensor, or the embedding table when tied."""
+    return "output.weight" if W.has("output.weight") else "token_embd.weight"
+
+
+def logits(W, hidden: np.ndarray) -> np.ndarray:
+    return W.linear(output_name(W), hidden)
