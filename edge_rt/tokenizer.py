@@ -258,6 +258,27 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
 
 
 # --- the tokenizer --------------------------------------------------------------------------
+PIECE_CHARS = 1 << 16
+_PIECE_END = re.compile(r"\n(?= ?\S)")
+
+
+def _pieces(text: str):
+    """Long text in pieces of about PIECE_CHARS, each ending with a newline followed by
+    a word (with at most one space before it): no token spans such a point (the
+    pre-tokenizers split there, and tokens holding a newline hold only whitespace), so
+    the ids are those of the whole text (tests/test_tokenizer.py checks both files),
+    while the memory of one encode call (~75 bytes a character, kept by the allocator
+    afterwards) stays bounded."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        m = _PIECE_END.search(text, start + PIECE_CHARS)
+        if not m:
+            break
+        yield text[start:m.end()]
+        start = m.end()
+    yield text[start:]
+
+
 class Tokenizer:
     """Text <-> token ids as llama.cpp does, on a `tokenizers.Tokenizer` (`self.hf`)."""
 
@@ -519,7 +540,7 @@ class Tokenizer:
             if special:
                 self.hf.encode_special_tokens = False
             try:
-                ids = self.hf.encode(text, add_special_tokens=False).ids
+                ids = [i for piece in _pieces(text) for i in self.hf.encode(piece, add_special_tokens=False).ids]
             except TypeError:  # a str holding lone surrogates is no UTF-8 text
                 raise EdgeRtError("encode: the text is not valid Unicode (it holds lone surrogates)") from None
             finally:

@@ -25,9 +25,13 @@ def gelu_tanh(x):
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
-def rope(x: np.ndarray, pos: np.ndarray, base: float, dim: int, style: str, scale: float = 1.0) -> np.ndarray:
-    """Rotate the first `dim` features of each head of x[n, heads, head_dim] by position."""
+def rope(x: np.ndarray, pos: np.ndarray, base: float, dim: int, style: str, scale: float = 1.0,
+         factors: np.ndarray | None = None) -> np.ndarray:
+    """Rotate the first `dim` features of each head of x[n, heads, head_dim] by position;
+    frequency i is divided by factors[i] where the model has them (Llama-3 long context)."""
     inv_freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factors is not None:
+        inv_freq = inv_freq / factors
     angle = (pos[:, None] / scale * inv_freq[None, :]).astype(np.float32)  # [n, dim/2]
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     out = x.copy()
@@ -81,6 +85,7 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.nda
     H, KV, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     pos = pos0 + np.arange(n)
     act = ACTIVATIONS[spec.act]
+    factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
     x = W.embed(tokens) * np.float32(spec.embed_scale)
     for layer in range(spec.n_layers):
         p = f"blk.{layer}."
@@ -95,7 +100,8 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.nda
         local = spec.is_local(layer)
         base = spec.rope_base_local if local and spec.rope_base_local else spec.rope_base
         scale = 1.0 if local else spec.rope_scale
-        q, k = rope(q, pos, base, spec.rope_dim, spec.rope_style, scale), rope(k, pos, base, spec.rope_dim, spec.rope_style, scale)
+        q = rope(q, pos, base, spec.rope_dim, spec.rope_style, scale, factors)
+        k = rope(k, pos, base, spec.rope_dim, spec.rope_style, scale, factors)
         kv.k[layer, pos0:pos0 + n], kv.v[layer, pos0:pos0 + n] = k, v
         window = spec.sliding_window if local else 0
         first = max(0, pos0 - window + 1) if window else 0

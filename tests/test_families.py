@@ -21,9 +21,12 @@ def tiny(tmp_path_factory, smollm2_gguf):
     made = {}
 
     def get(arch, bits=32):
+        """arch "llama+rope_freqs": llama with Llama-3's RoPE frequency factors."""
         if (arch, bits) not in made:
             out = tmp_path_factory.mktemp("tiny") / f"{arch}-{bits}.gguf"
-            made[arch, bits] = write_tiny(arch, smollm2_gguf, out, bits=bits, tied=arch != "llama")
+            family = arch.split("+")[0]
+            made[arch, bits] = write_tiny(family, smollm2_gguf, out, bits=bits, tied=family != "llama",
+                                          rope_freqs=arch.endswith("+rope_freqs"))
         return made[arch, bits]
     return get
 
@@ -40,7 +43,7 @@ def tokens(seed=1):
 
 
 @pytest.mark.skipif(not peer.llama_available(), reason="llama-cpp-python (the peer) is not installed")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["llama+rope_freqs"])
 def test_float32_logits_match_llama_cpp(tiny, arch):
     toks = tokens()
     ref = peer.logits(tiny(arch), [int(t) for t in toks], 64)

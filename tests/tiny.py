@@ -15,7 +15,7 @@ from edge_rt.gguf_file import GGUFFile
 D, FF, H, KV, HD, LAYERS = 128, 256, 4, 2, 32, 6
 
 
-def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True) -> Source:
+def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True, rope_freqs: bool = False) -> Source:
     real = GGUFFile(vocab_from)
     meta = {k: v for k, v in real.meta.items() if k.startswith("tokenizer.")}
     types = {k: v for k, v in real.types.items() if k.startswith("tokenizer.")}
@@ -49,6 +49,8 @@ def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True) -
                   p + "post_attention_norm.weight": 1 + 0.1 * rng.standard_normal(D),
                   p + "post_ffw_norm.weight": 1 + 0.1 * rng.standard_normal(D)}
     t["output_norm.weight"] = 1 + 0.1 * rng.standard_normal(D)
+    if rope_freqs:  # Llama-3's long-context frequency factors, one per rotated pair
+        t["rope_freqs.weight"] = np.geomspace(1.0, 8.0, HD // 2)
     if not tied:
         t["output.weight"] = rng.standard_normal((n_vocab, D)) / np.sqrt(D)
     t = {k: v.astype(np.float32) for k, v in t.items()}
