@@ -70,12 +70,18 @@ def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int,
                 buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
 
 
+# The interpreter's measured footprint differs by a MiB or so from one start to the
+# next, so the smallest budget named on refusal carries this much headroom.
+RESTART_MARGIN = 0.02
+
+
 def check(plan: Plan, budget: int | None, available: int) -> None:
     """Refuse up front, naming the smallest budget that works."""
     need = plan.total_bytes
     if budget is not None and need > budget:
+        smallest = -(-int(need * (1 + RESTART_MARGIN)) // (1 << 20))
         raise EdgeRtError(f"--mem-budget {format_size(budget)} is too small: this run needs at least "
-                          f"{format_size(need)} ({plan.describe()}); try --mem-budget {-(-need // (1 << 20))}M"
+                          f"{format_size(need)} ({plan.describe()}); try --mem-budget {smallest}M"
                           f"{' or a smaller --ctx' if plan.kv_bytes > need // 4 else ''}")
     if budget is None and need > available:
         raise EdgeRtError(f"this run needs {format_size(need)} ({plan.describe()}) but only "

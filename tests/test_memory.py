@@ -1,0 +1,77 @@
+"""The memory plan against what a run really holds (VmHWM), through the CLI: the plan
+is within 10% of the measured peak, a budget just above it holds, and a budget
+below it is refused with the smallest budget that works, which then works."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from edge_rt.gguf_file import GGUFFile
+from edge_rt.tokenizer import Tokenizer
+
+CLI = [sys.executable, "-m", "edge_rt.cli"]
+
+
+def edge_rt(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def run_json(*args) -> dict:
+    r = edge_rt("run", *args, "--json", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def long_prompt(model, text_file, n_tokens) -> str:
+    tok = Tokenizer.from_gguf_meta(GGUFFile(model).meta)
+    return tok.decode(tok.encode(text_file.read_text()[:50000])[:n_tokens])
+
+
+@pytest.fixture(scope="module")
+def models(converted):
+    return {"smollm2-q4": converted("smollm2-135m", 4), "smollm2-f32": converted("smollm2-135m", 32),
+            "gemma3-q4": converted("gemma3-270m", 4)}
+
+
+CASES = [("smollm2-q4", 2048, 0), ("smollm2-q4", 1024, 1000), ("smollm2-f32", 512, 480),
+         ("gemma3-q4", 2048, 0), ("gemma3-q4", 1024, 1000)]
+
+
+@pytest.mark.parametrize("name,ctx,n_prompt", CASES)
+def test_plan_within_10_percent_of_peak_rss(models, wikitext_test, name, ctx, n_prompt):
+    prompt = long_prompt(models[name], wikitext_test, n_prompt) if n_prompt else "Once upon a time"
+    r = run_json(models[name], "--ctx", ctx, "-p", prompt, "-n", 8)
+    assert r["n_prompt"] >= n_prompt * 0.95
+    assert abs(r["planned_bytes"] / r["peak_rss_bytes"] - 1) < 0.10, r
+
+
+def test_eval_plan_within_10_percent_of_peak_rss(models, wikitext_test):
+    r = edge_rt("eval", models["smollm2-q4"], "--text", wikitext_test, "--ctx", 512, "--windows", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(out["planned_bytes"] / out["peak_rss_bytes"] - 1) < 0.10, out
+
+
+@pytest.mark.parametrize("name", ["smollm2-q4", "gemma3-q4"])
+def test_budget_is_kept_or_refused_with_the_smallest_that_works(models, name):
+    model = models[name]
+    plan = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4)["planned_bytes"]
+    # just above the plan: runs, and the peak stays under the budget
+    budget = int(plan * 1.02)
+    r = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", budget)
+    assert r["peak_rss_bytes"] <= budget
+    # below the plan: refused in one line naming the smallest budget that works
+    refused = edge_rt("run", model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", int(plan * 0.9))
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    named = int(re.search(r"--mem-budget (\d+)M", refused.stderr).group(1)) << 20
+    assert -0.01 * plan <= named - plan < 0.10 * plan
+    ok = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", named)
+    assert ok["peak_rss_bytes"] <= named
+    # and the named minimum is tight: 3% less is refused
+    assert edge_rt("run", model, "--ctx", 1024, "-p", "Hello", "-n", 4,
+                   "--mem-budget", int(named * 0.97)).returncode == 1
