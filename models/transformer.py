@@ -25,20 +25,25 @@ def gelu_tanh(x):
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
 
 
-def rope(x: np.ndarray, pos: np.ndarray, base: float, dim: int, style: str, scale: float = 1.0,
-         factors: np.ndarray | None = None) -> np.ndarray:
-    """Rotate the first `dim` features of each head of x[n, heads, head_dim] by position;
-    frequency i is divided by factors[i] where the model has them (Llama-3 long context)."""
+def rope_tables(pos: np.ndarray, base: float, dim: int, scale: float = 1.0,
+                factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n, 1, dim/2] of each position's angles; frequency i is divided by
+    factors[i] where the model has them (Llama-3's long-context factors)."""
     inv_freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     if factors is not None:
         inv_freq = inv_freq / factors
-    angle = (pos[:, None] / scale * inv_freq[None, :]).astype(np.float32)  # [n, dim/2]
-    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    angle = (pos[:, None] / scale * inv_freq[None, :]).astype(np.float32)
+    return np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
+    """Rotate the first 2*cos.shape[-1] features of each head of x[n, heads, head_dim]."""
+    dim = 2 * cos.shape[-1]
     out = x.copy()
-    if style == "norm":
+    if style == "norm":  # pairs (x[2i], x[2i+1])
         a, b = x[..., 0:dim:2], x[..., 1:dim:2]
         out[..., 0:dim:2], out[..., 1:dim:2] = a * cos - b * sin, a * sin + b * cos
-    else:  # neox
+    else:  # neox: pairs (x[i], x[i + dim/2])
         a, b = x[..., : dim // 2], x[..., dim // 2: dim]
         out[..., : dim // 2], out[..., dim // 2: dim] = a * cos - b * sin, a * sin + b * cos
     return out
@@ -86,6 +91,7 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.nda
     pos = pos0 + np.arange(n)
     act = ACTIVATIONS[spec.act]
     factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
+    tables = {}  # (base, scale) -> cos, sin: one pair for local layers, one for global
     x = W.embed(tokens) * np.float32(spec.embed_scale)
     for layer in range(spec.n_layers):
         p = f"blk.{layer}."
@@ -100,8 +106,9 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.nda
         local = spec.is_local(layer)
         base = spec.rope_base_local if local and spec.rope_base_local else spec.rope_base
         scale = 1.0 if local else spec.rope_scale
-        q = rope(q, pos, base, spec.rope_dim, spec.rope_style, scale, factors)
-        k = rope(k, pos, base, spec.rope_dim, spec.rope_style, scale, factors)
+        if (base, scale) not in tables:
+            tables[base, scale] = rope_tables(pos, base, spec.rope_dim, scale, factors)
+        q, k = rope(q, *tables[base, scale], spec.rope_style), rope(k, *tables[base, scale], spec.rope_style)
         kv.k[layer, pos0:pos0 + n], kv.v[layer, pos0:pos0 + n] = k, v
         window = spec.sliding_window if local else 0
         first = max(0, pos0 - window + 1) if window else 0

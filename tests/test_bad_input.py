@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,30 +50,39 @@ class Result:
                 f"  stdout: {self.out[-800:]!r}\n  stderr: {self.err[-1500:]!r}")
 
 
-def cli(*args, timeout: float = 30, preexec_fn=None, cwd=None) -> Result:
-    """Run `edge-rt ARGS`; reaped with wait4, so the child's own peak RSS is known."""
-    args = [str(a) for a in args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        p = subprocess.Popen(CLI + args, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=ENV,
-                             preexec_fn=preexec_fn, cwd=cwd)
-        fired = threading.Event()
+# A small parent between pytest and edge-rt: a child's peak RSS (ru_maxrss) counts its
+# parent's RSS at fork, so forking from pytest (200+ MB) would hide what edge-rt uses.
+_REAPER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}")
+"""
 
-        def kill():
-            fired.set()
-            os.kill(p.pid, signal.SIGKILL)
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-        finally:
-            timer.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.monotonic() - t0
-        out.seek(0)
-        err.seek(0)
-        return Result(args, p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                      seconds, ru.ru_maxrss / 1024, fired.is_set())
+
+def cli(*args, timeout: float = 30, preexec_fn=None, cwd=None) -> Result:
+    """Run `edge-rt ARGS`: exit status, output, seconds and the child's own peak RSS."""
+    args = [str(a) for a in args]
+    with tempfile.TemporaryDirectory() as d:
+        out, err, status = (Path(d) / n for n in ("out", "err", "status"))
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            t0 = time.monotonic()
+            p = subprocess.Popen([sys.executable, "-S", "-I", "-c", _REAPER, str(status), *CLI, *args],
+                                 stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=ENV, preexec_fn=preexec_fn,
+                                 cwd=cwd, start_new_session=True)
+            try:
+                p.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # edge-rt and its reaper
+                p.wait()
+                timed_out = True
+            seconds = time.monotonic() - t0
+        rc, maxrss = (int(x) for x in status.read_text().split()) if status.exists() else (p.returncode, 0)
+        return Result(args, rc, out.read_text(errors="replace"), err.read_text(errors="replace"), seconds,
+                      maxrss / 1024, timed_out)
 
 
 def assert_error(r: Result, *needles: str, code: int = 1) -> str:
