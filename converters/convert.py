@@ -6,6 +6,8 @@ from pathlib import Path
 
 from edge_rt.errors import EdgeRtError
 
+from edge_rt.models.registry import by_sha256
+
 from .quantize import LLAMA_CPP_TYPES, choose_formats
 from .readers import open_source
 from .writers import edge_rt_items, llama_cpp_items, provenance, write_gguf
@@ -25,6 +27,9 @@ def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_S
     if group_size <= 0 or group_size % 32:
         raise EdgeRtError(f"--group-size must be a positive multiple of 32, got {group_size}")
     src = open_source(src_path)
+    known = by_sha256(src.sha256)
+    if known and known.chat_template and "tokenizer.chat_template" not in src.meta:
+        src.meta["tokenizer.chat_template"] = known.chat_template
     from edge_rt.models import spec_from_meta  # noqa: PLC0415 (validates the architecture early)
     spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])) or 1, src.path)
     if target == "llama.cpp":

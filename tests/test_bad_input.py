@@ -497,7 +497,7 @@ def test_special_files(tmp_path):
     fifo = tmp_path / "pipe.gguf"
     os.mkfifo(fifo)  # nobody writes to it: opening it must not wait forever
     for args in (["inspect", fifo], run_args(fifo)):
-        assert_error(cli(*args, timeout=5), "pipe.gguf")
+        assert_error(cli(*args, timeout=3), "pipe.gguf")
 
 
 def _drop_dac_capabilities():

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,16 @@ def _reduce_llama(path: Path, tokens: list[int], n_ctx: int, sampled: np.ndarray
 def _compare(model: api.Model, path: Path, seqs: list[list[int]], ctx: int) -> dict:
     tops_ref, tops_ours, margins_ref, margins_ours = [], [], [], []
     max_diff, max_rel, sum_sq_diff, sum_sq_ref, n_sampled = 0.0, 0.0, 0.0, 0.0, 0
+    seconds = {"llama.cpp": 0.0, "edge-rt": 0.0}
     for seq in seqs:
         n = len(seq)
         sampled = np.arange(0, n, SAMPLE_EVERY)
+        t0 = time.perf_counter()
         ref_top, ref_margin, ref_rows = _reduce_llama(path, seq, ctx, sampled)
+        t1 = time.perf_counter()
         ours = model.logits(np.array(seq))  # [n, n_vocab] float32: the one big array alive
+        seconds["llama.cpp"] += t1 - t0
+        seconds["edge-rt"] += time.perf_counter() - t1
         assert ours.shape[0] == n and ours.dtype == np.float32
         top = np.empty(n, np.int64)
         our_margin = np.empty(n, np.float32)  # our max minus our logit at llama.cpp's top-1
@@ -144,7 +150,8 @@ def _compare(model: api.Model, path: Path, seqs: list[list[int]], ctx: int) -> d
             # logit of llama.cpp's choice is below our top-1: both small for near-ties
             "ref_margin_at_differ": ref_margin[differ].tolist(), "our_gap_at_differ": our_margin[differ].tolist(),
             "max_abs_diff": max_diff, "max_rel_diff": max_rel, "n_sampled": n_sampled,
-            "rms_diff_over_logit_std": float(np.sqrt(sum_sq_diff / sum_sq_ref))}
+            "rms_diff_over_logit_std": float(np.sqrt(sum_sq_diff / sum_sq_ref)),
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 CASES = [(m, c) for m in MODELS for c in CTXS]

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Wikitext-2 test perplexity of edge-rt's 32/8/4/3/2-bit SmolLM2, with llama.cpp's
+F32/Q8_0/Q4_0 of the same float32 source for reference.
+
+    .venv/bin/python benchmarks/bench_ppl.py [--windows 40] [--ctx 512] [--bits 32,8,4,3,2] [--json]
+
+The files are the ones bench_speed.py makes (cached under $EDGE_RT_HOME/bench/): one
+float32 source (`edge-rt convert smollm2-135m --bits 32 --format llama.cpp`), ours from
+it with `edge-rt convert F32 --bits B` (group size 64 unless --group-size), llama.cpp's
+Q8_0/Q4_0 from it with the real `llama-quantize` (its default recipe, not --pure).
+
+Each model is scored by its own engine on data/wikitext-2/test.txt:
+  edge-rt eval MODEL --text data/wikitext-2/test.txt --ctx 512 --windows 40 --threads 2 --json
+  llama-perplexity -m MODEL -f data/wikitext-2/test.txt -c 512 --chunks 40 -t 2
+Both tokenize the whole file once, cut it into non-overlapping windows of ctx tokens and
+score the second half of each window (edge-rt's eval follows llama-perplexity's method),
+so the numbers are comparable across the rows. Prints a markdown table; with --json the
+last line on stdout is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_speed as bs  # noqa: E402  (model files, process runner, helpers)
+
+from edge_rt import formats  # noqa: E402
+
+BITS_KEY = {32: "f32", 8: "q8", 4: "q4", 3: "q3", 2: "q2"}
+PEERS = ("F32", "Q8_0", "Q4_0")
+FINAL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+|nan|inf) \+/- ([0-9.]+|nan|inf)")
+
+
+def ours_cmd(model, text, ctx, windows, threads):
+    return [*bs.edge_rt_exe(), "eval", model, "--text", text, "--ctx", str(ctx), "--windows", str(windows),
+            "--threads", str(threads), "--json"]
+
+
+def peer_cmd(model, text, ctx, windows, threads):
+    return [bs.peer.tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(ctx), "--chunks", str(windows),
+            "-t", str(threads)]
+
+
+def short(cmd) -> str:
+    """A command as printed in the table: tool names without their folders, paths relative
+    to the repo or to $EDGE_RT_HOME/bench."""
+    out = []
+    for c in cmd:
+        c = str(c)
+        if c.startswith(str(bs.bench_dir())):
+            c = "$EDGE_RT_HOME/bench/" + Path(c).name
+        elif c.startswith(str(bs.REPO) + "/"):
+            c = c[len(str(bs.REPO)) + 1:]
+        out.append(c)
+    out[0] = Path(out[0]).name
+    return bs.cmd_str(out).replace("'$EDGE_RT_HOME/bench/", "$EDGE_RT_HOME/bench/'")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--windows", type=int, default=40, help="windows (llama-perplexity: chunks); default 40")
+    ap.add_argument("--ctx", type=int, default=512, help="tokens per window; default 512")
+    ap.add_argument("--bits", default="32,8,4,3,2", help="our widths; default 32,8,4,3,2")
+    ap.add_argument("--group-size", type=int, default=formats.DEFAULT_GROUP_SIZE)
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"llama.cpp files; default {','.join(PEERS)}; '' for none")
+    ap.add_argument("--threads", type=int, default=2, help="threads for both engines; default 2")
+    ap.add_argument("--text", default=str(bs.WIKITEXT_TEST), help="default: data/wikitext-2/test.txt")
+    ap.add_argument("--json", action="store_true", help="end stdout with one JSON line of all results")
+    a = ap.parse_args(argv)
+    bits = [int(b) for b in a.bits.split(",") if b]
+    for b in bits:
+        if b not in BITS_KEY:
+            ap.error(f"--bits: {b} is not one of {', '.join(map(str, BITS_KEY))}")
+    peers = [p for p in a.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            ap.error(f"--peers: {p!r} is not one of {', '.join(PEERS)}")
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t_start = time.perf_counter()
+    bs.log(f"preparing models in {bs.bench_dir()}")
+    models = bs.prepare_models(ours=[BITS_KEY[b] for b in bits], peers=peers, group_size=a.group_size)
+    rows = []
+    for key, m in models.items():
+        facts = bs.file_facts(m.path)
+        if m.engine == "edge-rt":
+            cmd = ours_cmd(m.path, a.text, a.ctx, a.windows, a.threads)
+        else:
+            cmd = peer_cmd(m.path, a.text, a.ctx, a.windows, a.threads)
+        bs.log(f"{m.label}: {bs.cmd_str(cmd)}")
+        r = bs.run_measured(cmd)
+        if m.engine == "edge-rt":
+            j = json.loads(r["stdout"].strip().splitlines()[-1])
+            ppl, err, scored, windows = j["ppl"], None, j["tokens_scored"], j["windows"]
+        else:
+            mm = FINAL_RE.search(r["stdout"] + "\n" + r["stderr"])
+            if mm is None:
+                raise SystemExit(f"no 'Final estimate' from llama-perplexity: {bs.cmd_str(cmd)}")
+            ppl, err = float(mm.group(1)), float(mm.group(2))
+            scored = windows = None
+            mw = re.search(r"calculating perplexity over (\d+) chunks", r["stderr"])
+            if mw:
+                windows = int(mw.group(1))
+                scored = windows * (a.ctx - 1 - a.ctx // 2)
+        bs.log(f"  ppl {ppl:.4f} in {r['wall_s']:.1f} s, peak RSS {(r['maxrss_bytes'] or 0) / bs.MiB:.0f} MiB")
+        rows.append({"engine": m.engine, "model": key, "file": str(m.path), "made_by": bs.cmd_str(m.make_cmd),
+                     "file_bytes": facts["file_bytes"], "bits_per_weight": facts["bits_per_weight"],
+                     "block_matrix_bits_per_weight": facts["block_matrix_bits_per_weight"],
+                     "tensor_types": facts["tensor_types"], "ppl": ppl, "ppl_stderr": err,
+                     "tokens_scored": scored, "windows": windows, "wall_s": r["wall_s"],
+                     "peak_rss_bytes": r["maxrss_bytes"], "command": bs.cmd_str(cmd), "command_short": short(cmd)})
+
+    base = {r["engine"]: r["ppl"] for r in rows if r["model"] in ("f32", "F32")}
+    elapsed = time.perf_counter() - t_start
+    this_cmd = bs.cmd_str([Path(sys.executable).name, "benchmarks/bench_ppl.py",
+                           *(argv if argv is not None else sys.argv[1:])])
+    out = []
+    w = out.append
+    w(f"## Wikitext-2 test perplexity, SmolLM2-135M ({bs.MODEL}), ctx {a.ctx}, {a.windows} windows\n")
+    w(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min)")
+    w(f"- text: {short([a.text])} (the tokenized WikiText-2 release with <unk>; not wiki.test.raw, so these "
+      f"figures compare only with figures from the same file, ctx and window count)")
+    w(f"- all files from one float32 source: `{short(bs.f32_source()[1])}` "
+      f"(the downloaded SmolLM2-135M-Instruct is itself Q4_1, so this float32 model is its dequantization, "
+      f"and every row here is a re-quantization of it)")
+    w(f"- edge-rt group size {a.group_size}; llama.cpp files by `llama-quantize F32 OUT TYPE` with its default "
+      f"recipe (not --pure)")
+    w(f"- bits/weight: 8 x file bytes / parameters (whole file, tokenizer included); matrix b/w: the "
+      f"blk.* matrices alone (codes + scales + minimums)")
+    w(f"- Δ: perplexity relative to the same engine's float32 row")
+    w("")
+    w("| engine | model | types (2-D tensors) | file MiB | bits/weight | matrix b/w | ppl | Δ vs f32 | tokens scored "
+      "| time s | command |")
+    w("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        b = base.get(r["engine"])
+        delta = f"{100 * (r['ppl'] / b - 1):+.2f}%" if b and r["model"] not in ("f32", "F32") else "–"
+        pm = f" ± {r['ppl_stderr']:.3f}" if r["ppl_stderr"] is not None else ""
+        w(f"| {r['engine']} | {r['model']} | {bs.types_str({'tensor_types': r['tensor_types']})} "
+          f"| {r['file_bytes'] / bs.MiB:.1f} | {r['bits_per_weight']:.3f} | {r['block_matrix_bits_per_weight']} "
+          f"| {r['ppl']:.4f}{pm} | {delta} | {r['tokens_scored'] if r['tokens_scored'] is not None else '?'} "
+          f"| {r['wall_s']:.0f} | `{r['command_short']}` |")
+    if "f32" in base and "F32" in base:
+        w(f"\nedge-rt f32 vs llama.cpp F32 (same weights): {base['f32']:.4f} vs {base['F32']:.4f} "
+          f"({100 * (base['f32'] / base['F32'] - 1):+.3f}%); the two engines' arithmetic differs (llama.cpp: "
+          f"flash attention per its defaults, f16 KV cache; edge-rt: f32 throughout).")
+    bad = [r for r in rows if not math.isfinite(r["ppl"])]
+    for r in bad:
+        w(f"\n**warning:** {r['engine']} {r['model']}: perplexity is {r['ppl']}")
+    print("\n".join(out), flush=True)
+    if a.json:
+        print(json.dumps({"command": this_cmd, "started_utc": started.isoformat(), "elapsed_s": elapsed,
+                          "model": bs.MODEL, "ctx": a.ctx, "windows": a.windows, "threads": a.threads,
+                          "group_size": a.group_size, "text": a.text, "rows": rows},
+                         separators=(",", ":"), default=str))
+
+
+if __name__ == "__main__":
+    main()
