@@ -48,19 +48,17 @@ def peer_cmd(model, text, ctx, windows, threads):
             "-t", str(threads)]
 
 
-def short(cmd) -> str:
-    """A command as printed in the table: tool names without their folders, paths relative
-    to the repo or to $EDGE_RT_HOME/bench."""
-    out = []
-    for c in cmd:
-        c = str(c)
-        if c.startswith(str(bs.bench_dir())):
-            c = "$EDGE_RT_HOME/bench/" + Path(c).name
-        elif c.startswith(str(bs.REPO) + "/"):
-            c = c[len(str(bs.REPO)) + 1:]
-        out.append(c)
-    out[0] = Path(out[0]).name
-    return bs.cmd_str(out).replace("'$EDGE_RT_HOME/bench/", "$EDGE_RT_HOME/bench/'")
+short = bs.short_cmd
+
+
+def _delta(ppl: float, base: float) -> str:
+    """+8.29%, or x14.9 / x6.2e+07 once the perplexity has more than doubled."""
+    q = ppl / base
+    if not math.isfinite(q):
+        return str(q)
+    if q < 2:
+        return f"{100 * (q - 1):+.2f}%"
+    return f"x{q:.1f}" if q < 1000 else f"x{q:.1e}"
 
 
 def main(argv=None):
@@ -84,6 +82,7 @@ def main(argv=None):
             ap.error(f"--peers: {p!r} is not one of {', '.join(PEERS)}")
 
     started = _dt.datetime.now(_dt.timezone.utc)
+    load0 = bs.loadavg()
     t_start = time.perf_counter()
     bs.log(f"preparing models in {bs.bench_dir()}")
     models = bs.prepare_models(ours=[BITS_KEY[b] for b in bits], peers=peers, group_size=a.group_size)
@@ -117,40 +116,41 @@ def main(argv=None):
                      "tokens_scored": scored, "windows": windows, "wall_s": r["wall_s"],
                      "peak_rss_bytes": r["maxrss_bytes"], "command": bs.cmd_str(cmd), "command_short": short(cmd)})
 
-    base = {r["engine"]: r["ppl"] for r in rows if r["model"] in ("f32", "F32")}
+    base = {r["engine"]: r["ppl"] for r in rows if r["model"] in ("f32", "F32")}  # engine -> its float32 ppl
     elapsed = time.perf_counter() - t_start
-    this_cmd = bs.cmd_str([Path(sys.executable).name, "benchmarks/bench_ppl.py",
+    this_cmd = bs.cmd_str([".venv/bin/python", "benchmarks/bench_ppl.py",
                            *(argv if argv is not None else sys.argv[1:])])
     out = []
     w = out.append
     w(f"## Wikitext-2 test perplexity, SmolLM2-135M ({bs.MODEL}), ctx {a.ctx}, {a.windows} windows\n")
     w(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min)")
-    w(f"- text: {short([a.text])} (the tokenized WikiText-2 release with <unk>; not wiki.test.raw, so these "
+    w(f"- text: {short(['cat', a.text])[4:]} (the tokenized WikiText-2 release with <unk>; not wiki.test.raw, so these "
       f"figures compare only with figures from the same file, ctx and window count)")
     w(f"- all files from one float32 source: `{short(bs.f32_source()[1])}` "
-      f"(the downloaded SmolLM2-135M-Instruct is itself Q4_1, so this float32 model is its dequantization, "
-      f"and every row here is a re-quantization of it)")
+      f"(the downloaded SmolLM2-135M-Instruct is itself Q4_1, 4-bit with a scale and a minimum per 32 columns: "
+      f"this float32 model is its dequantization, and every row here is a re-quantization of it)")
     w(f"- edge-rt group size {a.group_size}; llama.cpp files by `llama-quantize F32 OUT TYPE` with its default "
       f"recipe (not --pure)")
-    w(f"- bits/weight: 8 x file bytes / parameters (whole file, tokenizer included); matrix b/w: the "
-      f"blk.* matrices alone (codes + scales + minimums)")
-    w(f"- Δ: perplexity relative to the same engine's float32 row")
+    w("- bits/weight: 8 x file bytes / parameters (whole file, tokenizer included); matrix b/w: the "
+      "blk.* matrices alone (codes with their scales, and minimums where the format has them)")
+    w("- Δ: perplexity relative to the same engine's float32 row")
     w("")
     w("| engine | model | types (2-D tensors) | file MiB | bits/weight | matrix b/w | ppl | Δ vs f32 | tokens scored "
       "| time s | command |")
     w("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         b = base.get(r["engine"])
-        delta = f"{100 * (r['ppl'] / b - 1):+.2f}%" if b and r["model"] not in ("f32", "F32") else "–"
+        delta = _delta(r["ppl"], b) if b and r["model"] not in ("f32", "F32") else "–"
         pm = f" ± {r['ppl_stderr']:.3f}" if r["ppl_stderr"] is not None else ""
         w(f"| {r['engine']} | {r['model']} | {bs.types_str({'tensor_types': r['tensor_types']})} "
           f"| {r['file_bytes'] / bs.MiB:.1f} | {r['bits_per_weight']:.3f} | {r['block_matrix_bits_per_weight']} "
           f"| {r['ppl']:.4f}{pm} | {delta} | {r['tokens_scored'] if r['tokens_scored'] is not None else '?'} "
           f"| {r['wall_s']:.0f} | `{r['command_short']}` |")
-    if "f32" in base and "F32" in base:
-        w(f"\nedge-rt f32 vs llama.cpp F32 (same weights): {base['f32']:.4f} vs {base['F32']:.4f} "
-          f"({100 * (base['f32'] / base['F32'] - 1):+.3f}%); the two engines' arithmetic differs (llama.cpp: "
-          f"flash attention per its defaults, f16 KV cache; edge-rt: f32 throughout).")
+    if "edge-rt" in base and "llama.cpp" in base:
+        w(f"\nedge-rt f32 vs llama.cpp F32 (the same weights): {base['edge-rt']:.4f} vs {base['llama.cpp']:.4f} "
+          f"({100 * (base['edge-rt'] / base['llama.cpp'] - 1):+.3f}%): the engines' arithmetic differs (llama.cpp: "
+          f"f16 KV cache, its own attention; edge-rt: float32 throughout).")
+    w(f"\nLoad average at start: {load0} (perplexity does not depend on it; the times do).")
     bad = [r for r in rows if not math.isfinite(r["ppl"])]
     for r in bad:
         w(f"\n**warning:** {r['engine']} {r['model']}: perplexity is {r['ppl']}")

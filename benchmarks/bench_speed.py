@@ -87,6 +87,22 @@ def cmd_str(cmd) -> str:
     return " ".join(shlex.quote(str(c)) for c in cmd)
 
 
+def short_cmd(cmd) -> str:
+    """A command as printed in the table: tool names without their folders, paths relative
+    to the repo or to $EDGE_RT_HOME/bench (left unquoted, so it still runs in a shell)."""
+    out = []
+    for k, c in enumerate(map(str, cmd)):
+        if k == 0:
+            out.append(shlex.quote(Path(c).name))
+        elif c.startswith(str(bench_dir()) + "/"):
+            out.append("$EDGE_RT_HOME/bench/" + shlex.quote(Path(c).name))
+        elif c.startswith(str(REPO) + "/"):
+            out.append(shlex.quote(c[len(str(REPO)) + 1:]))
+        else:
+            out.append(shlex.quote(c))
+    return " ".join(out)
+
+
 def edge_rt_exe() -> list[str]:
     exe = Path(sys.executable).parent / "edge-rt"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "edge_rt.cli"]
@@ -398,6 +414,20 @@ def loadavg() -> str:
         return "?"
 
 
+def busy_warning(load: str) -> str | None:
+    """A warning when other work was running as the benchmark started (1-minute load
+    average above 1 on this machine's cores): timings, 2-thread ones above all, suffer."""
+    try:
+        one = float(load.split()[0])
+    except (ValueError, IndexError):
+        return None
+    if one > 1.0:
+        return (f"the machine was busy when this run started (1-minute load average {one:.1f} on "
+                f"{os.cpu_count()} cores): other processes took CPU time from these timings, the 2-thread ones "
+                f"above all (each step waits for its slowest thread); run again on an idle machine")
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="pairs per (variant, threads); default 5")
@@ -501,12 +531,15 @@ def main(argv=None):
             if T == 1 and p["prefill_tps_median"] < 100:
                 warnings.append(f"llama.cpp {PEER_OF[v]} pp512 at 1 thread is {p['prefill_tps_median']:.0f} tok/s "
                                 f"(expected hundreds for a 135M model: is the machine busy?)")
+    busy = busy_warning(load0)
+    if busy:
+        warnings.append(busy)
     if n_prompt != PROMPT_TOKENS:
         warnings.append(f"the prompt is {n_prompt} tokens, not {PROMPT_TOKENS}")
 
     elapsed = time.perf_counter() - t_start
     peer_commit = next((r["peer"].get("build_commit") for r in runs if r["peer"].get("build_commit")), "?")
-    this_cmd = cmd_str([Path(sys.executable).name, "benchmarks/bench_speed.py",
+    this_cmd = cmd_str([".venv/bin/python", "benchmarks/bench_speed.py",
                         *(argv if argv is not None else sys.argv[1:])])
     out = []
     w = out.append
@@ -520,10 +553,10 @@ def main(argv=None):
       f"(min–max) over the reps; ratios are medians of the per-rep ratios edge-rt/llama.cpp")
     w(f"- prompt: the first {n_prompt} tokens of wikitext-2 test.txt; {GEN_TOKENS} greedy tokens; "
       f"edge-rt `--ctx {PROMPT_TOKENS + GEN_TOKENS}`")
-    w(f"- edge-rt: `{cmd_str(ours_cmd('MODEL', 'PROMPT', 'T'))}` (prefill = n_prompt / time to first token; "
+    w(f"- edge-rt: `{short_cmd(ours_cmd('MODEL', 'PROMPT', 'T'))}` (prefill = n_prompt / time to first token; "
       f"decode = tokens 2..{GEN_TOKENS} / their time, **including the sampler and the Python loop**)")
     for c in peer_cmds("MODEL", "T", a.tg_d0):
-        w(f"- llama.cpp: `{cmd_str([Path(c[0]).name, *c[1:]])}`")
+        w(f"- llama.cpp: `{short_cmd(c)}`")
     w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
       "**no sampler** in llama-bench's timed loop; flash attention on; f16 KV cache, llama-bench's default)")
     w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
@@ -535,7 +568,7 @@ def main(argv=None):
       f"llama.cpp); % BW = decode tok/s / BW limit")
     w("- files (cached in $EDGE_RT_HOME/bench/, all from the one f32 conversion):")
     for k, m in models.items():
-        w(f"  - {m.engine} {k}: `{cmd_str([Path(m.make_cmd[0]).name, *m.make_cmd[1:]])}`")
+        w(f"  - {m.engine} {k}: `{short_cmd(m.make_cmd)}`")
     w("")
     extra = " | tg128 d0" if a.tg_d0 else ""
     w(f"| threads | engine | model | types (2-D tensors) | file MiB | prefill tok/s | decode tok/s{extra} "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edge_rt.errors import EdgeRtError
 
+from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 
 from .quantize import LLAMA_CPP_TYPES, choose_formats
@@ -30,8 +31,8 @@ def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_S
     known = by_sha256(src.sha256)
     if known and known.chat_template and "tokenizer.chat_template" not in src.meta:
         src.meta["tokenizer.chat_template"] = known.chat_template
-    from edge_rt.models import spec_from_meta  # noqa: PLC0415 (validates the architecture early)
-    spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])) or 1, src.path)
+    # the architecture and every tensor's shape, checked before anything is written
+    spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path).check_tensors(src.shapes, src.path)
     if target == "llama.cpp":
         items, extra = llama_cpp_items(src, bits)
     else:

@@ -9,8 +9,10 @@ from typing import Callable
 
 import numpy as np
 
+from gguf import GGMLQuantizationType as T
+
 from edge_rt.errors import EdgeRtError
-from edge_rt.gguf_file import GGUFFile
+from edge_rt.gguf_file import GGUFFile, os_message, short
 
 
 @dataclass
@@ -32,6 +34,25 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# ggml types gguf-py turns into float32 (the integer and F64 types are not weights)
+DEQUANTIZABLE = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
+                 T.Q6_K, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_NL,
+                 T.IQ4_XS, T.TQ1_0, T.TQ2_0}
+
+
+def refuse_pickle(path: Path) -> None:
+    """PyTorch checkpoints are pickles, which run code when loaded: never opened."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4) if path.is_file() else b""
+    except OSError as e:
+        raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80")):
+        raise EdgeRtError(f"{path}: looks like a PyTorch checkpoint (a pickle, which can run code); "
+                          f"edge-rt reads GGUF or safetensors: save the model with safetensors")
+
+
 def open_source(path: str | Path) -> Source:
     """A GGUF file of any ggml type (dequantized to float32), or a Hugging Face folder."""
     path = Path(path)
@@ -42,8 +63,12 @@ def open_source(path: str | Path) -> Source:
         return Source(path, meta, {k: tensors.shape(k) for k in tensors.keys()}, tensors.__getitem__, sha256_files(files))
     if not path.exists():
         raise EdgeRtError(f"{path}: no such file or folder")
+    refuse_pickle(path)
     g = GGUFFile(path)
     if "edgert.format_version" in g.meta:
         raise EdgeRtError(f"{path}: already an edge-rt file; convert from the model it was made from")
     order = sorted(g.tensors.values(), key=lambda t: t.offset)
+    for t in order:
+        if t.ggml_type not in DEQUANTIZABLE:
+            raise EdgeRtError(f"{path}: tensor {t.name} is {t.type_name}, which edge-rt cannot convert from")
     return Source(path, dict(g.meta), {t.name: t.shape for t in order}, g.dequantize, sha256_files([path]), dict(g.types))

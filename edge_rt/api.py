@@ -63,6 +63,7 @@ class Model:
         self.threads = threads or os.cpu_count() or 1
         self.budget = parse_size(mem_budget) if mem_budget is not None else None
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
+        self.spec.check_tensors(self.weights.shapes(), self.path)
         self.ctx, self.kv = ctx, None
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context

@@ -35,7 +35,7 @@ def atomic_output(path: str | os.PathLike):
         finally:
             os.close(dfd)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno == errno.ENOSPC or "free space" in str(e):  # numpy's tofile says so without an errno
             raise EdgeRtError(f"{out}: no space left on the device; nothing was written") from None
         raise EdgeRtError(f"{out}: cannot write: {e.strerror or e}") from None
     finally:

@@ -7,8 +7,10 @@ still supplies the type table, dequantization and the writer.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,17 +106,21 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise EdgeRtError(f"{short(self.path)}: is a folder, not a GGUF file")
+                if not stat.S_ISREG(st.st_mode):
+                    raise EdgeRtError(f"{short(self.path)}: not a regular file")
+                size = st.st_size
                 if size < 24:
-                    raise EdgeRtError(f"{self.path}: not a valid GGUF file: only {size} bytes")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise EdgeRtError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise EdgeRtError(f"{self.path}: is a folder, not a GGUF file") from None
-        except PermissionError:
-            raise EdgeRtError(f"{self.path}: permission denied") from None
+                    raise EdgeRtError(f"{short(self.path)}: not a valid GGUF file: only {size} bytes")
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise EdgeRtError(f"{short(self.path)}: {os_message(e)}") from None
         self.size = size
         self._parse()
 
@@ -218,6 +224,18 @@ class GGUFFile:
         if key not in self.meta:
             raise EdgeRtError(f"{self.path}: missing metadata key {key}")
         return self.meta[key]
+
+
+def short(path, keep: int = 120) -> str:
+    """A path for a one-line message: long ones are cut in the middle."""
+    text = str(path)
+    return text if len(text) <= keep else text[: keep // 2] + "..." + text[-keep // 2:]
+
+
+def os_message(e: OSError) -> str:
+    """'no such file', 'permission denied', ... for an OSError."""
+    return {errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EISDIR: "is a folder, not a file",
+            errno.ENAMETOOLONG: "file name too long"}.get(e.errno, (e.strerror or str(e)).lower())
 
 
 def size_left(c: _Cursor) -> int:

@@ -33,6 +33,7 @@ def format_size(n: int) -> str:
 @dataclass
 class Plan:
     base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
+                         # (+ CALL_BYTES: what the first call allocates beyond its arrays)
     weights_bytes: int   # every tensor, mapped from the file and resident
     kv_bytes: int        # the KV cache for ctx positions
     buffer_bytes: int    # activations, attention scores and logits of the largest step
@@ -64,9 +65,14 @@ def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bo
     return stream + max(attn, ffn) + scratch + logits
 
 
+# Resident memory a call adds beyond the arrays counted here (lazy imports, thread-pool
+# set-up, the prompt's objects): measured 2-3 MiB on every model and prompt we tried.
+CALL_BYTES = 4 << 20
+
+
 def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, positions: int,
               logit_rows: int = 1, scored: bool = False) -> Plan:
-    return Plan(base_bytes, weights_bytes, KVCache.nbytes(spec, ctx),
+    return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx),
                 buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .atomic import atomic_output
 from .errors import EdgeRtError
+from .gguf_file import os_message, short
 from .models.registry import MODELS, Entry
 
 
@@ -35,10 +36,14 @@ def entry(name: str) -> Entry:
 def resolve(model: str | os.PathLike, log=None) -> Path:
     """A path as given, or a registry name (fetched first if it is not cached)."""
     p = Path(model)
-    if not p.exists() and str(model) in MODELS:
+    try:
+        exists = p.exists()
+    except OSError as e:
+        raise EdgeRtError(f"{short(model)}: {os_message(e)}") from None
+    if not exists and str(model) in MODELS:
         return pull(str(model), log)
-    if not p.exists():
-        raise EdgeRtError(f"{model}: no such file (registry names: {', '.join(MODELS)})")
+    if not exists:
+        raise EdgeRtError(f"{short(model)}: no such file (registry names: {', '.join(MODELS)})")
     return p
 
 

@@ -79,8 +79,13 @@ class Weights:
             if is_matrix(g, name):
                 fmt, parts, rows, cols = tensor_format(g, name)
                 self.matrices[name] = kernels.Weight(fmt, rows, cols, parts)
-        self.vectors = {name: g.array(name) for name in g.tensors
-                        if name not in self.matrices and not name.endswith((".scale", ".min"))}
+        self.vectors = {}
+        for name, t in g.tensors.items():
+            if name in self.matrices or name.endswith((".scale", ".min")):
+                continue
+            if t.ggml_type not in (T.F32, T.F16):
+                raise EdgeRtError(f"{g.path}: tensor {name} is {t.type_name}; norms, biases and factors must be F32 or F16")
+            self.vectors[name] = g.array(name)
 
     def has(self, name: str) -> bool:
         return name in self.matrices or name in self.vectors
@@ -93,6 +98,9 @@ class Weights:
 
     def embed(self, tokens) -> np.ndarray:
         return kernels.dequantize_rows(self.matrices["token_embd.weight"], np.asarray(tokens))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: (w.rows, w.cols) for n, w in self.matrices.items()} | {n: v.shape for n, v in self.vectors.items()}
 
     def kernel(self) -> str:
         """The kernels dispatched for the model's matrices, e.g. 'q4:avx2'."""

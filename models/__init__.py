@@ -11,4 +11,4 @@ def spec_from_meta(meta: dict, n_vocab: int, path="") -> Spec:
     arch = meta.get("general.architecture")
     if arch not in FAMILIES:
         raise EdgeRtError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[arch].spec(meta, n_vocab, path)
+    return FAMILIES[arch].spec(meta, n_vocab, path).validate(path)

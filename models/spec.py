@@ -34,6 +34,42 @@ class Spec:
     rope_base_local: float = 0.0    # RoPE base of the sliding-window layers (0: rope_base)
     rope_scale: float = 1.0         # linear RoPE scaling of global layers: positions divided by this
 
+    def validate(self, path="") -> "Spec":
+        sizes = {k: getattr(self, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                                               "n_vocab", "ctx_train", "rope_dim")}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v <= 0]
+        if bad or self.n_heads % self.n_kv_heads or self.rope_dim > self.head_dim or self.rope_dim % 2:
+            raise EdgeRtError(f"{path}: impossible {self.arch} hyper-parameters ({', '.join(bad) or ''}"
+                              f"{'' if bad else f'heads {self.n_heads}, kv heads {self.n_kv_heads}, rope dim {self.rope_dim}, head dim {self.head_dim}'})")
+        return self
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward pass reads, with the shape it must have."""
+        d, hq, hkv, ff, hd = self.d_model, self.n_heads * self.head_dim, self.kv_dim(), self.d_ff, self.head_dim
+        shapes = {"token_embd.weight": (self.n_vocab, d), "output_norm.weight": (d,)}
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            shapes |= {p + "attn_norm.weight": (d,), p + "attn_q.weight": (hq, d), p + "attn_k.weight": (hkv, d),
+                       p + "attn_v.weight": (hkv, d), p + "attn_output.weight": (d, hq), p + "ffn_norm.weight": (d,),
+                       p + "ffn_gate.weight": (ff, d), p + "ffn_up.weight": (ff, d), p + "ffn_down.weight": (d, ff)}
+            if self.qkv_bias:
+                shapes |= {p + "attn_q.bias": (hq,), p + "attn_k.bias": (hkv,), p + "attn_v.bias": (hkv,)}
+            if self.qk_norm:
+                shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
+            if self.post_norms:
+                shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
+        return shapes
+
+    def check_tensors(self, shapes: dict[str, tuple[int, ...]], path="") -> None:
+        """The file's tensors (name -> shape) against the hyper-parameters."""
+        optional = {"output.weight": (self.n_vocab, self.d_model), "rope_freqs.weight": (self.rope_dim // 2,)}
+        for name, want in self.tensor_shapes().items() | {k: v for k, v in optional.items() if k in shapes}.items():
+            got = shapes.get(name)
+            if got is None:
+                raise EdgeRtError(f"{path}: tensor {name} is missing ({self.arch}, {self.n_layers} layers)")
+            if tuple(got) != want:
+                raise EdgeRtError(f"{path}: tensor {name} has shape {list(got)}, but the hyper-parameters say {list(want)}")
+
     def is_local(self, layer: int) -> bool:
         return bool(self.sliding_window) and (not self.global_every or (layer + 1) % self.global_every != 0)
 
@@ -56,7 +92,7 @@ class Meta:
 
     def sizes(self, n_vocab: int) -> dict:
         n_heads, d_model = int(self.get("attention.head_count")), int(self.get("embedding_length"))
-        head_dim = int(self.get("attention.key_length", d_model // n_heads))
+        head_dim = int(self.get("attention.key_length", d_model // n_heads if n_heads > 0 else 0))
         return dict(
             arch=self.arch, n_layers=int(self.get("block_count")), d_model=d_model,
             n_heads=n_heads, n_kv_heads=int(self.get("attention.head_count_kv", n_heads)),

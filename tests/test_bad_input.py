@@ -62,7 +62,7 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def cli(*args, timeout: float = 30, preexec_fn=None, cwd=None) -> Result:
+def cli(*args, timeout: float = 30, preexec_fn=None) -> Result:
     """Run `edge-rt ARGS`: exit status, output, seconds and the child's own peak RSS."""
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory() as d:
@@ -71,7 +71,7 @@ def cli(*args, timeout: float = 30, preexec_fn=None, cwd=None) -> Result:
             t0 = time.monotonic()
             p = subprocess.Popen([sys.executable, "-S", "-I", "-c", _REAPER, str(status), *CLI, *args],
                                  stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=ENV, preexec_fn=preexec_fn,
-                                 cwd=cwd, start_new_session=True)
+                                 start_new_session=True)
             try:
                 p.wait(timeout)
                 timed_out = False
@@ -99,8 +99,8 @@ def assert_error(r: Result, *needles: str, code: int = 1) -> str:
     return lines[0]
 
 
-def assert_no_leftovers(folder: Path, allowed=()) -> None:
-    left = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+def assert_no_leftovers(folder: Path) -> None:
+    left = sorted(p.name for p in folder.iterdir())
     assert not left, f"left behind in {folder}: {left}"
 
 
@@ -109,7 +109,7 @@ def run_args(path, *extra):
 
 
 # -- hostile GGUF files, built by hand ----------------------------------------------
-U8, U32, F32, BOOL, STR, ARR, U64 = 0, 4, 6, 7, 8, 9, 10
+U32, STR, ARR, U64 = 4, 8, 9, 10  # GGUF value types
 T_F32, T_Q4_0 = 0, 2
 
 
@@ -223,8 +223,8 @@ def hostile_cases() -> dict[str, tuple[bytes, str]]:
 
 CASES = hostile_cases()
 # the cases also given to `run` and `convert` (every one goes through `inspect`)
-THROUGH_ALL = ["cut-in-header-10", "cut-in-metadata", "cut-in-tensor-infos", "cut-in-tensor-data", "wrong-magic",
-               "tensor-count-2^63", "key-length-2^64-1", "dims-2^32-cubed", "type-id-999", "offset-past-end"]
+THROUGH_ALL = ["cut-in-header-10", "cut-in-tensor-infos", "cut-in-tensor-data", "tensor-count-2^63",
+               "dims-2^32-cubed", "type-id-999"]
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +311,7 @@ def _mutation_base(path: Path) -> bytes:
     return path.read_bytes()
 
 
+N_MUTANTS = 500
 INTERESTING = [0, 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1, 64, 4096]
 
 
@@ -340,7 +341,7 @@ def test_random_mutants_open_or_raise_edge_rt_error(tmp_path):
     rng = np.random.default_rng(20240611)
     bad, opened, refused, slowest = [], 0, 0, 0.0
     t_all = time.monotonic()
-    for i in range(200):
+    for i in range(N_MUTANTS):
         data = _mutate(base, rng)
         p = tmp_path / f"m{i}.gguf"  # a new file each time: earlier mappings stay valid
         p.write_bytes(data)
@@ -358,7 +359,7 @@ def test_random_mutants_open_or_raise_edge_rt_error(tmp_path):
         slowest = max(slowest, time.monotonic() - t0)
         p.unlink()
     assert not bad, "\n".join(bad)
-    assert refused > 100 and opened > 0, (opened, refused)  # the loop exercises both outcomes
+    assert refused > N_MUTANTS // 2 and opened > 0, (opened, refused)  # the loop exercises both outcomes
     assert slowest < 1.0 and time.monotonic() - t_all < 20
 
 
@@ -462,6 +463,34 @@ def test_absurd_hyper_parameters(tiny_models, tmp_path, key, value):
     assert_error(cli(*run_args(p)), "absurd.gguf")
 
 
+def _retype(data: bytes, name: str, ne: list[int], old: int, new: int) -> bytes:
+    """The tensor info of `name` with its ggml type id changed (same bytes per element)."""
+    head = gstr(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", n) for n in ne)
+    info = head + struct.pack("<I", old)
+    assert data.count(info) == 1
+    return data.replace(info, head + struct.pack("<I", new))
+
+
+I32 = 26  # ggml's integer tensor type: readable, but nothing a model's weights are
+
+
+def test_integer_tensor_type_in_a_convert_source(tiny_models, tmp_path):
+    """gguf-py cannot dequantize I8/I16/I32/I64/F64/Q8_1/Q8_K: a clear refusal, not a NotImplementedError."""
+    src = tmp_path / "int.gguf"
+    src.write_bytes(_retype(tiny_models["src32"].read_bytes(), "output_norm.weight", [128], 0, I32))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert_error(cli("convert", src, "-o", out_dir / "out.gguf"), "int.gguf", "I32")
+    assert_no_leftovers(out_dir)
+
+
+def test_integer_norm_weights_are_refused_by_run(tiny_models, tmp_path):
+    """A norm vector of int32 is not a model edge-rt can run: refused, not read as numbers."""
+    p = tmp_path / "int-norm.gguf"
+    p.write_bytes(_retype(tiny_models["t4"].read_bytes(), "output_norm.weight", [128], 0, I32))
+    assert_error(cli(*run_args(p)), "int-norm.gguf", "I32")
+
+
 # -- files that are not there, not files, or not readable ----------------------------
 def test_missing_file(tmp_path):
     p = tmp_path / "nope.gguf"
@@ -493,7 +522,7 @@ def test_output_is_a_folder_or_in_a_missing_folder(tiny_models, tmp_path):
 
 
 def test_special_files(tmp_path):
-    assert_error(cli("inspect", "/dev/null"), "/dev/null", "0 bytes")
+    assert_error(cli("inspect", "/dev/null"), "/dev/null", "not a regular file")
     fifo = tmp_path / "pipe.gguf"
     os.mkfifo(fifo)  # nobody writes to it: opening it must not wait forever
     for args in (["inspect", fifo], run_args(fifo)):
@@ -577,7 +606,7 @@ def test_ctrl_c_during_convert_leaves_nothing(smollm2_gguf, tmp_path):
     rng = np.random.default_rng(7)
     outcomes = []
     for trial in range(5):
-        delay = float(rng.uniform(0.15, 0.95)) * full
+        delay = float(rng.uniform(0.1, 0.85)) * full
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=ENV, text=True)
         time.sleep(delay)

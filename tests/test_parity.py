@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
+import struct
 import subprocess
 import sys
 import time
@@ -35,6 +35,7 @@ import peer
 from edge_rt import api
 from edge_rt.converters.convert import convert
 from edge_rt.converters.hf import LazyTensors, write_hf_folder
+from edge_rt.errors import EdgeRtError
 from edge_rt.gguf_file import GGUFFile
 
 THREADS = 2
@@ -86,11 +87,12 @@ def _sequences(ids: list[int], ctx: int, tokenizer) -> list[list[int]]:
 
 
 # --- 1. logits ------------------------------------------------------------------------
-def _reduce_llama(path: Path, tokens: list[int], n_ctx: int, sampled: np.ndarray):
+def _reduce_llama(path: Path, tokens: list[int], n_ctx: int, sampled: np.ndarray, release: bool):
     """llama.cpp's logits for one sequence (peer.LOGITS_CONFIG: exact attention, f32 KV
     cache, one ubatch), reduced in chunks of the model's own score buffer (peer.logits
     would copy all of it: 2 GB for Gemma at 2,000 positions) to top-1, top-2 margin and
-    the full rows at `sampled` positions."""
+    the full rows at `sampled` positions. release: free the llama.cpp model afterwards
+    (its score and output buffers are 2 x 2 GB for Gemma at ctx 2048)."""
     n = len(tokens)
     llm = peer._model(str(path), int(n_ctx))
     llm.reset()
@@ -105,8 +107,9 @@ def _reduce_llama(path: Path, tokens: list[int], n_ctx: int, sampled: np.ndarray
         margin[i:i + len(z)] = two[:, 1] - two[:, 0]
     rows = np.array(scores[sampled], dtype=np.float32)
     del scores, llm
-    peer.release_models()  # llama.cpp's scores and output buffer (2 x 2 GB for Gemma at 2048)
-    gc.collect()
+    if release:
+        peer.release_models()
+        gc.collect()
     return top, margin, rows
 
 
@@ -114,11 +117,11 @@ def _compare(model: api.Model, path: Path, seqs: list[list[int]], ctx: int) -> d
     tops_ref, tops_ours, margins_ref, margins_ours = [], [], [], []
     max_diff, max_rel, sum_sq_diff, sum_sq_ref, n_sampled = 0.0, 0.0, 0.0, 0.0, 0
     seconds = {"llama.cpp": 0.0, "edge-rt": 0.0}
-    for seq in seqs:
+    for k, seq in enumerate(seqs):
         n = len(seq)
         sampled = np.arange(0, n, SAMPLE_EVERY)
         t0 = time.perf_counter()
-        ref_top, ref_margin, ref_rows = _reduce_llama(path, seq, ctx, sampled)
+        ref_top, ref_margin, ref_rows = _reduce_llama(path, seq, ctx, sampled, release=k == len(seqs) - 1)
         t1 = time.perf_counter()
         ours = model.logits(np.array(seq))  # [n, n_vocab] float32: the one big array alive
         seconds["llama.cpp"] += t1 - t0
@@ -171,8 +174,7 @@ def parity(request, wikitext_test):
     result = _compare(model, path, seqs, ctx) | {"model": name, "ctx": ctx, "windows": len(seqs)}
     del model
     gc.collect()
-    print(f"\nparity {name} ctx {ctx}: " + json.dumps({k: v for k, v in result.items() if "differ" not in k or
-                                                    k.startswith("max")}), flush=True)
+    print(f"\nparity {name} ctx {ctx}: {json.dumps(result)}", flush=True)
     return result
 
 
@@ -185,18 +187,22 @@ def test_top1_agreement(parity):
                                 f"{r['n']} positions; {len(r['differ'])} differ: {detail[:3000]}")
 
 
-# Loose bounds, ~4x the measured figures (see the module's report); float32 both sides, but
-# ggml evaluates GELU (Gemma) through a float16 table and sums in another order.
-MAX_ABS_DIFF = {"smollm2": 0.02, "gemma3": 0.25}
+# Loose bounds on the logits of every 8th position: 5-10x the measured figures, which were
+# (max |diff|, rms diff / std of the logits) at ctx 512 and 2048:
+#   SmolLM2  1.8e-4, 4.7e-6 | 1.1e-3, 2.1e-5   (float32 on both sides, sums in another order)
+#   Gemma-3  1.9e-2, 4.3e-4 | 2.8e-2, 4.4e-4   (ggml also evaluates GELU through a float16 table)
+# Logits span about +-40, so even Gemma's bound is far below what moves a clear top-1.
+LOGIT_BOUNDS = {"smollm2": (0.01, 2e-4), "gemma3": (0.15, 2e-3)}
 
 
 def test_logit_difference(parity):
     r = parity
-    assert r["max_abs_diff"] <= MAX_ABS_DIFF[r["model"]], (
-        f"{r['model']} ctx {r['ctx']}: max |ours - llama.cpp| = {r['max_abs_diff']:.4g} over "
-        f"{r['n_sampled']} sampled positions (relative {r['max_rel_diff']:.3g}, "
-        f"rms/std {r['rms_diff_over_logit_std']:.3g})")
-    assert r["rms_diff_over_logit_std"] <= 1e-3
+    max_abs, rms = LOGIT_BOUNDS[r["model"]]
+    msg = (f"{r['model']} ctx {r['ctx']}: max |ours - llama.cpp| = {r['max_abs_diff']:.4g} over "
+           f"{r['n_sampled']} sampled positions (relative to the row's max |logit| {r['max_rel_diff']:.3g}), "
+           f"rms diff / logit std {r['rms_diff_over_logit_std']:.3g}")
+    assert r["max_abs_diff"] <= max_abs, msg
+    assert r["rms_diff_over_logit_std"] <= rms, msg
 
 
 # --- 2. perplexity --------------------------------------------------------------------
@@ -213,14 +219,16 @@ def _edge_rt(*args: str) -> subprocess.CompletedProcess:
 def test_perplexity_matches_llama_perplexity(request, name, wikitext_test):
     _need_tools("llama-perplexity")
     path = request.getfixturevalue(MODELS[name][1])
+    t0 = time.perf_counter()
     proc = _edge_rt("eval", path, "--text", wikitext_test, "--ctx", PPL_CTX, "--windows", PPL_WINDOWS,
                     "--threads", THREADS, "--json")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (r["ctx"], r["windows"]) == (PPL_CTX, PPL_WINDOWS)
     assert r["tokens_scored"] == PPL_WINDOWS * (PPL_CTX // 2 - 1)  # 20 * 255
+    t1 = time.perf_counter()
     ref = peer.perplexity(path, wikitext_test, PPL_CTX, PPL_WINDOWS)
-    print(f"\nperplexity {name}: edge-rt {r['ppl']:.4f}, llama-perplexity {ref:.4f} "
-          f"({(r['ppl'] / ref - 1):+.3%})", flush=True)
+    print(f"\nperplexity {name}: edge-rt {r['ppl']:.4f} ({t1 - t0:.0f} s), llama-perplexity {ref:.4f} "
+          f"({time.perf_counter() - t1:.0f} s): {(r['ppl'] / ref - 1):+.3%}", flush=True)
     assert abs(r["ppl"] / ref - 1) <= 0.01, f"{name}: edge-rt eval {r['ppl']:.4f} vs llama-perplexity {ref:.4f}"
 
 
@@ -232,70 +240,90 @@ QUALITY_WINDOWS = 4
 
 @pytest.fixture(scope="module")
 def llama_f32(converted):
-    """SmolLM2 in float32 as a plain llama.cpp GGUF. (Our own float32 file, smollm2_f32,
-    carries edge-rt's layout keys, and the converter refuses edge-rt files as a source.)"""
-    return converted("smollm2-135m", 32, "llama.cpp")
+    """name -> the model in float32 as a plain llama.cpp GGUF. (Our own float32 files,
+    smollm2_f32 / gemma3_f32, carry edge-rt's layout keys, and the converter refuses an
+    edge-rt file as a source; the tensors are the same.)"""
+    return lambda name: converted(MODELS[name][0], 32, "llama.cpp")
 
 
 @pytest.fixture(scope="module")
 def quantized(llama_f32, tmp_path_factory):
-    """bits -> (ours: `edge-rt convert --format llama.cpp`, theirs: `llama-quantize --pure`)."""
+    """(name, bits) -> `edge-rt convert F32 -o X --format llama.cpp --bits B` (made once)."""
     made = {}
 
-    def get(bits: int) -> tuple[Path, Path]:
-        if bits not in made:
-            d = tmp_path_factory.mktemp(f"llama-{bits}")
-            ours, theirs = d / f"edge-rt-{LLAMA_TYPES[bits]}.gguf", d / f"llama-quantize-{LLAMA_TYPES[bits]}.gguf"
-            _edge_rt("convert", llama_f32, "-o", ours, "--format", "llama.cpp", "--bits", bits)
-            made[bits] = (ours, theirs)
-        ours, theirs = made[bits]
-        return ours, theirs
+    def get(name: str, bits: int) -> Path:
+        if (name, bits) not in made:
+            out = tmp_path_factory.mktemp(f"{name}-{bits}") / f"edge-rt-{LLAMA_TYPES[bits]}.gguf"
+            _edge_rt("convert", llama_f32(name), "-o", out, "--format", "llama.cpp", "--bits", bits)
+            made[name, bits] = out
+        return made[name, bits]
     return get
 
 
-def _llama_quantize(src: Path, out: Path, qtype: str) -> Path:
-    if not out.exists():
-        proc = subprocess.run([str(peer.tool("llama-quantize")), "--pure", str(src), str(out), qtype, str(THREADS)],
-                              capture_output=True, text=True, errors="replace")
-        assert proc.returncode == 0, f"llama-quantize exited {proc.returncode}: {proc.stderr[-2000:]}"
-    return out
+def _llama_quantize(src: Path, out: Path, qtype: str) -> GGUFFile:
+    """`llama-quantize --pure SRC OUT TYPE 2`, opened.
+
+    llama-quantize (llama.cpp 0c1e570) copies the source's general.alignment (ours: 64)
+    but lays the data out at GGUF's default 32, so its output is readable (by llama.cpp
+    too: "data is not within the file bounds") only when its header happens to end on a
+    64-byte boundary: SmolLM2's does, Gemma-3's does not. Then the key of this private
+    copy is set to the 32 actually used; the tensors are compared as llama-quantize wrote them."""
+    proc = subprocess.run([str(peer.tool("llama-quantize")), "--pure", str(src), str(out), qtype, str(THREADS)],
+                          capture_output=True, text=True, errors="replace")
+    assert proc.returncode == 0, f"llama-quantize exited {proc.returncode}: {proc.stderr[-2000:]}"
+    try:
+        return GGUFFile(out)
+    except EdgeRtError:
+        head = out.read_bytes()[:1 << 23]
+        key = b"general.alignment"
+        at = head.find(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+        assert at > 8 + len(key) and struct.unpack_from("<II", head, at) == (4, 64), "general.alignment not found"
+        with open(out, "r+b") as f:
+            f.seek(at + 4)
+            f.write(struct.pack("<I", 32))
+        print(f"\nllama-quantize wrote {out.name} at alignment 32 under general.alignment = 64", flush=True)
+        return GGUFFile(out)
 
 
 @pytest.mark.parametrize("bits", list(LLAMA_TYPES))
-def test_llama_cpp_format_is_llama_quantize_byte_for_byte(quantized, llama_f32, bits):
-    """Every tensor that both files store in the same type has the same bytes. llama-quantize
-    --pure keeps 1-D tensors (norms) in F32, as we do; a tensor of another type on either
-    side is listed in the failure message, and none is expected for SmolLM2."""
+@pytest.mark.parametrize("name", list(MODELS))
+def test_llama_cpp_format_is_llama_quantize_byte_for_byte(quantized, llama_f32, tmp_path, name, bits):
+    """Every tensor has the type and the bytes llama-quantize --pure gives it: matrices
+    Q8_0 / Q4_0 (token_embd too: --pure takes no special type for it), 1-D tensors (norms)
+    F32. A tensor of another type on either side would be listed in the failure message;
+    none is, for either model."""
     _need_tools("llama-quantize")
-    ours_path, theirs_path = quantized(bits)
-    _llama_quantize(llama_f32, theirs_path, LLAMA_TYPES[bits])
-    ours, theirs = GGUFFile(ours_path), GGUFFile(theirs_path)
+    qtype = LLAMA_TYPES[bits]
+    ours = GGUFFile(quantized(name, bits))
+    theirs = _llama_quantize(llama_f32(name), tmp_path / f"llama-quantize-{qtype}.gguf", qtype)
     assert sorted(ours.tensors) == sorted(theirs.tensors)
     other_type, differ, n_quant = [], [], 0
-    for name, t in theirs.tensors.items():
-        o = ours.tensors[name]
+    for tname, t in theirs.tensors.items():
+        o = ours.tensors[tname]
         if o.ggml_type != t.ggml_type or o.shape != t.shape:
-            other_type.append(f"{name}: ours {o.type_name}{list(o.shape)}, llama-quantize {t.type_name}{list(t.shape)}")
+            other_type.append(f"{tname}: ours {o.type_name}{list(o.shape)}, llama-quantize {t.type_name}{list(t.shape)}")
             continue
-        n_quant += t.type_name == LLAMA_TYPES[bits]
-        if not np.array_equal(ours.raw(name), theirs.raw(name)):
-            nb = int((ours.raw(name) != theirs.raw(name)).sum())
-            differ.append(f"{name} ({t.type_name}: {nb} of {t.nbytes} bytes differ)")
-    print(f"\n{LLAMA_TYPES[bits]}: {len(theirs.tensors) - len(other_type)} tensors of the same type "
-          f"({n_quant} {LLAMA_TYPES[bits]}), {len(differ)} differ; other types: {other_type}", flush=True)
+        n_quant += t.type_name == qtype
+        if not np.array_equal(ours.raw(tname), theirs.raw(tname)):
+            nb = int((ours.raw(tname) != theirs.raw(tname)).sum())
+            differ.append(f"{tname} ({t.type_name}: {nb} of {t.nbytes} bytes differ)")
+    print(f"\n{name} {qtype}: {len(theirs.tensors) - len(other_type)} of {len(theirs.tensors)} tensors of the same "
+          f"type ({n_quant} {qtype}), {len(differ)} differ in bytes; other types: {other_type}", flush=True)
     assert n_quant > 0
-    assert not differ, f"{LLAMA_TYPES[bits]}: bytes differ from llama-quantize --pure: {differ[:20]}"
-    assert not other_type, f"{LLAMA_TYPES[bits]}: tensors whose type differs from llama-quantize --pure: {other_type}"
+    assert not differ, f"{name} {qtype}: bytes differ from llama-quantize --pure: {differ[:20]}"
+    assert not other_type, f"{name} {qtype}: types differ from llama-quantize --pure: {other_type}"
     assert ours.meta.get("general.file_type") == theirs.meta.get("general.file_type")
 
 
 @needs_llama
 @pytest.mark.parametrize("bits", list(LLAMA_TYPES))
 def test_llama_cpp_format_runs_in_llama_cpp(quantized, llama_f32, wikitext_test, bits):
+    """SmolLM2 (the quicker model): llama.cpp loads the file, generates greedily, and its
+    own perplexity over 4 windows is close to float32's."""
     _need_tools("llama-perplexity")
-    path, _ = quantized(bits)
     import llama_cpp
 
+    path = quantized("smollm2", bits)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=THREADS, n_threads_batch=THREADS,
                           verbose=False)
     out = llm("The capital of France is", max_tokens=8, temperature=0.0, top_k=1)
@@ -304,9 +332,9 @@ def test_llama_cpp_format_runs_in_llama_cpp(quantized, llama_f32, wikitext_test,
     gc.collect()
     assert out["usage"]["completion_tokens"] > 0 and text.strip(), f"{LLAMA_TYPES[bits]}: empty generation {out}"
     q = peer.perplexity(path, wikitext_test, PPL_CTX, QUALITY_WINDOWS)
-    f32 = _f32_ppl(llama_f32, wikitext_test)
-    print(f"\n{LLAMA_TYPES[bits]} in llama.cpp: {text!r}; perplexity {q:.4f} vs f32 {f32:.4f} ({q / f32 - 1:+.2%})",
-          flush=True)
+    f32 = _f32_ppl(llama_f32("smollm2"), wikitext_test)
+    print(f"\nsmollm2 {LLAMA_TYPES[bits]} in llama.cpp: {text!r}; perplexity {q:.4f} vs float32 {f32:.4f} "
+          f"({q / f32 - 1:+.2%})", flush=True)
     assert abs(q / f32 - 1) <= PPL_TOLERANCE[bits], f"{LLAMA_TYPES[bits]}: perplexity {q:.4f} vs float32 {f32:.4f}"
 
 
@@ -337,6 +365,8 @@ def test_hf_folder_converts_to_the_same_logits(smollm2_f32, wikitext_test, tmp_p
     del a
     got = api.load(out, threads=THREADS, ctx=64).logits(ids)
     diff = float(np.abs(got - want).max())
+    print(f"\nHF folder -> GGUF: tensors identical: {identical}; max |logit diff| over {len(ids)} tokens: {diff}",
+          flush=True)
     if identical:
         assert np.array_equal(got, want), f"identical tensors, yet logits differ by up to {diff}"
     else:
