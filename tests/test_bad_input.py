@@ -606,9 +606,14 @@ def test_ctrl_c_during_convert_leaves_nothing(smollm2_gguf, tmp_path):
     rng = np.random.default_rng(7)
     outcomes = []
     for trial in range(5):
-        delay = float(rng.uniform(0.1, 0.85)) * full
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=ENV, text=True)
+        # once the temporary output exists (the write has begun), a random moment of
+        # the write: robust to the machine's speed drifting between runs
+        t_start = time.monotonic()
+        while p.poll() is None and not list(out_dir.glob(".*.part")) and time.monotonic() - t_start < 120:
+            time.sleep(0.01)
+        delay = float(rng.uniform(0.0, 0.5)) * full * 0.5
         time.sleep(delay)
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
