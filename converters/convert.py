@@ -35,8 +35,8 @@ def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_S
     spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path).check_tensors(src.shapes, src.path)
     if target == "llama.cpp":
         items, extra = llama_cpp_items(src, bits)
+        write_gguf(out_path, src, items, extra, progress, alignment=None)
     else:
         items, extra = edge_rt_items(src, choose_formats(src.shapes, bits, group_size))
-        extra |= provenance(src, bits, group_size)
-    write_gguf(out_path, src, items, extra, progress)
+        write_gguf(out_path, src, items, extra | provenance(src, bits, group_size), progress)
     return Path(out_path)

@@ -64,10 +64,14 @@ def typed_meta(meta: dict, types: dict, skip: tuple = SKIP_KEYS) -> dict:
     return out
 
 
-def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool | None = None) -> None:
+def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool | None = None,
+               alignment: int | None = ALIGNMENT) -> None:
+    """alignment None: GGUF's default (32) and no general.alignment key, as llama.cpp's
+    own tools write and expect (llama-quantize copies the key but lays data out at 32)."""
     with atomic_output(out) as tmp:
         w = GGUFWriter(tmp, src.meta["general.architecture"])
-        w.add_custom_alignment(ALIGNMENT)
+        if alignment is not None:
+            w.add_custom_alignment(alignment)
         _add_meta(w, typed_meta(src.meta, src.types) | typed_meta(extra, {}, skip=()))
         for item in items:
             for name, shape, dtype, raw, nbytes in item.infos:

@@ -2,6 +2,7 @@
 their float32 versions, which are the reference every converter starts from."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,19 @@ from edge_rt.pull import home, pull
 DATA = Path(__file__).resolve().parent.parent / "data" / "wikitext-2"
 
 
+def _converter_hash() -> str:
+    """Of the code that writes converted files: a change to it makes the cache stale."""
+    import edge_rt.converters
+    h = hashlib.sha256()
+    for f in sorted(Path(edge_rt.converters.__file__).parent.glob("*.py")) + [Path(formats.__file__)]:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _converted(name: str, bits: int, target: str = "edge-rt") -> Path:
-    """A model converted once and kept in the cache (keyed by layout version)."""
+    """A model converted once and kept in the cache (keyed by the converter's code)."""
     from edge_rt.converters.convert import convert
-    out = home() / "test-cache" / f"{name}-{target}-{bits}-v{formats.FORMAT_VERSION}.gguf"
+    out = home() / "test-cache" / f"{name}-{target}-{bits}-{_converter_hash()}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(pull(name), out, bits, target=target, progress=False)

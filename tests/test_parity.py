@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import json
-import struct
 import subprocess
 import sys
 import time
@@ -35,7 +34,6 @@ import peer
 from edge_rt import api
 from edge_rt.converters.convert import convert
 from edge_rt.converters.hf import LazyTensors, write_hf_folder
-from edge_rt.errors import EdgeRtError
 from edge_rt.gguf_file import GGUFFile
 
 THREADS = 2
@@ -261,28 +259,11 @@ def quantized(llama_f32, tmp_path_factory):
 
 
 def _llama_quantize(src: Path, out: Path, qtype: str) -> GGUFFile:
-    """`llama-quantize --pure SRC OUT TYPE 2`, opened.
-
-    llama-quantize (llama.cpp 0c1e570) copies the source's general.alignment (ours: 64)
-    but lays the data out at GGUF's default 32, so its output is readable (by llama.cpp
-    too: "data is not within the file bounds") only when its header happens to end on a
-    64-byte boundary: SmolLM2's does, Gemma-3's does not. Then the key of this private
-    copy is set to the 32 actually used; the tensors are compared as llama-quantize wrote them."""
+    """`llama-quantize --pure SRC OUT TYPE 2`, opened."""
     proc = subprocess.run([str(peer.tool("llama-quantize")), "--pure", str(src), str(out), qtype, str(THREADS)],
                           capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, f"llama-quantize exited {proc.returncode}: {proc.stderr[-2000:]}"
-    try:
-        return GGUFFile(out)
-    except EdgeRtError:
-        head = out.read_bytes()[:1 << 23]
-        key = b"general.alignment"
-        at = head.find(struct.pack("<Q", len(key)) + key) + 8 + len(key)
-        assert at > 8 + len(key) and struct.unpack_from("<II", head, at) == (4, 64), "general.alignment not found"
-        with open(out, "r+b") as f:
-            f.seek(at + 4)
-            f.write(struct.pack("<I", 32))
-        print(f"\nllama-quantize wrote {out.name} at alignment 32 under general.alignment = 64", flush=True)
-        return GGUFFile(out)
+    return GGUFFile(out)
 
 
 @pytest.mark.parametrize("bits", list(LLAMA_TYPES))
