@@ -6,7 +6,7 @@ export EDGE_RT_HOME ?= $(HOME)/.cache/edge-rt
 DEMO_MODEL := $(EDGE_RT_HOME)/converted/smollm2-135m-q4.gguf
 C_SOURCES  := $(shell find kernels_c -name '*.[ch]') CMakeLists.txt
 
-.PHONY: setup demo test peer clean
+.PHONY: setup demo test peer cross clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,15 @@ demo: setup $(DEMO_MODEL)
 peer: setup
 	bash scripts/peer.sh $(VENV)
 
-test: setup peer
+# aarch64 cross compiler and qemu-user for the NEON kernel tests (Debian packages); the
+# tests skip, saying why, where they cannot be installed
+cross:
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null) || \
+	    echo "make cross: no aarch64 cross compiler or qemu-user; the NEON tests will skip"; }
+
+test: setup peer cross
 	$(BIN)/python -m pytest -q tests
 
 clean:
