@@ -107,7 +107,7 @@ build() {
     log "built in $((t1 - t0)) s"
 }
 
-lib_hash() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }
+lib_hash() { [ -f "$1" ] && sha256sum "$1" | cut -d' ' -f1 || true; }  # empty when not installed
 # The wheel's libs are stripped copies (cmake --install --strip), so identify the
 # installed build by the hash of llama_cpp/lib/libllama.so inside the wheel.
 wheel_lib_hash() {
