@@ -606,8 +606,10 @@ def test_ctrl_c_during_convert_leaves_nothing(smollm2_gguf, tmp_path):
     rng = np.random.default_rng(7)
     outcomes = []
     for trial in range(5):
+        # as from a terminal: a launcher without job control (CI, `cmd &` in a script)
+        # starts us with SIGINT ignored, and Python keeps an ignored SIGINT ignored
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=ENV, text=True)
+                             env=ENV, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         # once the temporary output exists (the write has begun), a random moment of
         # the write: robust to the machine's speed drifting between runs
         t_start = time.monotonic()
