@@ -37,10 +37,13 @@ class Spec:
     def validate(self, path="") -> "Spec":
         sizes = {k: getattr(self, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                                                "n_vocab", "ctx_train", "rope_dim")}
-        bad = [f"{k}={v}" for k, v in sizes.items() if v <= 0]
-        if bad or self.n_heads % self.n_kv_heads or self.rope_dim > self.head_dim or self.rope_dim % 2:
-            raise EdgeRtError(f"{path}: impossible {self.arch} hyper-parameters ({', '.join(bad) or ''}"
-                              f"{'' if bad else f'heads {self.n_heads}, kv heads {self.n_kv_heads}, rope dim {self.rope_dim}, head dim {self.head_dim}'})")
+        problems = [f"{k}={v}" for k, v in sizes.items() if v <= 0]
+        if not problems and self.n_heads % self.n_kv_heads:
+            problems.append(f"{self.n_heads} heads do not share {self.n_kv_heads} key/value heads evenly")
+        if not problems and (self.rope_dim > self.head_dim or self.rope_dim % 2):
+            problems.append(f"rope dimension {self.rope_dim} does not fit head dimension {self.head_dim}")
+        if problems:
+            raise EdgeRtError(f"{path}: impossible {self.arch} hyper-parameters ({'; '.join(problems)})")
         return self
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -63,7 +66,8 @@ class Spec:
     def check_tensors(self, shapes: dict[str, tuple[int, ...]], path="") -> None:
         """The file's tensors (name -> shape) against the hyper-parameters."""
         optional = {"output.weight": (self.n_vocab, self.d_model), "rope_freqs.weight": (self.rope_dim // 2,)}
-        for name, want in self.tensor_shapes().items() | {k: v for k, v in optional.items() if k in shapes}.items():
+        expected = self.tensor_shapes() | {k: v for k, v in optional.items() if k in shapes}
+        for name, want in expected.items():
             got = shapes.get(name)
             if got is None:
                 raise EdgeRtError(f"{path}: tensor {name} is missing ({self.arch}, {self.n_layers} layers)")
