@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_rt.errors import EdgeRtError
-
 from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 

@@ -43,11 +43,13 @@ DEQUANTIZABLE = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T
 
 def refuse_pickle(path: Path) -> None:
     """PyTorch checkpoints are pickles, which run code when loaded: never opened."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4) if path.is_file() else b""
-    except OSError as e:
-        raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
+    head = b""
+    if path.is_file():  # opening a FIFO would wait for a writer; GGUFFile refuses non-files
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
     if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80")):
         raise EdgeRtError(f"{path}: looks like a PyTorch checkpoint (a pickle, which can run code); "
                           f"edge-rt reads GGUF or safetensors: save the model with safetensors")

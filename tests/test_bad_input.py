@@ -525,7 +525,7 @@ def test_special_files(tmp_path):
     assert_error(cli("inspect", "/dev/null"), "/dev/null", "not a regular file")
     fifo = tmp_path / "pipe.gguf"
     os.mkfifo(fifo)  # nobody writes to it: opening it must not wait forever
-    for args in (["inspect", fifo], run_args(fifo)):
+    for args in (["inspect", fifo], run_args(fifo), ["convert", fifo, "-o", tmp_path / "out.gguf"]):
         assert_error(cli(*args, timeout=3), "pipe.gguf")
 
 
