@@ -72,8 +72,8 @@ def make_weights(rows: int, cols: int, bits: int, group_size: int, min_bytes: in
     del w32
     first = K.Weight(fmt, rows, cols, parts)
     n = max(2, math.ceil(min_bytes / first.nbytes))
-    return [first] + [K.Weight(fmt, rows, cols, {k: np.array(v, copy=True) for k, v in parts.items()})
-                      for _ in range(n - 1)]
+    copy = lambda v: np.array(v, copy=True) if isinstance(v, np.ndarray) else v  # noqa: E731
+    return [first] + [K.Weight(fmt, rows, cols, {k: copy(v) for k, v in parts.items()}) for _ in range(n - 1)]
 
 
 def time_passes(weights, x, y, threads: int, reps: int) -> list[float]:

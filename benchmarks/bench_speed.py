@@ -20,16 +20,18 @@ What it does (see benchmarks/README.md for what each number means):
    over max(512 MiB, 8x the last-level cache), 1 and 2 threads, best of 5), at the start
    and at the end of the run.
 3. For each thread count, for K reps, for each model, for each variant: one `edge-rt run`
-   (a fixed 512-token wikitext prompt, 128 greedy tokens, --json) and llama-bench on the
-   paired llama.cpp file (q8-Q8_0, q4-Q4_0, q3-Q3_K_S, q2-Q2_K, f32-F32), in alternating
-   order (ABBA: edge-rt first on even reps, llama.cpp first on odd ones); the llama.cpp
-   file a target is stated against (Q4_0, Q8_0 for 8-bit) runs in every rep too. llama-bench
-   runs as two processes per rep:
+   (a fixed 512-token wikitext prompt, 128 greedy tokens, --json) and one llama.cpp run of
+   the paired file (q8-Q8_0, q4-Q4_0, q3-Q3_K_S, q2-Q2_K, f32-F32), in alternating order
+   (ABBA: edge-rt first on even reps, llama.cpp first on odd ones); the llama.cpp file a
+   target is stated against (Q4_0, Q8_0 for 8-bit) runs in every rep too. llama.cpp's run
+   is, by default (--peer-timer loop), benchmarks/peer_decode.py: llama-cpp-python on the
+   same native build, flash attention on, timed exactly as edge-rt times itself (prefill =
+   prompt tokens / (prompt pass + first sample); decode = tokens 2..128 / the wall clock of
+   the greedy decode loop, sampler included), same prompt text, same depth. With
+   --peer-timer llama-bench it is two llama-bench processes instead (no sampler):
      llama-bench -m Q -p 512 -n 0 -t T -fa 1 -r 1 -o json          (pp512 from an empty cache)
      llama-bench -m Q -p 0 -n 128 -d 512 -t T -fa 1 -r 1 -o json   (tg128 after 512 tokens)
-   so that both engines decode at the same depth (positions 512..639: edge-rt decodes
-   after its 512-token prompt). llama-bench's plain `-p 512 -n 128` would time tg128 from
-   an empty cache, reading no KV; --tg-d0 adds that figure as an extra column.
+   (`-d 512`: the depth edge-rt decodes at; --tg-d0 adds tg128 from an empty cache).
    Each process runs under /usr/bin/time -f %M, whose ru_maxrss is that process's own
    peak RSS (the same measure for both engines; edge-rt's own VmHWM from its JSON is the
    figure in the table, and agrees with it; see run_measured for why not os.wait4).
@@ -43,10 +45,9 @@ What it does (see benchmarks/README.md for what each number means):
    decode and prefill as a ratio to llama.cpp Q4_0 (Q8_0 for 8-bit) of the same model and
    rep, against the target ratio. With --json the last line on stdout is one JSON object.
 
-How each engine is timed: edge-rt's decode figure is the wall clock of its decode loop
-(tokens 2..128), sampler (greedy argmax over the logits) and Python loop included;
-llama-bench's tg has no sampler and no Python (the peer at its fastest: native build,
-flash attention on). The difference counts against edge-rt; the output says so.
+How each engine is timed: the wall clock of the decode loop (tokens 2..128), greedy
+sampler and Python loop included, for both engines (--peer-timer loop); llama-bench's tg
+(--peer-timer llama-bench) has no sampler and no Python, which counts against edge-rt.
 """
 from __future__ import annotations
 
@@ -338,6 +339,31 @@ def run_peer(model: Path, threads: int, tg_d0: bool) -> dict:
     return res
 
 
+def peer_loop_cmd(model: Path, prompt_file: Path, threads: int) -> list:
+    return [sys.executable, REPO / "benchmarks" / "peer_decode.py", model, "--prompt-file", prompt_file,
+            "-n", str(GEN_TOKENS), "--ctx", str(PROMPT_TOKENS + GEN_TOKENS), "--threads", str(threads)]
+
+
+def run_peer_loop(model: Path, prompt_file: Path, threads: int) -> dict:
+    """llama.cpp timed as edge-rt times itself (benchmarks/peer_decode.py)."""
+    r = run_measured(peer_loop_cmd(model, prompt_file, threads))
+    j = json.loads(r["stdout"].strip().splitlines()[-1])
+    return {"prefill_tps": j["prefill_tokens_per_s"], "decode_tps": j["decode_tokens_per_s"],
+            "peak_rss_bytes": j["peak_rss_bytes"], "time_maxrss_bytes": r["maxrss_bytes"],
+            "n_prompt": j["n_prompt"], "wall_s": r["wall_s"]}
+
+
+def peer_commit() -> str:
+    """llama.cpp's commit from the peer's BUILD_INFO (scripts/peer.sh)."""
+    try:
+        for line in (peer.peer_dir() / "BUILD_INFO").read_text().splitlines():
+            if "commit" in line and line.startswith("llama.cpp:"):
+                return line.rsplit("commit", 1)[1].strip(" )")
+    except OSError:
+        pass
+    return "?"
+
+
 # -- the run ----------------------------------------------------------------------------
 
 def median(xs):
@@ -349,6 +375,12 @@ def fmt(x, spec=".1f", none="–"):
     return none if x is None else format(x, spec)
 
 
+def peer_commands(model, prompt_file, threads, a) -> list[list]:
+    if a.peer_timer == "loop":
+        return [peer_loop_cmd(model, prompt_file, threads)]
+    return peer_cmds(model, threads, a.tg_d0)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated; default {','.join(MODELS)}")
@@ -357,8 +389,11 @@ def main(argv=None):
     ap.add_argument("--variants", default="q8,q4,q3,q2",
                     help="ours, each paired with llama.cpp's " + ", ".join(f"{k}:{v}" for k, v in PEER_OF.items())
                     + "; default q8,q4,q3,q2")
+    ap.add_argument("--peer-timer", choices=("loop", "llama-bench"), default="loop",
+                    help="loop (default): llama.cpp timed as edge-rt is, the wall clock of a greedy decode loop "
+                    "with its sampler (benchmarks/peer_decode.py); llama-bench: its pp512 and tg128 (no sampler)")
     ap.add_argument("--tg-d0", action="store_true",
-                    help="also time llama.cpp's tg128 from an empty cache (llama-bench's usual figure)")
+                    help="with --peer-timer llama-bench: also its tg128 from an empty cache")
     ap.add_argument("--json", action="store_true", help="end stdout with one JSON line of all results")
     a = ap.parse_args(argv)
     threads_list = [int(t) for t in a.threads.split(",") if t]
@@ -372,6 +407,8 @@ def main(argv=None):
             ap.error(f"--models: {m!r} is not one of {', '.join(MODELS)}")
     if a.reps < 1:
         ap.error("--reps must be at least 1")
+    if a.tg_d0 and a.peer_timer != "llama-bench":
+        ap.error("--tg-d0 needs --peer-timer llama-bench")
     # llama.cpp files: each variant's pair, then the target baselines that no pair runs
     peers = list(dict.fromkeys(PEER_OF[v] for v in variants))
     extra_peers = [p for p in dict.fromkeys(TARGET_PEER[v] for v in variants) if p not in peers]
@@ -380,17 +417,23 @@ def main(argv=None):
     t_start = time.perf_counter()
     load0 = loadavg()
     log(f"preparing models in {bench_dir()}")
-    models, facts, prompts = {}, {}, {}
+    models, facts, prompts, prompt_files = {}, {}, {}, {}
     for mn in model_names:
         models[mn] = prepare_models(ours=variants, peers=peers + extra_peers, model=mn)
         facts[mn] = {k: file_facts(m.path) for k, m in models[mn].items()}
         prompt, n_prompt = make_prompt(models[mn][variants[0]].path)
         prompts[mn] = (prompt, n_prompt)
-        (bench_dir() / f"prompt-{mn}-{PROMPT_TOKENS}.txt").write_text(prompt, encoding="utf-8")
+        prompt_files[mn] = bench_dir() / f"prompt-{mn}-{PROMPT_TOKENS}.txt"
+        prompt_files[mn].write_text(prompt, encoding="utf-8")
         log(f"{mn} prompt: {n_prompt} tokens ({len(prompt)} chars)")
 
     log("measuring memory read bandwidth")
     bw0 = measure_bandwidth(threads_list, bench_dir())
+
+    def run_theirs(mn, key, T):
+        if a.peer_timer == "loop":
+            return run_peer_loop(models[mn][key].path, prompt_files[mn], T)
+        return run_peer(models[mn][key].path, T, a.tg_d0)
 
     runs = []  # one entry per (threads, rep, model, variant): both engines; extra peers: "peer" only
     for T in threads_list:
@@ -400,7 +443,7 @@ def main(argv=None):
                 for v in variants + extra_peers:
                     if v in extra_peers:  # a target baseline alone
                         rec = {"threads": T, "rep": rep, "model_name": mn, "variant": None, "peer_key": v,
-                               "peer": run_peer(files[v].path, T, a.tg_d0)}
+                               "peer": run_theirs(mn, v, T)}
                         log(f"t={T} rep {rep + 1}/{a.reps} {mn} {v}: prefill {rec['peer'].get('prefill_tps', 0):7.1f} "
                             f"decode {rec['peer'].get('decode_tps', 0):6.1f} tok/s")
                         runs.append(rec)
@@ -412,7 +455,7 @@ def main(argv=None):
                         if who == "ours":
                             rec["ours"] = run_ours(files[v].path, prompt, T)
                         else:
-                            rec["peer"] = run_peer(files[PEER_OF[v]].path, T, a.tg_d0)
+                            rec["peer"] = run_theirs(mn, PEER_OF[v], T)
                     o, p = rec["ours"], rec["peer"]
                     log(f"t={T} rep {rep + 1}/{a.reps} {mn} {v:>3s} vs {PEER_OF[v]:<6s}: "
                         f"prefill {o['prefill_tps']:7.1f} vs {p.get('prefill_tps', 0):7.1f}  "
@@ -499,7 +542,8 @@ def main(argv=None):
             warnings.append(f"{mn}: the prompt is {n} tokens, not {PROMPT_TOKENS}")
 
     elapsed = time.perf_counter() - t_start
-    peer_commit = next((r["peer"].get("build_commit") for r in runs if r["peer"].get("build_commit")), "?")
+    commit = next((r["peer"].get("build_commit") for r in runs if r["peer"].get("build_commit")), None) \
+        or peer_commit()
     this_cmd = cmd_str([".venv/bin/python", "benchmarks/bench_speed.py",
                         *(argv if argv is not None else sys.argv[1:])])
     out = []
@@ -508,7 +552,7 @@ def main(argv=None):
     w(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min)")
     w(f"- machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
       f"load average {load0} at start, {load1} at end")
-    w(f"- edge-rt {EDGE_RT_VERSION} (layout v{formats.FORMAT_VERSION}); llama.cpp commit {peer_commit} "
+    w(f"- edge-rt {EDGE_RT_VERSION} (layout v{formats.FORMAT_VERSION}); llama.cpp commit {commit} "
       f"(llama-cpp-python {peer.LLAMA_CPP_PYTHON_VERSION}, GGML_NATIVE=ON; {peer.peer_dir() / 'BUILD_INFO'})")
     w(f"- {a.reps} rep(s) per row, edge-rt and llama.cpp alternating (ABBA); medians, "
       f"(min–max) over the reps; ratios are medians of the per-rep ratios edge-rt/llama.cpp")
@@ -517,11 +561,16 @@ def main(argv=None):
     w(f"- edge-rt: `{short_cmd(ours_cmd('MODEL', 'PROMPT', 'T'))}` (prefill = n_prompt / time to first token; "
       f"decode = tokens 2..{GEN_TOKENS} / the wall clock of their decode loop, **including the sampler and the "
       f"Python loop**)")
-    for c in peer_cmds("MODEL", "T", a.tg_d0):
+    for c in peer_commands("MODEL", "PROMPT_FILE", "T", a):
         w(f"- llama.cpp: `{short_cmd(c)}`")
-    w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
-      "**no sampler** in llama-bench's timed loop: this counts against edge-rt; flash attention on; "
-      "f16 KV cache, llama-bench's default)")
+    if a.peer_timer == "loop":
+        w("  (llama-cpp-python on the same native build as llama-bench, flash attention on, f16 KV cache; timed "
+          "exactly as edge-rt: prefill = n_prompt / (prompt pass + first sample), decode = tokens 2..128 / the wall "
+          "clock of the loop, greedy argmax in Python included)")
+    else:
+        w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
+          "**no sampler** in llama-bench's timed loop: this counts against edge-rt; flash attention on; "
+          "f16 KV cache, llama-bench's default)")
     w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
       f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two processes")
     bw_desc = ", ".join(f"{T} thread{'s' if T > 1 else ''} {bandwidth[str(T)] / 1e9:.1f} GB/s" for T in threads_list)
@@ -575,13 +624,13 @@ def main(argv=None):
             "command": this_cmd, "started_utc": started.isoformat(), "elapsed_s": elapsed,
             "models": model_names, "reps": a.reps, "threads": threads_list, "variants": variants,
             "prompt_tokens": {mn: n for mn, (_, n) in prompts.items()}, "gen_tokens": GEN_TOKENS,
-            "kv_mean_depth": kv_depth, "edge_rt_version": EDGE_RT_VERSION, "llama_cpp_commit": peer_commit,
+            "kv_mean_depth": kv_depth, "edge_rt_version": EDGE_RT_VERSION, "llama_cpp_commit": commit, "peer_timer": a.peer_timer,
             "load_average": {"start": load0, "end": load1},
             "bandwidth": {"start": bw0, "end": bw1, "used_bytes_per_s": bandwidth},
             "files": {mn: {k: {"path": str(m.path), "engine": m.engine, "made_by": cmd_str(m.make_cmd)} | facts[mn][k]
                            for k, m in models[mn].items()} for mn in model_names},
             "commands": {"edge_rt": cmd_str(ours_cmd("MODEL", "PROMPT", "T")),
-                         "llama_cpp": [cmd_str(c) for c in peer_cmds("MODEL", "T", a.tg_d0)]},
+                         "llama_cpp": [cmd_str(c) for c in peer_commands("MODEL", "PROMPT_FILE", "T", a)]},
             "rows": rows, "ratios": ratios, "targets": targets, "warnings": warnings, "runs": runs,
         }, separators=(",", ":"), default=str))
 
