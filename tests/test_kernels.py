@@ -309,7 +309,9 @@ def arm_build(tmp_path_factory):
 def cross_build(build: Path, cmake: str, cc: str, processor: str, cflags: str = "") -> Path:
     """Cross-build libedgert.so into `build` with the project's CMakeLists.txt and link the
     tests/arm/kernel_check.c driver against it (tests/test_cross_arm32.py uses this too)."""
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)  # noqa: E731
+    def run(*cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
     run(cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux",
         f"-DCMAKE_SYSTEM_PROCESSOR={processor}", f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_C_FLAGS={cflags}",
         "-DCMAKE_BUILD_TYPE=Release")
