@@ -532,7 +532,7 @@ def main(argv=None):
             for key in peers + extra_peers:
                 p = next(r for r in rows if r["model_name"] == mn and r["threads"] == T and r["model"] == key)
                 if T == 1 and p["prefill_tps_median"] < 100:
-                    warnings.append(f"{mn}: llama.cpp {key} pp512 at 1 thread is {p['prefill_tps_median']:.0f} tok/s "
+                    warnings.append(f"{mn}: llama.cpp {key} prefill at 1 thread is {p['prefill_tps_median']:.0f} tok/s "
                                     f"(expected hundreds for these small models: is the machine busy?)")
     busy = busy_warning(load0)
     if busy:
@@ -571,8 +571,12 @@ def main(argv=None):
         w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
           "**no sampler** in llama-bench's timed loop: this counts against edge-rt; flash attention on; "
           "f16 KV cache, llama-bench's default)")
-    w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
-      f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two processes")
+    if a.peer_timer == "loop":
+        w("- peak RSS: each process's own VmHWM from its JSON (Python, numpy and the model's mapped pages included, "
+          "in both)")
+    else:
+        w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
+          f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two")
     bw_desc = ", ".join(f"{T} thread{'s' if T > 1 else ''} {bandwidth[str(T)] / 1e9:.1f} GB/s" for T in threads_list)
     w(f"- read bandwidth ({describe_bandwidth(bw0)}; best of 5 at start and end): {bw_desc}")
     w(f"- BW limit = bandwidth / bytes per token (weights touched: all but the embedding table, plus the tied "
