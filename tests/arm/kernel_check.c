@@ -7,7 +7,8 @@
  *                           on deterministic random inputs of every format.
  *   kernel_check --ref-digest
  *                           prints a hash of the reference (ref) outputs of every case
- *                           instead: builds for different CPUs must print the same lines
+ *                           instead (and checks that 3 threads give the same bits as one):
+ *                           builds for different CPUs must print the same lines
  *                           (tests/test_cross_arm32.py: the scalar path of a 32-bit ARM
  *                           build against the native one).
  * Exit status 0 when all agree: dequantization bit for bit, matmul within 1e-5 of
@@ -97,7 +98,9 @@ static void run_case(int fmt, shape s, const char *isa) {
         uint64_t h = fnv1a(y0, 4 * (size_t)s.n * s.rows, 0xCBF29CE484222325ull);
         printf("digest: fmt=%d rows=%d cols=%d g=%d n=%d rc=%d %016llx\n", fmt, s.rows, s.cols, s.gs, s.n, rc,
                (unsigned long long)fnv1a(d0, 4 * (size_t)s.rows * s.cols, h));
-        failures += rc != 0;
+        rc |= ert_matmul(&w, x, s.n, y1, 3); /* through the thread pool: the same bits as one thread */
+        if (memcmp(y0, y1, 4 * (size_t)s.n * s.rows)) printf("FAIL threads=3 differs: fmt=%d rows=%d\n", fmt, s.rows);
+        failures += rc != 0 || memcmp(y0, y1, 4 * (size_t)s.n * s.rows) != 0;
         free(data), free(sc), free(mn), free(x), free(y0), free(y1), free(d0), free(d1);
         return;
     }
