@@ -30,6 +30,7 @@ LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
 class Metrics:
     n_prompt: int = 0
     n_generated: int = 0
+    tokens: list = field(default_factory=list)  # the generated token ids
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
@@ -38,7 +39,7 @@ class Metrics:
     def as_dict(self) -> dict:
         decode_steps = max(self.n_generated - 1, 0)  # the first token comes from the prefill
         return {
-            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated, "tokens": self.tokens,
             "prefill_tokens_per_s": self.n_prompt / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": decode_steps / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
@@ -126,6 +127,7 @@ class Model:
             in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
+                m.tokens.append(int(tok))
                 piece = decoder.push(tok)
                 if piece:
                     yield piece
