@@ -50,7 +50,7 @@ class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
 
-    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048):
+    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16"):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -66,8 +66,10 @@ class Model:
         self.budget = parse_size(mem_budget) if mem_budget is not None else None
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
-        self.ctx, self.kv = ctx, None
-        self.layers = CLayers(self.spec, self.weights, self.threads, ctx)  # structs only: nothing is read yet
+        if kv_type not in KVCache.DTYPES:
+            raise EdgeRtError(f"--kv-type {kv_type}: use one of {', '.join(KVCache.DTYPES)}")
+        self.ctx, self.kv_type, self.kv = ctx, kv_type, None
+        self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
@@ -75,8 +77,8 @@ class Model:
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
         n = min(N_BATCH, max(n_prompt, 1))
-        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx, n, self.layers.scratch_bytes(n),
-                         logit_rows, scored)
+        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx, self.kv_type, n,
+                         self.layers.scratch_bytes(n), logit_rows, scored)
 
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make weights and KV cache resident."""
@@ -84,7 +86,7 @@ class Model:
         self.plan = plan
         if self.kv is None:
             self.g.populate()
-            self.kv = KVCache(self.spec, self.ctx)
+            self.kv = KVCache(self.spec, self.ctx, self.kv_type)
 
     # -- the forward pass under the thread limit ------------------------------------
     def _forward(self, tokens: np.ndarray, keep_from: int) -> np.ndarray:
@@ -99,7 +101,7 @@ class Model:
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx}
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
@@ -191,7 +193,7 @@ class Model:
                 "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
 
 
-def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048) -> Model:
+def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16") -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
-    against mem_budget ('2GB', or bytes) and map its weights."""
-    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32'."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)

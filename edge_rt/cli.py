@@ -82,6 +82,8 @@ def convert(src, out, bits, group_size, target):
 @click.option("--prompt", "-p", required=True, help="The prompt text.")
 @click.option("-n", "n_predict", type=click.IntRange(1), default=128, show_default=True, help="Tokens to generate.")
 @click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
+@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="KV cache precision.")
 @click.option("--mem-budget", type=Size(), default=None, help="Peak memory this run may use, e.g. 2GB (powers of 1024).")
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None, help="Default: all cores.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -90,10 +92,10 @@ def convert(src, out, bits, group_size, target):
 @click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
-def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, top_p, seed, chat, as_json):
+def run(model, prompt, n_predict, ctx, kv_type, mem_budget, threads, temperature, top_k, top_p, seed, chat, as_json):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     from .api import load
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
     out = sys.stderr if as_json else sys.stdout
     pieces = []
     for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
@@ -116,18 +118,20 @@ def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, 
 @click.argument("model")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file.")
 @click.option("--ctx", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="KV cache precision.")
 @click.option("--windows", type=click.IntRange(1), default=None, help="Windows to score (default: all).")
 @click.option("--mem-budget", type=Size(), default=None)
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model, text_file, ctx, windows, mem_budget, threads, as_json):
+def eval_cmd(model, text_file, ctx, kv_type, windows, mem_budget, threads, as_json):
     """Perplexity of MODEL on a text, scored as llama.cpp's llama-perplexity scores it."""
     from .api import load
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
     show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
     r = m.eval_perplexity(text, ctx, windows, progress=show)
     if as_json:

@@ -20,7 +20,7 @@ class _CLayer(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_int) for k in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")]
                 + [("norm_eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("window", ctypes.c_int),
                    ("rope_dim", ctypes.c_int), ("rope_neox", ctypes.c_int), ("rope_base", ctypes.c_float),
-                   ("rope_scale", ctypes.c_float), ("rope_factors", _F), ("act", ctypes.c_int)]
+                   ("rope_scale", ctypes.c_float), ("rope_factors", _F), ("act", ctypes.c_int), ("kv_f16", ctypes.c_int)]
                 + [(k, _F) for k in ("attn_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "post_attn_norm",
                                      "ffn_norm", "post_ffn_norm")]
                 + [(k, kernels._CWeight) for k in ("wq", "wk", "wv", "wo", "gate", "up", "down")])
@@ -42,8 +42,8 @@ class CLayers:
     """`run(spec, W, i, x, pos0, kv)` has the signature of transformer.layer; the C
     structs are built once per layer, the scratch grows to the largest step seen."""
 
-    def __init__(self, spec: Spec, W, threads: int, ctx: int):
-        self.lib, self.threads, self.ctx = kernels._load(), int(threads), ctx
+    def __init__(self, spec: Spec, W, threads: int, ctx: int, kv_type: str = "f16"):
+        self.lib, self.threads, self.ctx, self.kv_type = kernels._load(), int(threads), ctx, kv_type
         self._keep = []  # the float32 vectors the structs point at
         factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
         self.layers = [self._struct(spec, W, i, factors) for i in range(spec.n_layers)]
@@ -67,7 +67,7 @@ class CLayers:
                     d_ff=spec.d_ff, norm_eps=spec.norm_eps, attn_scale=spec.attn_scale or 1.0 / np.sqrt(spec.head_dim),
                     window=spec.sliding_window if spec.is_local(i) else 0, rope_dim=spec.rope_dim,
                     rope_neox=int(spec.rope_style == "neox"), rope_base=base, rope_scale=scale,
-                    act=ACTIVATIONS[spec.act])
+                    act=ACTIVATIONS[spec.act], kv_f16=int(self.kv_type == "f16"))
         if factors is not None:
             c.rope_factors = self._vec(factors)
         for field, name in VECTORS.items():
@@ -87,8 +87,9 @@ class CLayers:
             self.scratch = None  # freed before the larger one is made
             self.scratch = np.empty(self.scratch_bytes(n) // 4, np.float32)
         if self._kv[0] is not kv:
-            if kv.ctx != self.ctx:
-                raise ValueError(f"a KV cache of {kv.ctx} positions; this model's layers were set up for {self.ctx}")
+            if (kv.ctx, kv.dtype) != (self.ctx, self.kv_type):
+                raise ValueError(f"a {kv.dtype} KV cache of {kv.ctx} positions; the layers were set up for "
+                                 f"{self.kv_type}, {self.ctx}")
             self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
         k, v = self._kv[1][i]
         t0 = time.perf_counter()

@@ -35,7 +35,7 @@ class Plan:
     base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
                          # (+ CALL_BYTES: what the first call allocates beyond its arrays)
     weights_bytes: int   # every tensor, mapped from the file and resident
-    kv_bytes: int        # the KV cache for ctx positions
+    kv_bytes: int        # the KV cache for ctx positions (float16 or float32)
     buffer_bytes: int    # activations, attention scores and logits of the largest step
     ctx: int
     n_batch: int
@@ -69,9 +69,9 @@ def buffer_bytes(spec: Spec, n: int, layer_scratch: int, logit_rows: int, scored
 CALL_BYTES = 4 << 20
 
 
-def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, layer_scratch: int,
+def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, kv_type: str, n: int, layer_scratch: int,
               logit_rows: int = 1, scored: bool = False) -> Plan:
-    return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx),
+    return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx, kv_type),
                 buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n)
 
 

@@ -40,6 +40,55 @@ ERT_CLONES static void axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* ---- the KV cache: float32, or IEEE half rounded to nearest even (numpy's float16) --- */
+
+#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+typedef _Float16 half; /* F16C / fcvt conversions where the target has them */
+static inline float h2f(half h) { return (float)h; }
+static inline half f2h(float f) { return (half)f; }
+#else
+typedef uint16_t half;
+static inline float h2f(half h) { return ert_half_to_float(h); }
+static half f2h(float f) {
+    union { float f; uint32_t u; } v = {f};
+    const uint32_t sign = (v.u >> 16) & 0x8000u, a = v.u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (half)(sign | 0x7E00u);  /* NaN */
+    if (a >= 0x477FF000u) return (half)(sign | 0x7C00u); /* rounds to infinity (>= 65520) */
+    if (a < 0x38800000u) return (half)(sign | (uint32_t)rintf(fabsf(f) * 16777216.0f)); /* subnormal: units of 2^-24 */
+    const uint32_t r = a - 0x38000000u;                 /* exponent rebiased from 127 to 15 */
+    return (half)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+}
+#endif
+
+ERT_CLONES static float dot_h(const float *a, const half *b, int n) {
+    float s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * h2f(b[i + k]);
+    for (; i < n; i++) s[0] += a[i] * h2f(b[i]);
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+ERT_CLONES static void axpy_h(float *y, float a, const half *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * h2f(x[i]);
+}
+
+/* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on */
+static const void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
+    const size_t at = (size_t)j * l->n_kv_heads * l->head_dim + f;
+    return l->kv_f16 ? (const void *)((const half *)cache + at) : (const void *)((const float *)cache + at);
+}
+
+static void kv_store(const ert_layer *l, void *cache, int j, const float *x) {
+    const int dkv = l->n_kv_heads * l->head_dim;
+    if (!l->kv_f16) {
+        memcpy((float *)cache + (size_t)j * dkv, x, sizeof(float) * dkv);
+        return;
+    }
+    half *row = (half *)cache + (size_t)j * dkv;
+    for (int i = 0; i < dkv; i++) row[i] = f2h(x[i]);
+}
+
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -78,7 +127,7 @@ typedef struct {
     const ert_layer *l;
     int n, pos0;
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *scores;
-    float *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim] */
+    void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim], float32 or half */
     int scores_stride;
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
@@ -114,15 +163,15 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
         }
         rope(l, q, l->n_heads, s->pos0 + i);
         rope(l, k, l->n_kv_heads, s->pos0 + i);
-        memcpy(s->kc + (size_t)(s->pos0 + i) * dkv, k, sizeof(float) * dkv);
-        memcpy(s->vc + (size_t)(s->pos0 + i) * dkv, v, sizeof(float) * dkv);
+        kv_store(l, s->kc, s->pos0 + i, k);
+        kv_store(l, s->vc, s->pos0 + i, v);
     }
 }
 
 static void attention_task(void *ctx, int ith, int nth) {
     step *s = ctx;
     const ert_layer *l = s->l;
-    const int hd = l->head_dim, H = l->n_heads, group = H / l->n_kv_heads, dkv = l->n_kv_heads * hd;
+    const int hd = l->head_dim, H = l->n_heads, group = H / l->n_kv_heads;
     float *scores = s->scores + (size_t)ith * s->scores_stride;
     for (int t; (t = take(s)) < s->n * H;) { /* one (token, head) pair at a time */
         const int i = t / H, h = t % H, p = s->pos0 + i, g = h / group;
@@ -130,7 +179,8 @@ static void attention_task(void *ctx, int ith, int nth) {
         const float *q = s->q + (size_t)i * H * hd + (size_t)h * hd;
         float mx = -INFINITY;
         for (int j = first; j <= p; j++) {
-            float sc = dot(q, s->kc + (size_t)j * dkv + (size_t)g * hd, hd) * l->attn_scale;
+            const void *k = kv_row(l, s->kc, j, g * hd);
+            float sc = (l->kv_f16 ? dot_h(q, k, hd) : dot(q, k, hd)) * l->attn_scale;
             scores[j - first] = sc;
             if (sc > mx) mx = sc;
         }
@@ -138,7 +188,11 @@ static void attention_task(void *ctx, int ith, int nth) {
         for (int j = first; j <= p; j++) sum += scores[j - first] = expf(scores[j - first] - mx);
         float *out = s->att + (size_t)i * H * hd + (size_t)h * hd;
         memset(out, 0, sizeof(float) * hd);
-        for (int j = first; j <= p; j++) axpy(out, scores[j - first] / sum, s->vc + (size_t)j * dkv + (size_t)g * hd, hd);
+        for (int j = first; j <= p; j++) {
+            const void *v = kv_row(l, s->vc, j, g * hd);
+            if (l->kv_f16) axpy_h(out, scores[j - first] / sum, v, hd);
+            else axpy(out, scores[j - first] / sum, v, hd);
+        }
     }
 }
 
@@ -172,7 +226,7 @@ size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) 
     return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * ctx);
 }
 
-int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, float *k_cache, float *v_cache,
+int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
                       float *scratch, int threads) {
     if (!l || !x || !k_cache || !v_cache || !scratch || n < 0 || pos0 < 0 || pos0 + n > ctx) return ERT_EINVAL;
     if (l->n_kv_heads <= 0 || l->n_heads % l->n_kv_heads || l->rope_dim > l->head_dim || l->rope_dim % 2) return ERT_ESHAPE;

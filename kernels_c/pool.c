@@ -96,9 +96,13 @@ static void *worker(void *arg) {
 
 static void forget_workers(void) { P.nworkers = 0; } /* in a forked child: they do not exist */
 
-static int nprocs(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : n > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : (int)n;
+static int nprocs(void) { /* read once: sysconf reads sysfs, ~7 us, and every matmul asks */
+    static int n;
+    if (!n) {
+        long v = sysconf(_SC_NPROCESSORS_ONLN);
+        n = v < 1 ? 1 : v > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : (int)v;
+    }
+    return n;
 }
 
 int ert_max_threads(void) { return nprocs(); }

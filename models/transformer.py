@@ -50,17 +50,21 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndar
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0..ctx-1, float32."""
+    """Keys and values of every layer for positions 0..ctx-1: float16 (as llama.cpp
+    keeps them by default; rounded to nearest even) or float32."""
 
-    def __init__(self, spec: Spec, ctx: int):
+    DTYPES = {"f16": np.float16, "f32": np.float32}
+
+    def __init__(self, spec: Spec, ctx: int, dtype: str = "f16"):
         shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim)
-        self.k, self.v, self.ctx = np.empty(shape, np.float32), np.empty(shape, np.float32), ctx
+        self.dtype, self.ctx = dtype, ctx
+        self.k, self.v = np.empty(shape, self.DTYPES[dtype]), np.empty(shape, self.DTYPES[dtype])
         self.k.fill(0)  # written now, so the whole cache is resident from the start
         self.v.fill(0)
 
-    @staticmethod
-    def nbytes(spec: Spec, ctx: int) -> int:
-        return 2 * 4 * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
+    @classmethod
+    def nbytes(cls, spec: Spec, ctx: int, dtype: str = "f16") -> int:
+        return 2 * np.dtype(cls.DTYPES[dtype]).itemsize * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
 
 
 def attention(q, k, v, pos, first, window, scale):
@@ -111,7 +115,8 @@ def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.nd
     kv.k[i, pos0:pos0 + n], kv.v[i, pos0:pos0 + n] = k, v
     window = spec.sliding_window if spec.is_local(i) else 0
     first = max(0, pos0 - window + 1) if window else 0
-    a = attention(q, kv.k[i, first:pos0 + n], kv.v[i, first:pos0 + n], pos, first, window,
+    keys, values = kv.k[i, first:pos0 + n].astype(np.float32), kv.v[i, first:pos0 + n].astype(np.float32)
+    a = attention(q, keys, values, pos, first, window,
                   spec.attn_scale or 1.0 / np.sqrt(hd))
     a = W.linear(p + "attn_output.weight", a)
     if spec.post_norms:

@@ -82,6 +82,7 @@ typedef struct {
     float rope_base, rope_scale; /* angle = pos / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i] */
     const float *rope_factors; /* NULL, or [rope_dim/2] */
     int act;                   /* enum ert_activation: FFN gate activation */
+    int kv_f16;                /* KV cache elements: 0 float32, 1 IEEE half (rounded to nearest even) */
     /* float32 vectors; NULL where the family has none (norms of the attention and FFN inputs are required) */
     const float *attn_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *post_attn_norm;
     const float *ffn_norm, *post_ffn_norm;
@@ -94,9 +95,9 @@ ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int t
 
 /* Runs n tokens at positions pos0.. through the layer: x[n][d_model] is updated in
  * place; their keys and values are written to k_cache, v_cache ([ctx][n_kv_heads]
- * [head_dim] float32, this layer's) at pos0.., and attention reads positions up to
- * each token's own. Returns ERT_OK or < 0. */
-ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, float *k_cache, float *v_cache,
+ * [head_dim] of float32 or half, this layer's) at pos0.., and attention reads
+ * positions up to each token's own. Returns ERT_OK or < 0. */
+ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
                               float *scratch, int threads);
 
 /* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
