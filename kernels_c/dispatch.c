@@ -205,7 +205,7 @@ static int check_weight(const ert_weight *w) {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-#define ROW_TILE 16 /* rows per unit of work: a multiple of it */
+#define ROW_TILE ERT_TILE /* rows per unit of work: a multiple of it (whole q1..q4 tiles) */
 
 static void run_rows(ert_matmul_fn fn, const ert_weight *w, const ert_act *a, float *y, int threads) {
     const int rows = w->rows;
@@ -237,6 +237,58 @@ static void run_rows(ert_matmul_fn fn, const ert_weight *w, const ert_act *a, fl
     fn(w, a, 0, rows, y);
 }
 
+/* q1..q4: the activation tables (formats.lut_tables) and group sums */
+static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
+    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w);
+    size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * nblk);
+    char *p = malloc(nl + nls + sizeof(float) * (size_t)n * ng);
+    if (!p) return ERT_ENOMEM;
+    *scratch = p;
+    a->lut = (const int8_t *)p;
+    a->ls = (const float *)(p + nl);
+    a->xsum = (const float *)(p + nl + nls);
+    ert_lut_act_ref(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (float *)a->xsum);
+    a->nblk = nblk;
+    a->ngroups = ng;
+    a->group_size = w->group_size;
+    return ERT_OK;
+}
+
+/* q8: int8 activations per 32-block and the sums the int8 kernels use */
+static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
+    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
+    size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
+    size_t ns = align64(sizeof(int32_t) * (size_t)n * nblk), ngs = align64(sizeof(float) * (size_t)n * ngp);
+    size_t nbg = align64(sizeof(int32_t) * ((size_t)nblk + 8));
+    char *p = malloc(nq + nd + ns + ngs + nbg); /* SIMD code loads unaligned */
+    if (!p) return ERT_ENOMEM;
+    *scratch = p;
+    int8_t *q = (int8_t *)p;
+    float *da = (float *)(p += nq);
+    int32_t *qsum = (int32_t *)(p += nd);
+    float *gsum = (float *)(p += ns);
+    int32_t *bgroup = (int32_t *)(p += ngs);
+    g_quant_act(x, n, w->cols, q, da, qsum);
+    memset(da + (size_t)n * nblk, 0, 8 * sizeof(float));
+    for (int j = 0; j < n; j++)
+        for (int g = 0; g < ngp; g++) {
+            int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+            float s = 0.0f;
+            for (int b = g * bpg; b < b1; b++) s += da[(size_t)j * nblk + b] * (float)qsum[(size_t)j * nblk + b];
+            gsum[(size_t)j * ngp + g] = s;
+        }
+    for (int b = 0; b < nblk + 8; b++) bgroup[b] = (b < nblk ? b : nblk - 1) / bpg;
+    a->nblk = nblk;
+    a->ngroups = ng;
+    a->group_size = w->group_size;
+    a->q = q;
+    a->da = da;
+    a->qsum = qsum;
+    a->gsum = gsum;
+    a->bgroup = bgroup;
+    return ERT_OK;
+}
+
 int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads) {
     init();
     int rc = check_weight(w);
@@ -250,44 +302,13 @@ int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads
     a.cols = w->cols;
     a.x = x;
     void *scratch = NULL;
-    if (ert_format_bits(w->format)) {
-        const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
-        size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
-        size_t ns = align64(sizeof(int32_t) * (size_t)n * nblk), ngs = align64(sizeof(float) * (size_t)n * ngp);
-        size_t nbg = align64(sizeof(int32_t) * ((size_t)nblk + 8));
-        size_t no = align64(sizeof(int32_t) * (size_t)n * nblk * 8);
-        scratch = malloc(nq + nd + ns + no + ngs + nbg); /* SIMD code loads unaligned */
-        if (!scratch) return ERT_ENOMEM;
-        char *p = (char *)scratch;
-        int8_t *q = (int8_t *)p;
-        float *da = (float *)(p += nq);
-        int32_t *qsum = (int32_t *)(p += nd);
-        int32_t *qoff = (int32_t *)(p += ns);
-        float *gsum = (float *)(p += no);
-        int32_t *bgroup = (int32_t *)(p += ngs);
-        const int bits = ert_format_bits(w->format);
-        g_quant_act(x, n, w->cols, q, da, qsum);
-        memset(da + (size_t)n * nblk, 0, 8 * sizeof(float));
-        for (size_t i = 0; i < (size_t)n * nblk * 8; i++)
-            qoff[i] = (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]) * (1 << (bits - 1));
-        for (int j = 0; j < n; j++)
-            for (int g = 0; g < ngp; g++) {
-                int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-                float s = 0.0f;
-                for (int b = g * bpg; b < b1; b++) s += da[(size_t)j * nblk + b] * (float)qsum[(size_t)j * nblk + b];
-                gsum[(size_t)j * ngp + g] = s;
-            }
-        for (int b = 0; b < nblk + 8; b++) bgroup[b] = (b < nblk ? b : nblk - 1) / bpg;
-        a.nblk = nblk;
-        a.ngroups = ng;
-        a.group_size = w->group_size;
-        a.q = q;
-        a.da = da;
-        a.qsum = qsum;
-        a.qoff = qoff;
-        a.gsum = gsum;
-        a.bgroup = bgroup;
+    const int bits = ert_format_bits(w->format);
+    if (bits && bits <= 4) {
+        rc = prepare_lut(w, x, n, &a, &scratch);
+    } else if (bits) {
+        rc = prepare_int8(w, x, n, &a, &scratch);
     }
+    if (rc) return rc;
     run_rows(g_sel[w->format].k.matmul, w, &a, y, threads);
     free(scratch);
     return ERT_OK;

@@ -103,17 +103,21 @@ ERT_API int ert_version(void);
  * ---------------------------------------------------------------------------- */
 #ifdef ERT_BUILDING
 
+#define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
+
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
     int n, cols;
     const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
-    /* group formats only: */
+    /* q1..q4 (table lookups; formats.lut_tables): */
+    const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
+    const float *ls;    /* [n][nblk] table scale of each 32-column block */
+    const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
+    /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
     const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
     const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
     const int32_t *qsum;/* [n][nblk]  sum of the block's q */
-    const int32_t *qoff;/* [n][nblk][8]  2^(bits-1) * (sum of q[4i..4i+3]) for lane i < 8
-                           of each block: the offset of the codes, per 4 columns */
     const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
                            sum over the group's blocks of da*qsum */
     const int32_t *bgroup; /* [nblk + 8] group of each block (the padding repeats the last) */
@@ -126,6 +130,16 @@ typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
 typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
+/* Builds lut, ls (bit-exact with formats.lut_tables) and xsum of x[n][cols]. */
+void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
+ * path for the last tile when it has fewer than ERT_TILE rows). */
+void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
+/* Offset of the byte (block b, plane k, pair s) of row r in a q1..q4 code array. */
+static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b, int k, int s) {
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
+    return (size_t)t0 * w->cols * bits / 8 + ((size_t)(b * bits + k) * 4 + s) * h + (r - t0);
+}
 
 typedef struct {
     ert_matmul_fn matmul;

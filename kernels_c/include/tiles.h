@@ -1,0 +1,25 @@
+/* The tile driver the SIMD kernel files share (internal; include after edgert.h).
+ *
+ * Rows r0..r1-1 go in tiles of ERT_TILE rows; for each tile the activation rows go in
+ * chunks of 4, so a tile's weights are read from memory once and reused from cache
+ * for every 4 tokens (the batched path of prefill). ROWS(t0, t1, j0, NR) computes rows
+ * t0..t1-1 for activation rows j0..j0+NR-1; NR is a constant 1..4 in each expansion.
+ * Kernels must compute an activation row the same way whatever NR (batch invariance).
+ */
+#ifndef ERT_TILES_H
+#define ERT_TILES_H
+
+#define ERT_FOR_TILES(r0, r1, n, ROWS)                                       \
+    for (int rt_ = (r0); rt_ < (r1); rt_ += ERT_TILE) {                      \
+        const int re_ = rt_ + ERT_TILE < (r1) ? rt_ + ERT_TILE : (r1);       \
+        int j_ = 0;                                                          \
+        for (; j_ + 4 <= (n); j_ += 4) ROWS(rt_, re_, j_, 4);                \
+        switch ((n) - j_) {                                                  \
+        case 3: ROWS(rt_, re_, j_, 3); break;                                \
+        case 2: ROWS(rt_, re_, j_, 2); break;                                \
+        case 1: ROWS(rt_, re_, j_, 1); break;                                \
+        default: break;                                                      \
+        }                                                                    \
+    }
+
+#endif /* ERT_TILES_H */
