@@ -58,16 +58,20 @@ static const int ISA_FALLBACK[ISA_N] = {-1, ISA_REF, ISA_REF, ISA_NEON};
 #if ERT_HAVE_AVX2
 #define K_AVX2(f) {ert_##f##_matmul_avx2, ert_##f##_dequant_avx2}
 #define QA_AVX2 ert_quant_act_avx2
+#define LA_AVX2 ert_lut_act_avx2
 #else
 #define K_AVX2(f) {0, 0}
 #define QA_AVX2 0
+#define LA_AVX2 0
 #endif
 #if ERT_HAVE_NEON
 #define K_NEON(f) {ert_##f##_matmul_neon, ert_##f##_dequant_neon}
 #define QA_NEON ert_quant_act_neon
+#define LA_NEON ert_lut_act_neon
 #else
 #define K_NEON(f) {0, 0}
 #define QA_NEON 0
+#define LA_NEON 0
 #endif
 #if ERT_HAVE_NEON_DOTPROD
 #define K_NEON_DP(f) {ert_##f##_matmul_neon_dotprod, ert_##f##_dequant_neon}
@@ -90,8 +94,9 @@ static const struct {
     [ERT_Q8] = {"q8", {K_REF(q8), K_AVX2(q8), K_NEON(q8), K_NEON_DP(q8)}},
 };
 
-/* activation quantizers (bit-exact with each other) */
+/* activation quantizers and table builders (bit-exact with each other) */
 static const ert_quant_act_fn QUANT_ACT[ISA_N] = {ert_quant_act_ref, QA_AVX2, QA_NEON, 0};
+static const ert_lut_act_fn LUT_ACT[ISA_N] = {ert_lut_act_ref, LA_AVX2, LA_NEON, 0};
 
 /* ---- state chosen at start-up --------------------------------------------------------- */
 
@@ -103,6 +108,7 @@ static struct {
     int isa;
 } g_sel[ERT_NFORMATS];
 static ert_quant_act_fn g_quant_act;
+static ert_lut_act_fn g_lut_act;
 static char g_features[96];
 static char g_names[ERT_NFORMATS][32];
 
@@ -171,6 +177,8 @@ static void select_kernels(int isa) {
     int i = isa;
     while (i > 0 && (!g_isa_ok[i] || !QUANT_ACT[i])) i = ISA_FALLBACK[i];
     g_quant_act = QUANT_ACT[i < 0 ? ISA_REF : i];
+    for (i = isa; i > 0 && (!g_isa_ok[i] || !LUT_ACT[i]);) i = ISA_FALLBACK[i];
+    g_lut_act = LUT_ACT[i < 0 ? ISA_REF : i];
 }
 
 static void init(void) {
@@ -247,7 +255,7 @@ static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, v
     a->lut = (const int8_t *)p;
     a->ls = (const float *)(p + nl);
     a->xsum = (const float *)(p + nl + nls);
-    ert_lut_act_ref(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (float *)a->xsum);
+    g_lut_act(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (float *)a->xsum);
     a->nblk = nblk;
     a->ngroups = ng;
     a->group_size = w->group_size;

@@ -121,23 +121,31 @@ def test_matmul_batch_invariant(isa):
 
 
 def test_matmul_integer_parts_exact():
-    """With power-of-two scales everything is exact in float32: the kernels must then
-    agree with the reference to the last bit (catches any off-by-one in the codes)."""
+    """With power-of-two scales and activations whose int8 form is exact (q8: amax = 127
+    in every block, so q == x; q1..q4: integer x with a 4-column |sum| of 127 in every
+    block, so the tables are the exact sums and ls == 1), everything is exact in float32:
+    the kernels must agree with the reference to the last bit (catches any off-by-one in
+    the codes, the layout or the tables)."""
     rng = np.random.default_rng(7)
     for bits in GROUP_BITS:
         fmt = formats.GroupQuant(bits, 64)
-        rows, cols = 20, 192
-        parts = fmt.quantize(rand_weight(rng, rows, cols))
-        ng = fmt.groups(cols)
-        parts["scale"] = np.full((rows, ng), 2.0**-6, np.float16)
-        parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
-        x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
-        x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
-        w = K.Weight(fmt, rows, cols, parts)
-        ref = formats.matmul_reference(fmt, parts, cols, x)
-        for isa in ("auto", "ref"):
-            K.force_isa(isa)
-            assert np.array_equal(K.matmul(w, x), ref), (bits, isa)
+        for rows in (20, 70):
+            cols = 192
+            parts = fmt.quantize(rand_weight(rng, rows, cols))
+            ng = fmt.groups(cols)
+            parts["scale"] = np.full((rows, ng), 2.0**-6, np.float16)
+            parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
+            if bits == 8:
+                x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
+                x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
+            else:
+                x = rng.integers(-31, 32, (3, cols)).astype(np.float32)  # 4-column |sums| <= 124
+                x[:, 0::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 31.0, -32.0, 32.0, 32.0  # amax = 127
+            w = K.Weight(fmt, rows, cols, parts)
+            ref = formats.matmul_reference(fmt, parts, cols, x)
+            for isa in ("auto", "ref"):
+                K.force_isa(isa)
+                assert np.array_equal(K.matmul(w, x), ref), (bits, rows, isa)
 
 
 def test_matmul_vector_and_out():

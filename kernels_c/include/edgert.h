@@ -130,8 +130,9 @@ typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
 typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
-/* Builds lut, ls (bit-exact with formats.lut_tables) and xsum of x[n][cols]. */
-void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
+ * (float32, any summation order) of x[n][cols]. */
+typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
 /* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
  * path for the last tile when it has fewer than ERT_TILE rows). */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
@@ -194,7 +195,8 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q3_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
-    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);
+    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
+    void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, float *);
 
 ERT_DECLARE_KERNELS(ref)
 ERT_DECLARE_KERNELS(avx2)

@@ -10,6 +10,7 @@
 #include "tiles.h"
 
 #include <immintrin.h>
+#include <stdint.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -60,6 +61,88 @@ void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, i
     }
 }
 
+/* 8 float16 at p as float; only cnt (1..8) are wanted. Reads 8 unless that could run
+ * past the end of the array (safe == 0): then copies. */
+INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
+    if (cnt == 8 || safe) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t t[8] = {0};
+    memcpy(t, p, sizeof(uint16_t) * (size_t)cnt);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+/* v[i][j] <-> v[j][i] */
+INLINE void transpose8(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* The tables of formats.lut_tables, bit-exact with ert_lut_act_ref: per 4-column
+ * sub-group the 8 entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, one vector (the
+ * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
+ * 8..15 are the negated mirror (t[15-p] = -t[p]). Four sub-groups are packed and
+ * stored at a time. */
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+    const __m256 s0 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN, 0, 0));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, 0, 0, 0, 0));
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i rev = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 15,
+                                         14, 13, 12, 11, 10, 9, 8);
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int j = 0; j < n; j++) {
+        const float *xj = x + (size_t)j * cols;
+        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const float *xb = xj + (size_t)b * ERT_BLOCK;
+            float amax = 0.0f;
+            for (int q = 0; q < 8; q++) {
+                const float *v = xb + 4 * q;
+                const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
+                amax = a > amax ? a : amax;
+            }
+            const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+            __m256i e[8];
+            for (int q = 0; q < 8; q++) {
+                const float *v = xb + 4 * q;
+                __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
+                t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
+                t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
+                e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
+            }
+            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
+            for (int q = 0; q < 8; q += 4) {
+                /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
+                __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
+                lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
+                const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
+                const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
+                _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
+            }
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                             _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+            ls[(size_t)j * nblk + b] = amax / 127.0f;
+            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += hsum(sum);
+        }
+    }
+}
+
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
  *
  * A tile of 32 rows (formats.py layout): per 32-column block b, bit plane k and pair of
@@ -77,6 +160,60 @@ void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, i
 
 INLINE int lane_pos(int r) { return ((r & 1) * 2 + (r >> 4)) * 8 + ((r & 15) >> 1); }
 
+/* dh[g][lane_pos(r)] = d/2 and mb[g][lane_pos(r)] = m + d*off of groups g0..g0+gn-1 of
+ * the tile's 32 rows: per set of 8 rows that share a float accumulator, 8 groups at a
+ * time are converted (one F16C instruction per row) and transposed 8x8. */
+INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, float (*dh)[ERT_TILE],
+                        float (*mb)[ERT_TILE]) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    const __m256 half = _mm256_set1_ps(0.5f), vo = _mm256_set1_ps(off);
+    for (int q = 0; q < 4; q++)
+        for (int g = 0; g < gn; g += 8) {
+            const int cnt = gn - g < 8 ? gn - g : 8;
+            __m256 d[8], m[8];
+            for (int i = 0; i < 8; i++) {
+                const int r = t0 + (q & 1) * 16 + 2 * i + (q >> 1); /* the row at lane i of q */
+                const size_t at = (size_t)r * ng + g0 + g;
+                const int safe = (size_t)(w->rows - 1 - r) * ng + (ng - g0 - g) >= 8;
+                d[i] = load8_half(w->scale + at, cnt, safe);
+                m[i] = load8_half(w->min + at, cnt, safe);
+            }
+            transpose8(d);
+            transpose8(m);
+            for (int i = 0; i < cnt; i++) {
+                _mm256_store_ps(dh[g + i] + 8 * q, _mm256_mul_ps(d[i], half));
+                _mm256_store_ps(mb[g + i] + 8 * q, _mm256_fmadd_ps(d[i], vo, m[i]));
+            }
+        }
+}
+
+/* ae[k] / ao[k]: the int16 sums I_b of the tile's even / odd rows for token k, block b:
+ * the planes from the most significant down (acc = 2*acc + plane sum), so the two
+ * maddubs weights are constants */
+INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i *ae, __m256i *ao, const int NR,
+                      const int bits) {
+    const __m256i nib = _mm256_set1_epi8(0x0F), we = _mm256_set1_epi16(1), wo = _mm256_set1_epi16(0x100);
+    for (int k = 0; k < NR; k++) ae[k] = ao[k] = _mm256_setzero_si256();
+    for (int p = bits - 1; p >= 0; p--) {
+        for (int k = 0; k < NR; k++) {
+            ae[k] = _mm256_add_epi16(ae[k], ae[k]);
+            ao[k] = _mm256_add_epi16(ao[k], ao[k]);
+        }
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(vb + (size_t)(p * 4 + s) * ERT_TILE));
+            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+            for (int k = 0; k < NR; k++) {
+                const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
+                const __m256i r1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)), lo);
+                const __m256i r2 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16))), hi);
+                ae[k] = _mm256_add_epi16(ae[k], _mm256_add_epi16(_mm256_maddubs_epi16(we, r1), _mm256_maddubs_epi16(we, r2)));
+                ao[k] = _mm256_add_epi16(ao[k], _mm256_add_epi16(_mm256_maddubs_epi16(wo, r1), _mm256_maddubs_epi16(wo, r2)));
+            }
+        }
+    }
+}
+
 INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int j0, float *y, const int NR,
                      const int bits) {
     if (t1 - t0 < ERT_TILE) { /* the last, shorter tile */
@@ -93,7 +230,6 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const float off = 0.5f * (float)((1 << bits) - 1);
-    const __m256i nib = _mm256_set1_epi8(0x0F);
     const int8_t *lut[4];
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
     float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
@@ -102,15 +238,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
         for (int q = 0; q < 4; q++) yacc[k][q] = _mm256_setzero_ps();
     for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
         const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
-        for (int r = 0; r < ERT_TILE; r++) {
-            const uint16_t *sc = w->scale + (size_t)(t0 + r) * ng + g0, *mn = w->min + (size_t)(t0 + r) * ng + g0;
-            const int pos = lane_pos(r);
-            for (int g = 0; g < gn; g++) {
-                const float d = half1(sc[g]);
-                dh[g][pos] = 0.5f * d;
-                mb[g][pos] = half1(mn[g]) + d * off;
-            }
-        }
+        tile_scales(w, t0, g0, gn, off, dh, mb);
         for (int g = g0; g < g0 + gn; g++) {
             __m256 facc[4][4];
             for (int k = 0; k < NR; k++)
@@ -118,22 +246,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
             const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
             for (int b = g * bpg; b < b1; b++) {
                 __m256i ae[4], ao[4];
-                for (int k = 0; k < NR; k++) ae[k] = ao[k] = _mm256_setzero_si256();
-                for (int p = 0; p < bits; p++) {
-                    const __m256i we = _mm256_set1_epi16((short)(1 << p)), wo = _mm256_set1_epi16((short)(1 << (p + 8)));
-                    const uint8_t *vp = tile + (size_t)(b * bits + p) * 4 * ERT_TILE;
-                    for (int s = 0; s < 4; s++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(vp + s * ERT_TILE));
-                        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-                        for (int k = 0; k < NR; k++) {
-                            const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
-                            const __m256i r1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)), lo);
-                            const __m256i r2 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16))), hi);
-                            ae[k] = _mm256_add_epi16(ae[k], _mm256_add_epi16(_mm256_maddubs_epi16(we, r1), _mm256_maddubs_epi16(we, r2)));
-                            ao[k] = _mm256_add_epi16(ao[k], _mm256_add_epi16(_mm256_maddubs_epi16(wo, r1), _mm256_maddubs_epi16(wo, r2)));
-                        }
-                    }
-                }
+                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, ae, ao, NR, bits);
                 for (int k = 0; k < NR; k++) {
                     const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * nblk + b]);
                     const __m128i part[4] = {_mm256_castsi256_si128(ae[k]), _mm256_extracti128_si256(ae[k], 1),
@@ -188,15 +301,6 @@ INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q) {
     const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
     const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)codes), _mm256_set1_epi8((char)0x80));
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
-}
-
-/* 8 float16 at p as float; only cnt (1..8) are wanted. Reads 8 unless that could run
- * past the end of the array (safe == 0): then copies. */
-INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
-    if (cnt == 8 || safe) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    uint16_t t[8] = {0};
-    memcpy(t, p, sizeof(uint16_t) * (size_t)cnt);
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
 }
 
 static const int32_t LANE_IDX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0};
