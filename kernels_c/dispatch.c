@@ -80,17 +80,19 @@ static const int ISA_FALLBACK[ISA_N] = {-1, ISA_REF, ISA_REF, ISA_NEON};
 #endif
 #define K_NONE {0, 0}
 
-/* THE table: format id -> name, and its kernels {ref, avx2, neon, neon-dotprod}. */
+/* THE table: format id -> name, and its kernels {ref, avx2, neon, neon-dotprod}.
+ * q1..q4: table lookups (no dot products: neon-dotprod CPUs use the neon kernels);
+ * q8: int8 dot products. */
 static const struct {
     const char *name;
     ert_kernel k[ISA_N];
 } FORMATS[ERT_NFORMATS] = {
     [ERT_F32] = {"f32", {K_REF(f32), K_AVX2(f32), K_NEON(f32), K_NONE}}, /* dotprod: nothing to gain */
     [ERT_F16] = {"f16", {K_REF(f16), K_AVX2(f16), K_NEON(f16), K_NONE}},
-    [ERT_Q1] = {"q1", {K_REF(q1), K_AVX2(q1), K_NEON(q1), K_NEON_DP(q1)}},
-    [ERT_Q2] = {"q2", {K_REF(q2), K_AVX2(q2), K_NEON(q2), K_NEON_DP(q2)}},
-    [ERT_Q3] = {"q3", {K_REF(q3), K_AVX2(q3), K_NEON(q3), K_NEON_DP(q3)}},
-    [ERT_Q4] = {"q4", {K_REF(q4), K_AVX2(q4), K_NEON(q4), K_NEON_DP(q4)}},
+    [ERT_Q1] = {"q1", {K_REF(q1), K_AVX2(q1), K_NEON(q1), K_NONE}},
+    [ERT_Q2] = {"q2", {K_REF(q2), K_AVX2(q2), K_NEON(q2), K_NONE}},
+    [ERT_Q3] = {"q3", {K_REF(q3), K_AVX2(q3), K_NEON(q3), K_NONE}},
+    [ERT_Q4] = {"q4", {K_REF(q4), K_AVX2(q4), K_NEON(q4), K_NONE}},
     [ERT_Q8] = {"q8", {K_REF(q8), K_AVX2(q8), K_NEON(q8), K_NEON_DP(q8)}},
 };
 
