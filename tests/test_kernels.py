@@ -1,8 +1,10 @@
 """The C kernels (libedgert via edge_rt.kernels) against the numpy definitions in
-edge_rt/formats.py: matmul vs formats.matmul_reference (tight tolerance), row
-dequantization bit-exact with fmt.dequantize, SIMD vs forced scalar reference,
-thread-count independence, and (when a cross compiler and qemu are installed) the
-aarch64 NEON / NEON-dotprod kernels under qemu."""
+edge_rt/formats.py: matmul vs formats.matmul_reference (the same integer table / dot
+arithmetic; the C kernels differ only by float32 summation order: TOL), the table
+approximation against the float product (formats.lut_error_bound), the bit-plane tile
+layout, row dequantization bit-exact with fmt.dequantize, SIMD vs forced scalar
+reference, thread-count and batch independence, and (when a cross compiler and qemu
+are installed) the aarch64 NEON / NEON-dotprod kernels under qemu."""
 from __future__ import annotations
 
 import os
@@ -18,11 +20,12 @@ from edge_rt import kernels as K
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP_BITS = [1, 2, 3, 4, 8]
-# (rows, cols): one row, the minimum width, odd row counts (not multiples of 8/16/32),
-# and cols=192 / 96 which leave a ragged last group for g=128 / g=64
-SHAPES = [(1, 32), (37, 192), (67, 256), (33, 96), (130, 576)]
+# (rows, cols): one row, the minimum width, odd row counts (not multiples of the 32-row
+# tile: a last tile of 5, 3, 1, 2 rows), whole tiles, and cols=192 / 96 which leave a
+# ragged last group for g=128 / g=64
+SHAPES = [(1, 32), (37, 192), (67, 256), (33, 96), (130, 576), (64, 160)]
 NS = [1, 3, 17]
-TOL = 1e-5  # of the output's scale (max |y|)
+TOL = 1e-5  # C vs matmul_reference, of the output's scale (max |y|): float32 summation order
 
 
 def fmt_cases():
@@ -171,6 +174,109 @@ def test_matmul_vector_and_out():
     # non-contiguous / float64 activations are converted
     xt = np.asfortranarray(x.astype(np.float64))
     np.testing.assert_array_equal(K.matmul(w, xt), K.matmul(w, x))
+
+
+# --------------------------------------------------------------------------- layout, table approximation
+
+@pytest.mark.parametrize("bits", GROUP_BITS)
+def test_pack_layout(bits):
+    """pack/unpack are inverse for any row count, keep the [rows, cols*bits/8] shape, and
+    q1..q4 put row r's plane-k nibble of sub-group j where the kernels read it."""
+    rng = np.random.default_rng(bits)
+    fmt = formats.GroupQuant(bits, 64)
+    for rows in (1, 5, 31, 32, 33, 64, 77):
+        c = rng.integers(0, 1 << bits, (rows, 96)).astype(np.uint8)
+        p = fmt.pack(c)
+        assert p.shape == (rows, 96 * bits // 8) and p.dtype == np.uint8
+        assert np.array_equal(fmt.unpack(p, 96), c)
+    if bits == 8:
+        return
+    rows, cols = 45, 64  # a full tile and a tile of 13 rows
+    c = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
+    flat = fmt.pack(c).reshape(-1)
+    for r, b, k, j in [(0, 0, 0, 0), (31, 1, bits - 1, 7), (32, 0, 0, 3), (44, 1, bits - 1, 6), (40, 1, 0, 5)]:
+        t0 = r - r % formats.TILE
+        h = min(formats.TILE, rows - t0)
+        byte = flat[t0 * cols * bits // 8 + ((b * bits + k) * 4 + j // 2) * h + r - t0]
+        nib = (byte >> (4 * (j % 2))) & 15
+        want = sum(((int(c[r, 32 * b + 4 * j + i]) >> k) & 1) << i for i in range(4))
+        assert nib == want, (r, b, k, j)
+
+
+def test_lut_tables():
+    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the block's
+    largest |sum|, which maps to +-127."""
+    rng = np.random.default_rng(4)
+    x = rand_act(rng, 2, 64)
+    t, ls = formats.lut_tables(x)
+    assert t.shape == (2, 16, 16) and ls.shape == (2, 2)
+    assert np.array_equal(t[..., ::-1], -t)
+    sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
+    exact = x.reshape(2, 16, 4) @ sign.T  # [n, j, p]
+    scale = np.repeat(ls, 8, axis=1)[..., None]
+    assert np.abs(t * scale - exact).max() <= 0.5 * scale.max() * (1 + 1e-5)
+    assert np.abs(t).reshape(2, 2, -1).max(axis=-1).min() == 127 or not ls.all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lut_within_bound_of_float_product(bits):
+    """The only approximation of the LUT path is the int8 rounding of the tables:
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_b per
+    row; float32 rounding is far below it). Also reports how tight the bound is."""
+    rng = np.random.default_rng(bits + 40)
+    for g in (32, 64, 128):
+        fmt = formats.GroupQuant(bits, g)
+        rows, cols = 70, 576
+        parts = fmt.quantize(rand_weight(rng, rows, cols))
+        x = rand_act(rng, 3, cols)
+        y = K.matmul(K.Weight(fmt, rows, cols, parts), x).astype(np.float64)
+        exact = x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)
+        bound = formats.lut_error_bound(fmt, parts, cols, x)
+        slack = 1e-5 * np.abs(exact).max()
+        assert np.all(np.abs(y - exact) <= bound + slack), (g, float((np.abs(y - exact) / bound).max()))
+        assert np.abs(y - exact).max() < 0.5 * bound.max()  # the bound is a worst case, not the typical error
+
+
+@pytest.mark.parametrize("bits", GROUP_BITS)
+def test_real_weights(smollm2_gguf, bits):
+    """SmolLM2-135M matrices (ffn_down 576x1536, attn_k 192x576), quantized, every group
+    size, against the numpy twin and (q1..q4) within the table bound of the float product."""
+    from edge_rt.converters.readers import open_source
+    src = open_source(smollm2_gguf)
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((5, 1536)) * np.exp(rng.standard_normal(1536))).astype(np.float32)
+    for name in ("blk.3.ffn_down.weight", "blk.5.attn_k.weight"):
+        w32 = src.load(name)
+        rows, cols = w32.shape
+        for g in (32, 64, 128):
+            fmt = formats.GroupQuant(bits, g)
+            parts = fmt.quantize(w32)
+            w = K.Weight(fmt, rows, cols, parts)
+            xs = x[:, :cols]
+            ref = formats.matmul_reference(fmt, parts, cols, xs).astype(np.float64)
+            for isa in ("auto", "ref"):
+                K.force_isa(isa)
+                y = K.matmul(w, xs, threads=2)
+                assert close(y, ref)[0], (name, g, isa, close(y, ref)[1])
+            K.force_isa("auto")
+            if bits <= 4:
+                exact = xs.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)
+                bound = formats.lut_error_bound(fmt, parts, cols, xs)
+                assert np.all(np.abs(ref - exact) <= bound + 1e-5 * np.abs(exact).max()), (name, g)
+
+
+def test_old_layout_refused(tmp_path, smollm2_gguf, monkeypatch):
+    """A file of layout version 1 (codes row by row, before the bit-plane tiles) is
+    refused with a message saying to convert again."""
+    from tiny import write_tiny
+    from edge_rt import api
+    from edge_rt.errors import EdgeRtError
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 1)
+    old = write_tiny("llama", smollm2_gguf, tmp_path / "v1.gguf", bits=4)
+    monkeypatch.undo()
+    assert formats.FORMAT_VERSION == 2
+    with pytest.raises(EdgeRtError, match="layout version 1.*version 2: convert the source model again"):
+        api.Model(old)
 
 
 # --------------------------------------------------------------------------- dequantize
