@@ -233,9 +233,8 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
     const int8_t *lut[4];
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
     float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
-    __m256 yacc[4][4];
-    for (int k = 0; k < NR; k++)
-        for (int q = 0; q < 4; q++) yacc[k][q] = _mm256_setzero_ps();
+    float yacc[4][ERT_TILE] __attribute__((aligned(32))); /* in memory: updated once per group */
+    memset(yacc, 0, sizeof yacc);
     for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
         const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
         tile_scales(w, t0, g0, gn, off, dh, mb);
@@ -258,17 +257,15 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
             for (int k = 0; k < NR; k++) {
                 const __m256 xs = _mm256_set1_ps(a->xsum[(size_t)(j0 + k) * ng + g]);
                 for (int q = 0; q < 4; q++) {
-                    yacc[k][q] = _mm256_fmadd_ps(facc[k][q], _mm256_load_ps(dh[g - g0] + 8 * q), yacc[k][q]);
-                    yacc[k][q] = _mm256_fmadd_ps(_mm256_load_ps(mb[g - g0] + 8 * q), xs, yacc[k][q]);
+                    __m256 acc = _mm256_fmadd_ps(facc[k][q], _mm256_load_ps(dh[g - g0] + 8 * q), _mm256_load_ps(yacc[k] + 8 * q));
+                    _mm256_store_ps(yacc[k] + 8 * q, _mm256_fmadd_ps(_mm256_load_ps(mb[g - g0] + 8 * q), xs, acc));
                 }
             }
         }
     }
     for (int k = 0; k < NR; k++) {
-        float v[ERT_TILE] __attribute__((aligned(32)));
-        for (int q = 0; q < 4; q++) _mm256_store_ps(v + 8 * q, yacc[k][q]);
         float *yk = y + (size_t)(j0 + k) * w->rows + t0;
-        for (int r = 0; r < ERT_TILE; r++) yk[r] = v[lane_pos(r)];
+        for (int r = 0; r < ERT_TILE; r++) yk[r] = yacc[k][lane_pos(r)];
     }
 }
 
