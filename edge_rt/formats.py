@@ -13,14 +13,17 @@ Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
     (scale and min stay in row order; only the codes are tiled).
   - q8 codes are stored row by row, one byte per code (the int8 dot-product kernels).
   - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
-    of TILE=32 (the last tile has rows % 32 rows, h = its height). Inside a tile, for
-    each 32-column block b, each bit plane k (least significant first), each pair s of
-    4-column sub-groups (2s, 2s+1): h bytes, byte r (row r of the tile) =
-        nib(r, 2s, k) | nib(r, 2s+1, k) << 4,
-    nib(r, j, k) = sum_i bit k of code[r, 32b + 4j + i] << i, i < 4:
-    the index of sub-group j's 16-entry activation table (see lut_tables). A tile takes
-    h * cols * bits / 8 bytes, so "codes" keeps its shape [rows, cols*bits/8] (a byte
-    array whose row index is not a matrix row).
+    of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
+    plane k; nib(r, j, k) = sum_i (bit k of code[r, 32b + 4j + i]) << i, i < 4, is the
+    index into sub-group j's 16-entry activation table (see lut_tables). The planes go
+    in pairs u = (2u, 2u+1) (an odd plane count ends with a lone plane). Inside a tile:
+    for each 32-column block b, each plane pair u:
+        pair:  for s < 4: 2h bytes, byte 2r + e = nib(r, 2s, 2u+e) | nib(r, 2s+1, 2u+e) << 4
+        lone:  for s < 2: 2h bytes, byte 2r + e = nib(r, 4s+2e, k) | nib(r, 4s+2e+1, k) << 4
+    (a row's two nibbles of a pair, or of a lone plane, side by side: after the table
+    lookups one multiply-add weighs and sums them into the row). A tile takes h*cols*bits/8
+    bytes, so "codes" keeps its shape [rows, cols*bits/8] (a byte array whose row index
+    is not a matrix row).
 """
 from __future__ import annotations
 
@@ -129,21 +132,40 @@ class GroupQuant:
         return d * c + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
 
 
+def _plane_pairs(bits: int) -> list[tuple[int, int]]:
+    """(first plane, width) of each plane pair: (0, 2), (2, 2) ... and (bits-1, 1) if odd"""
+    return [(k, min(2, bits - k)) for k in range(0, bits, 2)]
+
+
 def _pack_tiles(c: np.ndarray, bits: int) -> np.ndarray:
-    """codes [ntiles, h, cols] -> the tiles' bytes, flat: [tile][block][plane][pair][row]."""
+    """codes [ntiles, h, cols] -> the tiles' bytes, flat: [tile][block][pair u][s][row][e]."""
     nt, h, cols = c.shape
+    nblk = cols // BLOCK
     planes = (c[None] >> np.arange(bits, dtype=np.uint8)[:, None, None, None]) & 1  # [k, t, r, cols]
-    q = planes.reshape(bits, nt, h, cols // BLOCK, 8, 4)
+    q = planes.reshape(bits, nt, h, nblk, 8, 4)
     nib = (q << np.arange(4, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # [k, t, r, b, j]
     byte = nib[..., 0::2] | (nib[..., 1::2] << 4)  # [k, t, r, b, s]
-    return byte.transpose(1, 3, 0, 4, 2).reshape(-1)
+    parts = [(byte[k:k + 2].transpose(1, 3, 4, 2, 0) if wd == 2  # [t, b, s, r, e]
+              else byte[k].reshape(nt, h, nblk, 2, 2).transpose(0, 2, 3, 1, 4)  # [t, b, s, r, e]: sub-group pair 2s+e
+              ).reshape(nt, nblk, 4 * h * wd) for k, wd in _plane_pairs(bits)]
+    return np.concatenate(parts, axis=2).reshape(-1)
 
 
 def _unpack_tiles(flat: np.ndarray, h: int, cols: int, bits: int) -> np.ndarray:
     """The inverse of _pack_tiles: flat bytes of tiles of height h -> codes [rows, cols]."""
     if h == 0 or flat.size == 0:
         return np.zeros((0, cols), dtype=np.uint8)
-    byte = flat.reshape(-1, cols // BLOCK, bits, 4, h).transpose(2, 0, 4, 1, 3)  # [k, t, r, b, s]
+    nblk = cols // BLOCK
+    tiles = flat.reshape(-1, nblk, bits * 4 * h)
+    planes, pos = [], 0
+    for _, wd in _plane_pairs(bits):
+        part = tiles[:, :, pos:pos + wd * 4 * h].reshape(-1, nblk, 2 * wd, h, 2)  # [t, b, s, r, e]
+        if wd == 2:
+            planes.append(part.transpose(4, 0, 3, 1, 2))  # [e = plane, t, r, b, s]
+        else:
+            planes.append(part.transpose(0, 3, 1, 2, 4).reshape(1, -1, h, nblk, 4))  # [1, t, r, b, 2s+e]
+        pos += wd * 4 * h
+    byte = np.concatenate(planes)  # [k, t, r, b, s]
     nib = np.stack([byte & 15, byte >> 4], axis=-1).reshape(*byte.shape[:-1], 8)  # [k, t, r, b, j]
     bit = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1  # [k, t, r, b, j, i]
     c = (bit << np.arange(bits, dtype=np.uint8)[:, None, None, None, None, None]).sum(axis=0, dtype=np.uint8)

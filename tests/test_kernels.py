@@ -197,7 +197,9 @@ def test_pack_layout(bits):
     for r, b, k, j in [(0, 0, 0, 0), (31, 1, bits - 1, 7), (32, 0, 0, 3), (44, 1, bits - 1, 6), (40, 1, 0, 5)]:
         t0 = r - r % formats.TILE
         h = min(formats.TILE, rows - t0)
-        byte = flat[t0 * cols * bits // 8 + ((b * bits + k) * 4 + j // 2) * h + r - t0]
+        u, wu = k // 2, min(2, bits - k // 2 * 2)
+        s, e = (j // 2, k % 2) if wu == 2 else (j // 4, j // 2 % 2)  # 2h bytes per s, byte 2r + e
+        byte = flat[t0 * cols * bits // 8 + (b * bits + 2 * u) * 4 * h + 2 * h * s + 2 * (r - t0) + e]
         nib = (byte >> (4 * (j % 2))) & 15
         want = sum(((int(c[r, 32 * b + 4 * j + i]) >> k) & 1) << i for i in range(4))
         assert nib == want, (r, b, k, j)

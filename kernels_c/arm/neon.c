@@ -189,11 +189,13 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
 
 /* ---- q1..q4: table lookups -------------------------------------------------------------------
  *
- * A tile of 32 rows (formats.py layout): per 32-column block b, bit plane k and pair of
- * sub-groups s, 32 bytes hold row r's plane-k nibbles of sub-groups 2s (low) and 2s+1
- * (high) in byte r. One vqtbl1q_s8 looks up 16 rows' partial sums in a sub-group's
- * 16-entry int8 table; they are widened into int16 sums per 8 rows (vaddw_s8), the planes
- * from the most significant down (acc = 2*acc + plane sum; |block sum| <= 8*127*15).
+ * A tile of 32 rows (formats.py layout), 16 bytes = 8 rows at a time. One vqtbl1q_s8 looks
+ * up 16 nibbles in a sub-group's 16-entry int8 table:
+ *   plane pair (2u, 2u+1): a row's two planes in adjacent bytes: vpaddlq_s8 (both) plus
+ *     the odd byte again (vshrq_n_s16 by 8) gives plane 2u + 2 * plane 2u+1, in int16;
+ *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
+ *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
+ * The sums are weighted by 2^(2u) (vmlaq_n_s16); |block sum| <= 8*127*15 fits int16.
  * Per block the sums are converted and scaled by the table scale ls; per group by d/2
  * (per row) and the min term (m + d*(2^bits-1)/2) * xsum is added. */
 
@@ -202,27 +204,38 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
 /* acc[k][h]: int16 sums I_b of rows 8h..8h+7 for token k, block b */
 INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, int16x8_t (*acc)[4], const int NR,
                       const int bits) {
-    const uint8x16_t nib = vdupq_n_u8(0x0F);
+    static const uint8_t ODD16[16] = {0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16};
+    const uint8x16_t nib = vdupq_n_u8(0x0F), odd = vld1q_u8(ODD16);
     for (int k = 0; k < NR; k++)
         for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
-    for (int p = bits - 1; p >= 0; p--) {
-        for (int k = 0; k < NR; k++)
-            for (int h = 0; h < 4; h++) acc[k][h] = vaddq_s16(acc[k][h], acc[k][h]);
-        for (int s = 0; s < 4; s++) {
-            const uint8_t *vp = vb + (size_t)(p * 4 + s) * ERT_TILE;
-            const uint8x16_t v0 = vld1q_u8(vp), v1 = vld1q_u8(vp + 16);
-            const uint8x16_t lo0 = vandq_u8(v0, nib), hi0 = vshrq_n_u8(v0, 4);
-            const uint8x16_t lo1 = vandq_u8(v1, nib), hi1 = vshrq_n_u8(v1, 4);
-            for (int k = 0; k < NR; k++) {
-                const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
-                const int8x16_t t1 = vld1q_s8(t), t2 = vld1q_s8(t + 16);
-                const int8x16_t a0 = vqtbl1q_s8(t1, lo0), b0 = vqtbl1q_s8(t2, hi0);
-                const int8x16_t a1 = vqtbl1q_s8(t1, lo1), b1 = vqtbl1q_s8(t2, hi1);
-                acc[k][0] = vaddq_s16(acc[k][0], vaddl_s8(vget_low_s8(a0), vget_low_s8(b0)));
-                acc[k][1] = vaddq_s16(acc[k][1], vaddl_high_s8(a0, b0));
-                acc[k][2] = vaddq_s16(acc[k][2], vaddl_s8(vget_low_s8(a1), vget_low_s8(b1)));
-                acc[k][3] = vaddq_s16(acc[k][3], vaddl_high_s8(a1, b1));
-            }
+    for (int p = 0; p < bits; p += 2) {
+        const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
+        const int16_t wgt = (int16_t)(1 << p);
+        if (bits - p >= 2) {
+            for (int s = 0; s < 4; s++)
+                for (int h = 0; h < 4; h++) {
+                    const uint8x16_t v = vld1q_u8(vu + (size_t)s * 2 * ERT_TILE + 16 * h);
+                    const uint8x16_t lo = vandq_u8(v, nib), hi = vshrq_n_u8(v, 4);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
+                        const int8x16_t r1 = vqtbl1q_s8(vld1q_s8(t), lo), r2 = vqtbl1q_s8(vld1q_s8(t + 16), hi);
+                        const int16x8_t both = vpadalq_s8(vpaddlq_s8(r1), r2);
+                        const int16x8_t odd2 = vaddq_s16(vshrq_n_s16(vreinterpretq_s16_s8(r1), 8), vshrq_n_s16(vreinterpretq_s16_s8(r2), 8));
+                        acc[k][h] = vmlaq_n_s16(acc[k][h], vaddq_s16(both, odd2), wgt);
+                    }
+                }
+        } else { /* the lone last plane: byte 2i + e = row 8h + i, sub-groups 4s + 2e (+1) */
+            for (int s = 0; s < 2; s++)
+                for (int h = 0; h < 4; h++) {
+                    const uint8x16_t v = vld1q_u8(vu + (size_t)s * 2 * ERT_TILE + 16 * h);
+                    const uint8x16_t lo = vorrq_u8(vandq_u8(v, nib), odd), hi = vorrq_u8(vshrq_n_u8(v, 4), odd);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 4 * s) * 16;
+                        const int8x16x2_t ta = {{vld1q_s8(t), vld1q_s8(t + 32)}}, tb = {{vld1q_s8(t + 16), vld1q_s8(t + 48)}};
+                        const int16x8_t sum = vpadalq_s8(vpaddlq_s8(vqtbl2q_s8(ta, lo)), vqtbl2q_s8(tb, hi));
+                        acc[k][h] = vmlaq_n_s16(acc[k][h], sum, wgt);
+                    }
+                }
         }
     }
 }

@@ -136,10 +136,15 @@ typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, 
 /* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
  * path for the last tile when it has fewer than ERT_TILE rows). */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
-/* Offset of the byte (block b, plane k, pair s) of row r in a q1..q4 code array. */
+/* Offset of the byte holding row r's plane-k nibbles of sub-groups 2s, 2s+1 of block b
+ * in a q1..q4 code array (formats.py: tiles of 32 rows; per block, plane pairs (2u,
+ * 2u+1) with a row's two planes side by side, an odd plane count ending with a lone
+ * plane whose sub-group pairs 2s', 2s'+1 sit side by side). */
 static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b, int k, int s) {
-    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
-    return (size_t)t0 * w->cols * bits / 8 + ((size_t)(b * bits + k) * 4 + s) * h + (r - t0);
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE, u = k >> 1;
+    const int wu = bits - 2 * u >= 2 ? 2 : 1; /* planes in pair u */
+    return (size_t)t0 * w->cols * bits / 8 + ((size_t)b * bits + 2 * u) * 4 * h + 2 * (size_t)h * (wu == 2 ? s : s >> 1) +
+           2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
 }
 
 typedef struct {

@@ -145,24 +145,24 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
 
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
  *
- * A tile of 32 rows (formats.py layout): per 32-column block b, bit plane k and pair of
- * sub-groups s, one 32-byte vector holds row r's plane-k nibbles of sub-groups 2s (low)
- * and 2s+1 (high) in byte r. The sub-group's 16-entry int8 table, broadcast to both
- * 128-bit lanes, is indexed by the nibbles with one _mm256_shuffle_epi8: 32 rows' partial
- * sums. maddubs with the unsigned weights (2^k, 0) / (0, 2^k) widens the even / odd rows to
- * int16 and applies the plane's 2^k at once (|block sum| <= 8*127*15 fits int16). Per
- * block the int16 sums are widened, converted, scaled by the table scale ls; per group by
- * d/2 (per row) and the min term (m + d*(2^bits-1)/2) * xsum is added.
- * Lane order of the 4 x 8 float accumulators: q0 rows 0,2..14, q1 16,18..30, q2 1,3..15,
- * q3 17,19..31 (lane_pos maps a row to its place). */
+ * A tile of 32 rows (formats.py layout). A sub-group's 16-entry int8 table, broadcast to
+ * both 128-bit lanes, is indexed by 32 nibbles with one _mm256_shuffle_epi8.
+ *   plane pair (2u, 2u+1): a 32-byte vector holds 16 rows x 2 planes (a row's planes in
+ *     adjacent bytes) for sub-groups 2s (low nibbles) and 2s+1 (high): after the lookup,
+ *     maddubs with the unsigned weights (2^2u, 2^(2u+1)) sums a row's two planes into
+ *     int16 (widening and weighing in one instruction);
+ *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
+ *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
+ *     keeps each byte's own and sums a row's two into int16.
+ * |block sum| <= 8*127*(2^bits-1) fits int16. Per block the int16 sums of the 32 rows
+ * (rows in order) are converted and scaled by the table scale ls; per group by d/2 (per
+ * row), and the min term (m + d*(2^bits-1)/2) * xsum is added. */
 
 #define GCHUNK 32 /* groups whose scales are converted at a time */
 
-INLINE int lane_pos(int r) { return ((r & 1) * 2 + (r >> 4)) * 8 + ((r & 15) >> 1); }
-
-/* dh[g][lane_pos(r)] = d/2 and mb[g][lane_pos(r)] = m + d*off of groups g0..g0+gn-1 of
- * the tile's 32 rows: per set of 8 rows that share a float accumulator, 8 groups at a
- * time are converted (one F16C instruction per row) and transposed 8x8. */
+/* dh[g][r] = d/2 and mb[g][r] = m + d*off of groups g0..g0+gn-1 of the tile's 32 rows:
+ * per 8 rows, 8 groups at a time are converted (one F16C instruction per row) and
+ * transposed 8x8. */
 INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, float (*dh)[ERT_TILE],
                         float (*mb)[ERT_TILE]) {
     const int ng = (w->cols + w->group_size - 1) / w->group_size;
@@ -172,7 +172,7 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
             const int cnt = gn - g < 8 ? gn - g : 8;
             __m256 d[8], m[8];
             for (int i = 0; i < 8; i++) {
-                const int r = t0 + (q & 1) * 16 + 2 * i + (q >> 1); /* the row at lane i of q */
+                const int r = t0 + 8 * q + i;
                 const size_t at = (size_t)r * ng + g0 + g;
                 const int safe = (size_t)(w->rows - 1 - r) * ng + (ng - g0 - g) >= 8;
                 d[i] = load8_half(w->scale + at, cnt, safe);
@@ -187,29 +187,42 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
         }
 }
 
-/* ae[k] / ao[k]: the int16 sums I_b of the tile's even / odd rows for token k, block b:
- * the planes from the most significant down (acc = 2*acc + plane sum), so the two
- * maddubs weights are constants */
-INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i *ae, __m256i *ao, const int NR,
+INLINE __m256i bcast_table(const int8_t *t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)); }
+
+/* acc[k][h]: the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
+INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i (*acc)[2], const int NR,
                       const int bits) {
-    const __m256i nib = _mm256_set1_epi8(0x0F), we = _mm256_set1_epi16(1), wo = _mm256_set1_epi16(0x100);
-    for (int k = 0; k < NR; k++) ae[k] = ao[k] = _mm256_setzero_si256();
-    for (int p = bits - 1; p >= 0; p--) {
-        for (int k = 0; k < NR; k++) {
-            ae[k] = _mm256_add_epi16(ae[k], ae[k]);
-            ao[k] = _mm256_add_epi16(ao[k], ao[k]);
-        }
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(vb + (size_t)(p * 4 + s) * ERT_TILE));
-            const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-            for (int k = 0; k < NR; k++) {
-                const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
-                const __m256i r1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)), lo);
-                const __m256i r2 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16))), hi);
-                ae[k] = _mm256_add_epi16(ae[k], _mm256_add_epi16(_mm256_maddubs_epi16(we, r1), _mm256_maddubs_epi16(we, r2)));
-                ao[k] = _mm256_add_epi16(ao[k], _mm256_add_epi16(_mm256_maddubs_epi16(wo, r1), _mm256_maddubs_epi16(wo, r2)));
-            }
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
+    for (int p = 0; p < bits; p += 2) {
+        const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
+        if (bits - p >= 2) {
+            const __m256i wp = _mm256_set1_epi16((short)((1 << p) | (2 << p) << 8));
+            for (int s = 0; s < 4; s++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(vu + (size_t)(2 * s + h) * ERT_TILE));
+                    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
+                        const __m256i r1 = _mm256_shuffle_epi8(bcast_table(t), lo), r2 = _mm256_shuffle_epi8(bcast_table(t + 16), hi);
+                        acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(_mm256_maddubs_epi16(wp, r1), _mm256_maddubs_epi16(wp, r2)));
+                    }
+                }
+        } else { /* the lone last plane: byte 2i + e of a vector = row 16h + i, sub-groups 4s + 2e (+1) */
+            const __m256i we = _mm256_set1_epi16((short)(1 << p)), wo = _mm256_set1_epi16((short)(1 << (p + 8)));
+            for (int s = 0; s < 2; s++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(vu + (size_t)(2 * s + h) * ERT_TILE));
+                    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 4 * s) * 16;
+                        const __m256i e0 = _mm256_add_epi16(_mm256_maddubs_epi16(we, _mm256_shuffle_epi8(bcast_table(t), lo)),
+                                                            _mm256_maddubs_epi16(we, _mm256_shuffle_epi8(bcast_table(t + 16), hi)));
+                        const __m256i e1 = _mm256_add_epi16(_mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 32), lo)),
+                                                            _mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 48), hi)));
+                        acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(e0, e1));
+                    }
+                }
         }
     }
 }
@@ -244,12 +257,12 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
                 for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
             const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
             for (int b = g * bpg; b < b1; b++) {
-                __m256i ae[4], ao[4];
-                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, ae, ao, NR, bits);
+                __m256i acc[4][2];
+                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
                 for (int k = 0; k < NR; k++) {
                     const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * nblk + b]);
-                    const __m128i part[4] = {_mm256_castsi256_si128(ae[k]), _mm256_extracti128_si256(ae[k], 1),
-                                             _mm256_castsi256_si128(ao[k]), _mm256_extracti128_si256(ao[k], 1)};
+                    const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
+                                             _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
                     for (int q = 0; q < 4; q++)
                         facc[k][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[q])), ls, facc[k][q]);
                 }
@@ -263,10 +276,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
             }
         }
     }
-    for (int k = 0; k < NR; k++) {
-        float *yk = y + (size_t)(j0 + k) * w->rows + t0;
-        for (int r = 0; r < ERT_TILE; r++) yk[r] = yacc[k][lane_pos(r)];
-    }
+    for (int k = 0; k < NR; k++) memcpy(y + (size_t)(j0 + k) * w->rows + t0, yacc[k], sizeof yacc[k]);
 }
 
 #define LUT_KERNELS(name, bits)                                                                          \
