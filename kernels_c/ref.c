@@ -69,12 +69,8 @@ void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lu
         for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
         for (int b = 0; b < nblk; b++) {
             const float *xb = xj + (size_t)b * ERT_BLOCK;
-            float amax = 0.0f, bsum = 0.0f;
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                float a = ((fabsf(v[0]) + fabsf(v[1])) + fabsf(v[2])) + fabsf(v[3]);
-                if (a > amax) amax = a;
-            }
+            const float amax = ert_lut_amax(xb);
+            float bsum = 0.0f;
             const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
             for (int q = 0; q < 8; q++) {
                 const float *v = xb + 4 * q;

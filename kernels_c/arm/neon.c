@@ -240,19 +240,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, int16x
     }
 }
 
-INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int j0, float *y, const int NR,
-                     const int bits) {
-    if (t1 - t0 < ERT_TILE) { /* the last, shorter tile */
-        for (int k = 0; k < NR; k++) {
-            ert_act one = *a;
-            one.n = 1;
-            one.lut = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
-            one.ls = a->ls + (size_t)(j0 + k) * a->nblk;
-            one.xsum = a->xsum + (size_t)(j0 + k) * a->ngroups;
-            ert_lut_matmul_ref(w, &one, t0, t1, y + (size_t)(j0 + k) * w->rows, bits);
-        }
-        return;
-    }
+/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const float off = 0.5f * (float)((1 << bits) - 1);
@@ -301,13 +290,13 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
         for (int q = 0; q < 8; q++) vst1q_f32(y + (size_t)(j0 + k) * w->rows + t0 + 4 * q, yacc[k][q]);
 }
 
-#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 4)
+#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
 #define LUT_KERNELS(name, bits)                                                                          \
     void ert_##name##_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
-        ERT_FOR_TILES(r0, r1, a->n, LUT_ROWS##bits)                                                      \
+        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
     }                                                                                                    \
     void ert_##name##_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
@@ -331,12 +320,7 @@ void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *l
         for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
         for (int b = 0; b < nblk; b++) {
             const float *xb = xj + (size_t)b * ERT_BLOCK;
-            float amax = 0.0f;
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
-                amax = a > amax ? a : amax;
-            }
+            const float amax = ert_lut_amax(xb);
             const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
             int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
             for (int q = 0; q < 8; q++) {

@@ -170,6 +170,18 @@ typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, flo
 /* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
  * (float32, any summation order) of x[n][cols]. */
 typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* The table scale's amax of a 32-column block (formats.lut_tables): the largest
+ * ((|x0| + |x1|) + |x2|) + |x3| over its 8 sub-groups; every table builder uses this. */
+static inline float ert_lut_amax(const float *xb) {
+    float amax = 0.0f;
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
 /* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
  * path for the last tile when it has fewer than ERT_TILE rows). */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);

@@ -12,6 +12,7 @@
 #define ERT_FOR_TILES(r0, r1, n, ROWS)                                       \
     for (int rt_ = (r0); rt_ < (r1); rt_ += ERT_TILE) {                      \
         const int re_ = rt_ + ERT_TILE < (r1) ? rt_ + ERT_TILE : (r1);       \
+        (void)re_; /* ROWS may not need the end of a whole tile */           \
         int j_ = 0;                                                          \
         for (; j_ + 4 <= (n); j_ += 4) ROWS(rt_, re_, j_, 4);                \
         switch ((n) - j_) {                                                  \
@@ -21,5 +22,14 @@
         default: break;                                                      \
         }                                                                    \
     }
+
+/* The q1..q4 kernels (in a function with w, a, y in scope): whole tiles by ROWS, a last
+ * tile of fewer than ERT_TILE rows (rows % 32 != 0) by the scalar reference. */
+#define ERT_LUT_MATMUL(r0, r1, ROWS, bits)                                   \
+    do {                                                                     \
+        const int rf_ = (r0) + ((r1) - (r0)) / ERT_TILE * ERT_TILE;          \
+        ERT_FOR_TILES(r0, rf_, a->n, ROWS)                                   \
+        if (rf_ < (r1)) ert_lut_matmul_ref(w, a, rf_, r1, y, bits);          \
+    } while (0);
 
 #endif /* ERT_TILES_H */

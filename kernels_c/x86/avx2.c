@@ -108,12 +108,7 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
         for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
         for (int b = 0; b < nblk; b++) {
             const float *xb = xj + (size_t)b * ERT_BLOCK;
-            float amax = 0.0f;
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
-                amax = a > amax ? a : amax;
-            }
+            const float amax = ert_lut_amax(xb);
             const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
             __m256i e[8];
             for (int q = 0; q < 8; q++) {
@@ -189,10 +184,16 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
 
 INLINE __m256i bcast_table(const int8_t *t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)); }
 
+/* the low and high nibbles of 32 bytes at p */
+INLINE void nibbles(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), nib = _mm256_set1_epi8(0x0F);
+    *lo = _mm256_and_si256(v, nib);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+}
+
 /* acc[k][h]: the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
 INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i (*acc)[2], const int NR,
                       const int bits) {
-    const __m256i nib = _mm256_set1_epi8(0x0F);
     for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
     for (int p = 0; p < bits; p += 2) {
         const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
@@ -200,8 +201,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
             const __m256i wp = _mm256_set1_epi16((short)((1 << p) | (2 << p) << 8));
             for (int s = 0; s < 4; s++)
                 for (int h = 0; h < 2; h++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(vu + (size_t)(2 * s + h) * ERT_TILE));
-                    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    __m256i lo, hi;
+                    nibbles(vu + (size_t)(2 * s + h) * ERT_TILE, &lo, &hi);
                     for (int k = 0; k < NR; k++) {
                         const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
                         const __m256i r1 = _mm256_shuffle_epi8(bcast_table(t), lo), r2 = _mm256_shuffle_epi8(bcast_table(t + 16), hi);
@@ -212,8 +213,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
             const __m256i we = _mm256_set1_epi16((short)(1 << p)), wo = _mm256_set1_epi16((short)(1 << (p + 8)));
             for (int s = 0; s < 2; s++)
                 for (int h = 0; h < 2; h++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(vu + (size_t)(2 * s + h) * ERT_TILE));
-                    const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    __m256i lo, hi;
+                    nibbles(vu + (size_t)(2 * s + h) * ERT_TILE, &lo, &hi);
                     for (int k = 0; k < NR; k++) {
                         const int8_t *t = lut[k] + (size_t)(8 * b + 4 * s) * 16;
                         const __m256i e0 = _mm256_add_epi16(_mm256_maddubs_epi16(we, _mm256_shuffle_epi8(bcast_table(t), lo)),
@@ -227,19 +228,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
     }
 }
 
-INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int j0, float *y, const int NR,
-                     const int bits) {
-    if (t1 - t0 < ERT_TILE) { /* the last, shorter tile */
-        for (int k = 0; k < NR; k++) {
-            ert_act one = *a;
-            one.n = 1;
-            one.lut = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
-            one.ls = a->ls + (size_t)(j0 + k) * a->nblk;
-            one.xsum = a->xsum + (size_t)(j0 + k) * a->ngroups;
-            ert_lut_matmul_ref(w, &one, t0, t1, y + (size_t)(j0 + k) * w->rows, bits);
-        }
-        return;
-    }
+/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const float off = 0.5f * (float)((1 << bits) - 1);
@@ -281,15 +271,15 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int t1, int 
 
 #define LUT_KERNELS(name, bits)                                                                          \
     void ert_##name##_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
-        ERT_FOR_TILES(r0, r1, a->n, LUT_ROWS##bits)                                                      \
+        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
     }                                                                                                    \
     void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
     }
-#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, t1, j0, y, NR, 4)
+#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
 
 LUT_KERNELS(q1, 1)
 LUT_KERNELS(q2, 2)
