@@ -91,7 +91,8 @@ def test_matmul_matches_reference(fmt):
 
 @pytest.mark.parametrize("bits", GROUP_BITS)
 def test_matmul_larger_threads_prefill(bits):
-    """Big enough for the threaded path; n=37 exercises the 4-row blocks and the tail."""
+    """Big enough for the threaded path; n=37 exercises the token groups, the 4-token
+    chunks and the tail, each token's rows equal to the token alone."""
     rng = np.random.default_rng(bits)
     rows, cols, n = 300, 1536, 37
     fmt = formats.GroupQuant(bits, 64)
@@ -104,6 +105,9 @@ def test_matmul_larger_threads_prefill(bits):
     y0 = K.matmul(w, x, threads=0)  # the OpenMP default
     assert close(y1, ref)[0], close(y1, ref)[1]
     assert np.array_equal(y1, y2) and np.array_equal(y1, y0)
+    # 37 tokens go in groups of 20 (tables of 20 tokens kept in cache) and chunks of 4
+    for j in (0, 19, 20, 36):
+        assert np.array_equal(K.matmul(w, x[j]), y1[j]), j
 
 
 @pytest.mark.parametrize("isa", ["auto", "ref"])
