@@ -3,9 +3,12 @@
  * dequantization is d*c + m with a separately rounded add, exactly like numpy.
  *
  * Arithmetic (formats.matmul_reference):
- *   activations, per 32-block: amax = max|x|, q = rint(x * 127/amax), da = amax/127
- *   codes c -> s = c - 2^(bits-1); per block isum = sum(s*q), qsum = sum(q)
- *   y += da * (d*isum + (m + d*2^(bits-1)) * qsum)
+ *   q1..q4, table lookups: per 4 columns a 16-entry int8 table t of the +-1 sums of
+ *   the activations, scale ls per 32-block (formats.lut_tables); per block
+ *   I = sum_k 2^k sum_j t[j][nibble of plane k]; per group
+ *   y += d/2 * sum_b ls_b * I_b + (m + d*(2^bits-1)/2) * sum(x)
+ *   q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
+ *   s = c - 128; y += da * (d*sum(s*q) + (m + 128*d) * sum(q))
  */
 #define ERT_BUILDING
 #include "edgert.h"
