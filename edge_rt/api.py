@@ -18,6 +18,7 @@ from .models.transformer import KVCache, forward, logits
 from .plan import Plan, check, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
+from .layer import CLayers
 from .tokenizer import Tokenizer
 from .weights import Weights
 
@@ -29,6 +30,7 @@ LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
 class Metrics:
     n_prompt: int = 0
     n_generated: int = 0
+    tokens: list = field(default_factory=list)  # the generated token ids
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
@@ -37,7 +39,7 @@ class Metrics:
     def as_dict(self) -> dict:
         decode_steps = max(self.n_generated - 1, 0)  # the first token comes from the prefill
         return {
-            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated, "tokens": self.tokens,
             "prefill_tokens_per_s": self.n_prompt / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": decode_steps / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
@@ -65,14 +67,16 @@ class Model:
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
         self.ctx, self.kv = ctx, None
+        self.layers = CLayers(self.spec, self.weights, self.threads, ctx)  # structs only: nothing is read yet
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
-        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx,
-                         min(N_BATCH, max(n_prompt, 1)), min(n_prompt + n_predict, self.ctx), logit_rows, scored)
+        n = min(N_BATCH, max(n_prompt, 1))
+        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx, n, self.layers.scratch_bytes(n),
+                         logit_rows, scored)
 
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make weights and KV cache resident."""
@@ -88,7 +92,7 @@ class Model:
         positions keep_from.. (the others are dropped as soon as a step is done)."""
         kept = []
         for i in range(0, len(tokens), N_BATCH):
-            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv)
+            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv, self.layers.run)
             if i + len(h) > keep_from:
                 kept.append(h[max(keep_from - i, 0):])
         return np.concatenate(kept)
@@ -120,21 +124,28 @@ class Model:
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
             pos, t1 = len(ids), time.perf_counter()
+            in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
+                m.tokens.append(int(tok))
                 piece = decoder.push(tok)
                 if piece:
                     yield piece
                 if m.n_generated >= n:
                     break
-                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv)
-                tok = sample(logits(self.weights, h[-1:])[0])
+                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run)
+                t = time.perf_counter()
+                z = logits(self.weights, h[-1:])[0]
+                in_c += time.perf_counter() - t
+                tok = sample(z)
                 pos += 1
             m.decode_s = time.perf_counter() - t1
+            in_c += self.layers.seconds
         rest = decoder.flush()
         if rest:
             yield rest
-        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(),
+        m.values = self._info() | {"orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
+                                   "peak_rss_bytes": metrics.peak_rss_bytes(),
                                    "storage_read_bytes": metrics.storage_read_bytes() - io0}
 
     def logits(self, tokens) -> np.ndarray:

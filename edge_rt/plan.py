@@ -52,17 +52,16 @@ class Plan:
                 f"buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
 
 
-def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
-    """The largest set of arrays alive at once in one forward step of n tokens that
-    attend over `positions` positions, then logit_rows rows of logits (scored: with
-    their float64 log-softmax). Derived from models/transformer.py, line by line."""
-    d, hq, hkv, ff = spec.d_model, spec.n_heads * spec.head_dim, spec.kv_dim(), spec.d_ff
-    stream = 4 * n * (2 * d + 2 * hq + 2 * hkv)            # x, h, q, k, v, attention output
-    attn = spec.n_heads * n * positions * (4 * 2 + 1)       # scores, exp(scores), mask
-    ffn = 4 * n * ff * (4 if spec.act == "gelu_tanh" else 3)  # gate, up and the activation's temporaries
-    scratch = n * max(ff, d) * 2                            # the kernels' int8 activations and scales
+def buffer_bytes(spec: Spec, n: int, layer_scratch: int, logit_rows: int, scored: bool) -> int:
+    """The largest set of arrays alive at once in one forward step of n tokens, then
+    logit_rows rows of logits (scored: with their float64 log-softmax). layer_scratch
+    is what the C layer asks for (ert_layer_scratch_bytes: every activation of the
+    layer and a row of attention scores per thread)."""
+    d, ff = spec.d_model, spec.d_ff
+    stream = 4 * n * d * 4                     # embeddings, x, the final norm's temporaries
+    kernels = n * max(ff, d) * 2               # ert_matmul's int8 activations and scales
     logits = logit_rows * spec.n_vocab * (4 + (16 if scored else 0))
-    return stream + max(attn, ffn) + scratch + logits
+    return stream + layer_scratch + kernels + logits
 
 
 # Resident memory a call adds beyond the arrays counted here (lazy imports, thread-pool
@@ -70,10 +69,10 @@ def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bo
 CALL_BYTES = 4 << 20
 
 
-def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, positions: int,
+def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, layer_scratch: int,
               logit_rows: int = 1, scored: bool = False) -> Plan:
     return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx),
-                buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
+                buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n)
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

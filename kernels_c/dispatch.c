@@ -33,6 +33,17 @@
 #elif defined(__APPLE__)
 #include <sys/sysctl.h>
 #endif
+#elif defined(__arm__) && defined(__linux__)
+/* 32-bit ARM: NEON is optional (ARMv6, as in 32-bit Raspberry Pi OS, has none). It is
+   detected and reported, but arm/neon.c is AArch64 code: 32-bit builds run ref.c. */
+#define ERT_ARM32 1
+#include <sys/auxv.h>
+#ifndef AT_HWCAP
+#define AT_HWCAP 16
+#endif
+#ifndef HWCAP_NEON
+#define HWCAP_NEON (1 << 12)
+#endif
 #endif
 
 #ifndef ERT_HAVE_AVX2
@@ -162,6 +173,8 @@ static void detect_cpu(void) {
     if (dotprod) add_feature("dotprod");
     g_isa_ok[ISA_NEON] = ERT_HAVE_NEON;
     g_isa_ok[ISA_NEON_DOTPROD] = ERT_HAVE_NEON && ERT_HAVE_NEON_DOTPROD && dotprod;
+#elif ERT_ARM32
+    if (getauxval(AT_HWCAP) & HWCAP_NEON) add_feature("neon"); /* reported; no 32-bit NEON kernels */
 #endif
 }
 

@@ -14,6 +14,7 @@
 #include "edgert.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 /* the hot loops are cloned for AVX2+FMA on x86 (glibc picks one at load time); the
@@ -80,20 +81,20 @@ typedef struct {
     float *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim] */
     int scores_stride;
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
+    atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
 } step;
 
-/* rows [i0, i1) of n split evenly over nth threads */
-static void share(int n, int ith, int nth, int *i0, int *i1) {
-    *i0 = (int)((long)n * ith / nth);
-    *i1 = (int)((long)n * (ith + 1) / nth);
+static int take(step *s) { return atomic_fetch_add(&s->next, 1); }
+
+static void run(step *s, ert_task_fn fn, int nth) {
+    atomic_store(&s->next, 0);
+    ert_parallel(fn, s, nth);
 }
 
 static void norm_task(void *ctx, int ith, int nth) { /* h = rmsnorm(x) */
     step *s = ctx;
     const ert_layer *l = s->l;
-    int i0, i1;
-    share(s->n, ith, nth, &i0, &i1);
-    for (int i = i0; i < i1; i++)
+    for (int i; (i = take(s)) < s->n;)
         rmsnorm(s->h + (size_t)i * l->d_model, s->x + (size_t)i * l->d_model, s->norm, l->d_model, l->norm_eps);
 }
 
@@ -101,9 +102,7 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
     step *s = ctx;
     const ert_layer *l = s->l;
     const int hd = l->head_dim, dq = l->n_heads * hd, dkv = l->n_kv_heads * hd;
-    int i0, i1;
-    share(s->n, ith, nth, &i0, &i1);
-    for (int i = i0; i < i1; i++) {
+    for (int i; (i = take(s)) < s->n;) {
         float *q = s->q + (size_t)i * dq, *k = s->k + (size_t)i * dkv, *v = s->v + (size_t)i * dkv;
         if (l->q_bias) {
             for (int j = 0; j < dq; j++) q[j] += l->q_bias[j];
@@ -125,8 +124,7 @@ static void attention_task(void *ctx, int ith, int nth) {
     const ert_layer *l = s->l;
     const int hd = l->head_dim, H = l->n_heads, group = H / l->n_kv_heads, dkv = l->n_kv_heads * hd;
     float *scores = s->scores + (size_t)ith * s->scores_stride;
-    /* (token, head) pairs dealt round robin: later tokens see more positions */
-    for (int t = ith; t < s->n * H; t += nth) {
+    for (int t; (t = take(s)) < s->n * H;) { /* one (token, head) pair at a time */
         const int i = t / H, h = t % H, p = s->pos0 + i, g = h / group;
         const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0;
         const float *q = s->q + (size_t)i * H * hd + (size_t)h * hd;
@@ -148,24 +146,20 @@ static void residual_task(void *ctx, int ith, int nth) { /* x += post_norm(o) */
     step *s = ctx;
     const ert_layer *l = s->l;
     const int d = l->d_model;
-    int i0, i1;
-    share(s->n, ith, nth, &i0, &i1);
-    for (int i = i0; i < i1; i++) {
+    for (int i; (i = take(s)) < s->n;) {
         float *o = s->o + (size_t)i * d, *x = s->x + (size_t)i * d;
         if (s->post_norm) rmsnorm(o, o, s->post_norm, d, l->norm_eps);
         for (int j = 0; j < d; j++) x[j] += o[j];
     }
 }
 
-static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up */
+static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a token at a time */
     step *s = ctx;
-    const size_t m = (size_t)s->n * s->l->d_ff;
-    int i0, i1;
-    share((int)(m / 64 + 1), ith, nth, &i0, &i1);
-    const size_t j1 = (size_t)i1 * 64 < m ? (size_t)i1 * 64 : m;
-    for (size_t j = (size_t)i0 * 64; j < j1; j++) {
-        const float g = s->gate[j];
-        s->gate[j] = (s->l->act == ERT_ACT_GELU_TANH ? gelu_tanh(g) : silu(g)) * s->up[j];
+    const int ff = s->l->d_ff;
+    for (int i; (i = take(s)) < s->n;) {
+        float *g = s->gate + (size_t)i * ff;
+        const float *u = s->up + (size_t)i * ff;
+        for (int j = 0; j < ff; j++) g[j] = (s->l->act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
     }
 }
 
@@ -198,29 +192,28 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, fl
     s.gate = p, p += n * (size_t)l->d_ff;
     s.up = p, p += n * (size_t)l->d_ff;
     s.scores = p;
-    const int rows_threads = n < threads ? n : threads; /* per-token work: one thread per token at most */
-    const int glu_threads = (size_t)n * l->d_ff >= 16384 ? threads : 1;
+    const int per_token = n < threads ? n : threads; /* work taken a token at a time */
     int rc;
 #define MATMUL(w, in, out) \
     if ((rc = ert_matmul(&l->w, in, n, out, threads)) != ERT_OK) return rc
     /* attention */
     s.norm = l->attn_norm, s.post_norm = l->post_attn_norm;
-    ert_parallel(norm_task, &s, rows_threads);
+    run(&s, norm_task, per_token);
     MATMUL(wq, s.h, s.q);
     MATMUL(wk, s.h, s.k);
     MATMUL(wv, s.h, s.v);
-    ert_parallel(qk_task, &s, rows_threads);
-    ert_parallel(attention_task, &s, threads);
+    run(&s, qk_task, per_token);
+    run(&s, attention_task, threads);
     MATMUL(wo, s.att, s.o);
-    ert_parallel(residual_task, &s, rows_threads);
+    run(&s, residual_task, per_token);
     /* feed-forward */
     s.norm = l->ffn_norm, s.post_norm = l->post_ffn_norm;
-    ert_parallel(norm_task, &s, rows_threads);
+    run(&s, norm_task, per_token);
     MATMUL(gate, s.h, s.gate);
     MATMUL(up, s.h, s.up);
-    ert_parallel(glu_task, &s, glu_threads);
+    run(&s, glu_task, per_token);
     MATMUL(down, s.gate, s.o);
-    ert_parallel(residual_task, &s, rows_threads);
+    run(&s, residual_task, per_token);
 #undef MATMUL
     return ERT_OK;
 }
