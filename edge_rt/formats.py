@@ -253,13 +253,12 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
     t, ls = lut_tables(x)  # [n, J, 16], [n, nblk]
-    J = cols // 4
-    quad = c.reshape(rows, J, 4).astype(np.int64)
-    I = np.zeros((x.shape[0], rows, J), dtype=np.int64)
+    quad = c.reshape(rows, nblk, 8, 4)
+    I = np.zeros((x.shape[0], rows, nblk), dtype=np.int32)  # |I| <= 8*127*15
     for k in range(fmt.bits):
-        nib = (((quad >> k) & 1) << np.arange(4)).sum(axis=-1)  # [rows, J]
-        I += (1 << k) * t[:, np.arange(J)[None, :], nib].astype(np.int64)  # [n, rows, J]
-    I = I.reshape(x.shape[0], rows, nblk, 8).sum(axis=-1)
+        nib = (((quad >> k) & 1) << np.arange(4, dtype=np.uint8)).sum(axis=-1)  # [rows, nblk, 8]
+        for q in range(8):  # sub-group q of every block: table j = 8b + q
+            I += (1 << k) * t[:, q::8][:, np.arange(nblk)[None, :], nib[:, :, q]].astype(np.int32)
     xsum = x.astype(np.float64).reshape(x.shape[0], nblk, BLOCK).sum(axis=-1)  # per block; groups are whole blocks
     y = (d[None] * ls.astype(np.float64)[:, None, :] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
     return y.sum(axis=-1).astype(np.float32)
