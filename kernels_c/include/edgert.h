@@ -141,17 +141,21 @@ ERT_API int ert_version(void);
 typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 
+#define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
+
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
     int n, cols;
     const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
-    /* group formats only: */
+    /* q1..q4 (table lookups; formats.lut_tables): */
+    const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
+    const float *ls;    /* [n][nblk] table scale of each 32-column block */
+    const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
+    /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
     const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
     const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
     const int32_t *qsum;/* [n][nblk]  sum of the block's q */
-    const int32_t *qoff;/* [n][nblk][8]  2^(bits-1) * (sum of q[4i..4i+3]) for lane i < 8
-                           of each block: the offset of the codes, per 4 columns */
     const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
                            sum over the group's blocks of da*qsum */
     const int32_t *bgroup; /* [nblk + 8] group of each block (the padding repeats the last) */
@@ -164,6 +168,34 @@ typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
 typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
+/* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
+ * (float32, any summation order) of x[n][cols]. */
+typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* The table scale's amax of a 32-column block (formats.lut_tables): the largest
+ * ((|x0| + |x1|) + |x2|) + |x3| over its 8 sub-groups; every table builder uses this. */
+static inline float ert_lut_amax(const float *xb) {
+    float amax = 0.0f;
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+/* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
+ * path for the last tile when it has fewer than ERT_TILE rows). */
+void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
+/* Offset of the byte holding row r's plane-k nibbles of sub-groups 2s, 2s+1 of block b
+ * in a q1..q4 code array (formats.py: tiles of 32 rows; per block, plane pairs (2u,
+ * 2u+1) with a row's two planes side by side, an odd plane count ending with a lone
+ * plane whose sub-group pairs 2s', 2s'+1 sit side by side). */
+static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b, int k, int s) {
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE, u = k >> 1;
+    const int wu = bits - 2 * u >= 2 ? 2 : 1; /* planes in pair u */
+    return (size_t)t0 * w->cols * bits / 8 + ((size_t)b * bits + 2 * u) * 4 * h + 2 * (size_t)h * (wu == 2 ? s : s >> 1) +
+           2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
+}
 
 typedef struct {
     ert_matmul_fn matmul;
@@ -218,7 +250,8 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q3_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
-    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);
+    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
+    void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, float *);
 
 ERT_DECLARE_KERNELS(ref)
 ERT_DECLARE_KERNELS(avx2)
