@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from . import formats, memory, metrics
 from .errors import EdgeRtError
+from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
 from .models import spec_from_meta
 from .models.transformer import KVCache, forward, logits
@@ -65,21 +66,27 @@ class Model:
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
         self.ctx, self.kv = ctx, None
+        self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
-        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx,
-                         min(N_BATCH, max(n_prompt, 1)), min(n_prompt + n_predict, self.ctx), logit_rows, scored)
+        return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, min(N_BATCH, max(n_prompt, 1)),
+                         min(n_prompt + n_predict, self.ctx), logit_rows, scored, self.budget, self.streamed)
 
     def _reserve(self, plan: Plan) -> None:
-        """Check the plan against the budget, then make weights and KV cache resident."""
+        """Check the plan against the budget, then make the resident weights and the KV
+        cache resident (and the stream pool, when the plan streams layers)."""
         check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
         self.plan = plan
         if self.kv is None:
-            self.g.populate()
+            self.streamed = plan.streamed_layers
+            if self.streamed:
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, self.streamed)
+            else:
+                self.g.populate()
             self.kv = KVCache(self.spec, self.ctx)
 
     # -- the forward pass under the thread limit ------------------------------------
@@ -95,7 +102,10 @@ class Model:
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx}
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx,
+                "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
+                "streamed_layers": self.plan.streamed_layers, "pool_bytes": self.plan.pool_bytes,
+                "o_direct": bool(self.streamed and self.weights.reader.direct)}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
@@ -119,7 +129,7 @@ class Model:
             h = self._forward(np.array(ids), len(ids) - 1)
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
-            pos, t1 = len(ids), time.perf_counter()
+            pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
                 piece = decoder.push(tok)
@@ -134,8 +144,10 @@ class Model:
         rest = decoder.flush()
         if rest:
             yield rest
-        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(),
-                                   "storage_read_bytes": metrics.storage_read_bytes() - io0}
+        io2 = metrics.storage_read_bytes()
+        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
+                                   "flash_bytes_read": io2 - io0,
+                                   "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
 
     def logits(self, tokens) -> np.ndarray:
         """Logits at every position of one sequence starting at position 0."""

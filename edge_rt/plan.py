@@ -1,12 +1,15 @@
 """The memory plan: every byte a run will hold, added up before anything is loaded,
-and checked against the budget. Nothing streams yet (that comes with flash loading),
-so the whole model is resident."""
+and checked against the budget. When the whole model does not fit, layers 0..m-1
+stream from storage through a pool of min(2, m) slots (flash.py) and the rest stays
+resident, with the smallest m that fits: the output head and embedding table, norms
+and the last layers stay in memory."""
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
 
 from .errors import EdgeRtError
+from .flash import Layout
 from .models.spec import Spec
 from .models.transformer import KVCache
 
@@ -34,22 +37,28 @@ def format_size(n: int) -> str:
 class Plan:
     base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
                          # (+ CALL_BYTES: what the first call allocates beyond its arrays)
-    weights_bytes: int   # every tensor, mapped from the file and resident
-    kv_bytes: int        # the KV cache for ctx positions
+    weights_bytes: int   # resident tensors: the mapped file, or (streaming) an arena read once
+    kv_bytes: int        # the KV cache for ctx positions (float32)
     buffer_bytes: int    # activations, attention scores and logits of the largest step
     ctx: int
     n_batch: int
+    streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
+    streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
+    pool_bytes: int = 0            # the preallocated slots streamed layers are read into
+    kv_precision: str = "f32"
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.weights_bytes + self.kv_bytes + self.buffer_bytes
+        return self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
     def describe(self) -> str:
-        return (f"weights {format_size(self.weights_bytes)} + KV cache {format_size(self.kv_bytes)} (ctx {self.ctx}) + "
-                f"buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
+        stream = (f" + stream pool {format_size(self.pool_bytes)} ({self.streamed_layers} layers, "
+                  f"{format_size(self.streamed_bytes)}, streamed)") if self.streamed_layers else ""
+        return (f"weights {format_size(self.weights_bytes)}{stream} + KV cache {format_size(self.kv_bytes)} "
+                f"(ctx {self.ctx}) + buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
 
 
 def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
@@ -70,10 +79,19 @@ def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bo
 CALL_BYTES = 4 << 20
 
 
-def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, positions: int,
-              logit_rows: int = 1, scored: bool = False) -> Plan:
-    return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx),
-                buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
+def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, n: int, positions: int,
+              logit_rows: int = 1, scored: bool = False, budget: int | None = None,
+              streamed: int | None = None) -> Plan:
+    """The plan with `streamed` layers streamed; by default the fewest that fit the
+    budget (all of them when none fits: check() then refuses it, naming its total)."""
+    def with_streamed(m: int) -> Plan:
+        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m), KVCache.nbytes(spec, ctx),
+                    buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n,
+                    m, sum(layout.layer_bytes[:m]), layout.pool_bytes(m))
+    if streamed is not None:
+        return with_streamed(streamed)
+    plans = (with_streamed(m) for m in range(len(layout.layer_bytes) + 1))
+    return next((p for p in plans if budget is None or p.total_bytes <= budget), with_streamed(len(layout.layer_bytes)))
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

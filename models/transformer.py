@@ -94,6 +94,7 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.nda
     tables = {}  # (base, scale) -> cos, sin: one pair for local layers, one for global
     x = W.embed(tokens) * np.float32(spec.embed_scale)
     for layer in range(spec.n_layers):
+        W.begin_layer(layer)
         p = f"blk.{layer}."
         # attention
         h = rmsnorm(x, W.vec(p + "attn_norm.weight"), eps)
