@@ -112,6 +112,49 @@ def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, 
                f"kernel {r['kernel']}, {r['threads']} threads", err=True)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--mem-budget", type=Size(), default=None, help="Peak memory the run may use, e.g. 2GB.")
+@click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=None, help="Prompt length planned for (default: --ctx).")
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
+    """The memory plan `run` would use: what stays resident, what streams, and the total."""
+    from .api import load
+    from .flash import Reader, residency
+    from .plan import check
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    p = m.plan_for(min(prompt_tokens or ctx, ctx), 0)
+    check(p, m.budget, 1 << 62)  # refuses an impossible budget, naming the smallest that works
+    resident, streamed = residency(m.g, p.streamed_layers)
+    reader = Reader(m.path)
+    r = p.as_dict() | {"model": str(m.path), "model_bytes": m.path.stat().st_size, "mem_budget_bytes": m.budget,
+                       "threads": m.threads, "o_direct": reader.direct, "slots": min(2, p.streamed_layers),
+                       "resident_tensors": [t.name for t in resident], "streamed_tensors": [t.name for t in streamed]}
+    reader.close()
+    if as_json:
+        _emit_json(r)
+        return
+    layers = m.spec.n_layers
+    kept = sorted({t.name.removesuffix(".scale").removesuffix(".min") for t in resident if not t.name.startswith("blk.")})
+    click.echo(f"model      {m.path.name}: {format_size(r['model_bytes'])}, {layers} layers")
+    click.echo(f"resident   {format_size(p.weights_bytes)}: {', '.join(kept)}, norms, "
+               f"layers {p.streamed_layers}-{layers - 1}" if p.streamed_layers < layers else
+               f"resident   {format_size(p.weights_bytes)}: {', '.join(kept)}, norms")
+    if p.streamed_layers:
+        click.echo(f"streamed   layers 0-{p.streamed_layers - 1}: {format_size(p.streamed_bytes)} read from storage every "
+                   f"step into a pool of {r['slots']} x {format_size(p.pool_bytes // r['slots'])} "
+                   f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
+    else:
+        click.echo("streamed   nothing: the whole model is resident")
+    click.echo(f"KV cache   {format_size(p.kv_bytes)} ({p.kv_precision}, ctx {ctx})")
+    click.echo(f"buffers    {format_size(p.buffer_bytes)} (a step of {p.n_batch} tokens)")
+    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries)")
+    budget = f" of a {format_size(m.budget)} budget" if m.budget else " (no budget)"
+    click.echo(f"total      {format_size(p.total_bytes)}{budget}")
+
+
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file.")

@@ -57,6 +57,13 @@ def streamable(g: GGUFFile, name: str) -> int | None:
     return int(m.group(1)) if base in g.tensors and is_matrix(g, base) else None
 
 
+def residency(g: GGUFFile, streamed: int) -> tuple[list, list]:
+    """(resident, streamed) tensors, in file order, when layers 0..streamed-1 stream."""
+    names = sorted(g.tensors.values(), key=lambda t: t.offset)
+    out = [t for t in names if (i := streamable(g, t.name)) is not None and i < streamed]
+    return [t for t in names if t not in out], out
+
+
 @dataclass(frozen=True)
 class Layout:
     """Byte counts the planner needs: per layer, its streamable bytes and the aligned
@@ -189,9 +196,7 @@ class StreamedWeights(Weights):
     def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, reader: Reader | None = None):
         self.layout, self.streamed = layout, streamed
         self.reader = reader or Reader(g.path)
-        names = sorted(g.tensors.values(), key=lambda t: t.offset)
-        streamed_names = [t for t in names if (i := streamable(g, t.name)) is not None and i < streamed]
-        resident_names = [t for t in names if t not in streamed_names]
+        resident_names, streamed_names = residency(g, streamed)
         # the arena: every resident tensor, read once
         where, size = {}, 0
         for t in resident_names:
