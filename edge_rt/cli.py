@@ -32,6 +32,17 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def _enforcement(enforce: bool, budget: int | None):
+    """--enforce: the run inside a memory cgroup set to the budget (or an RSS watchdog)."""
+    import contextlib
+    if not enforce:
+        return contextlib.nullcontext()
+    if budget is None:
+        raise EdgeRtError("--enforce needs --mem-budget")
+    from .enforce import enforce as start
+    return start(budget)
+
+
 def _threads(value):
     if value is not None and value < 1:
         raise click.BadParameter("must be at least 1")
@@ -89,19 +100,21 @@ def convert(src, out, bits, group_size, target):
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
+@click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup (page cache counts) or an RSS watchdog.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
-def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, top_p, seed, chat, as_json):
+def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, top_p, seed, chat, enforce, as_json):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     from .api import load
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
-    out = sys.stderr if as_json else sys.stdout
-    pieces = []
-    for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    r = m.metrics.as_dict() | {"text": "".join(pieces)}
+    with _enforcement(enforce, mem_budget) as held:
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+        out = sys.stderr if as_json else sys.stdout
+        pieces = []
+        for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        r = m.metrics.as_dict() | {"text": "".join(pieces)} | (held.stats() if held else {})
     if as_json:
         _emit_json(r)
         return
@@ -162,17 +175,19 @@ def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
 @click.option("--windows", type=click.IntRange(1), default=None, help="Windows to score (default: all).")
 @click.option("--mem-budget", type=Size(), default=None)
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
+@click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup or an RSS watchdog.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model, text_file, ctx, windows, mem_budget, threads, as_json):
+def eval_cmd(model, text_file, ctx, windows, mem_budget, threads, enforce, as_json):
     """Perplexity of MODEL on a text, scored as llama.cpp's llama-perplexity scores it."""
     from .api import load
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
     show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
-    r = m.eval_perplexity(text, ctx, windows, progress=show)
+    with _enforcement(enforce, mem_budget) as held:
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+        r = m.eval_perplexity(text, ctx, windows, progress=show) | (held.stats() if held else {})
     if as_json:
         _emit_json(r)
     else:
