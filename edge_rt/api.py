@@ -68,6 +68,7 @@ class Model:
         self.ctx, self.kv = ctx, None
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
+        self.io_start = metrics.storage_read_bytes()  # flash_bytes_read counts from here: loading included
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
 
@@ -146,7 +147,7 @@ class Model:
             yield rest
         io2 = metrics.storage_read_bytes()
         m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
-                                   "flash_bytes_read": io2 - io0,
+                                   "flash_bytes_read": io2 - self.io_start,
                                    "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
 
     def logits(self, tokens) -> np.ndarray:

@@ -168,6 +168,38 @@ def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
     click.echo(f"total      {format_size(p.total_bytes)}{budget}")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--simulate", "target", default="host", show_default=True,
+              help="A targets/ profile (rpi4-2gb, rpi5-8gb, jetson-orin-nano-8gb, phone-8gen3) or host.")
+@click.option("--prompt", "-p", default="The history of the Raspberry Pi began", show_default=True)
+@click.option("-n", "n_predict", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--ctx", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None,
+              help="Default: the profile's cores, at most this host's.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, target, prompt, n_predict, ctx, threads, as_json):
+    """Run MODEL under a device profile's memory limit and storage throttle (a simulation)."""
+    from .pull import resolve
+    from .simulate import simulate
+    r = simulate(target, resolve(model), prompt, n_predict, ctx, threads)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"{r['profile_name']}: {r['note']}")
+    if r["simulation"]:
+        click.echo(f"limits     memory {format_size(r['memory_limit_bytes'])} (cgroup, page cache counts), storage "
+                   f"{(r['read_bps'] or 0) / 1e6:.0f} MB/s, {r['read_iops'] or '-'} IOPS (blkio)")
+    if "error" in r:
+        click.echo(f"result     failed (exit {r['exit_status']}): {r['error']}")
+        return
+    click.echo(f"speed      decode {r['decode_tokens_per_s']:.2f} tok/s, ttft {r['ttft_s']:.2f} s, {r['threads']} threads")
+    click.echo(f"storage    {format_size(r['flash_bytes_read'])} read, {format_size(int(r['flash_bytes_per_token']))} "
+               f"per token; {r['streamed_layers']} layers streamed")
+    peak = f", cgroup peak {format_size(r['cgroup_peak_bytes'])}, failcnt {r['cgroup_failcnt']}" if "cgroup_peak_bytes" in r else ""
+    click.echo(f"memory     peak RSS {format_size(r['peak_rss_bytes'])}{peak}")
+
+
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file.")

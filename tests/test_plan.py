@@ -90,3 +90,19 @@ def test_enforce_leaves_no_cgroup_behind(cold_model):
 def test_enforce_needs_a_budget(cold_model):
     r = edge_rt("run", cold_model, *ARGS, "--enforce")
     assert r.returncode != 0 and "--enforce needs --mem-budget" in r.stderr
+
+
+def test_bench_simulates_a_profile_plainly(cold_model):
+    """rpi4-2gb: the run is charged to a 1700 MiB memory cgroup and its reads throttled
+    to 45 MB/s: the cold model file cannot load faster than that."""
+    r = last_json(edge_rt("bench", cold_model, "--simulate", "rpi4-2gb", "-n", 4, "--threads", 1, "--json"))
+    assert r["simulation"] is True and r["note"].startswith("SIMULATION on this host")
+    assert r["exit_status"] == 0 and r["memory_limit_bytes"] == 1700 << 20
+    assert 0 < r["cgroup_peak_bytes"] <= r["memory_limit_bytes"] and r["cgroup_failcnt"] == 0
+    model_bytes = cold_model.stat().st_size
+    assert r["flash_bytes_read"] >= 0.9 * model_bytes  # read from the disk, not the page cache
+    assert r["wall_s"] >= 0.8 * model_bytes / r["read_bps"]  # ... at no more than the profile's speed
+    text = edge_rt("bench", cold_model, "--simulate", "rpi4-2gb", "-n", 4, "--threads", 1)
+    assert text.returncode == 0 and "SIMULATION" in text.stdout.splitlines()[0]
+    unknown = edge_rt("bench", cold_model, "--simulate", "pi-zero")
+    assert unknown.returncode == 1 and "rpi4-2gb" in unknown.stderr
