@@ -106,3 +106,10 @@ def test_bench_simulates_a_profile_plainly(cold_model):
     assert text.returncode == 0 and "SIMULATION" in text.stdout.splitlines()[0]
     unknown = edge_rt("bench", cold_model, "--simulate", "pi-zero")
     assert unknown.returncode == 1 and "rpi4-2gb" in unknown.stderr
+
+
+def test_rss_watchdog_ends_the_run_in_one_line():
+    """Where no child cgroup can be made, --enforce falls back to this watchdog."""
+    code = "from edge_rt.enforce import Watchdog; import time; Watchdog(1 << 20); time.sleep(5)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("edge-rt: error: resident memory") and "watchdog" in r.stderr
