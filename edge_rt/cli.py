@@ -144,6 +144,7 @@ def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
     reader = Reader(m.path)
     r = p.as_dict() | {"model": str(m.path), "model_bytes": m.path.stat().st_size, "mem_budget_bytes": m.budget,
                        "threads": m.threads, "o_direct": reader.direct, "slots": min(2, p.streamed_layers),
+                       "slot_bytes": m.layout.slot_bytes(p.streamed_layers),
                        "resident_tensors": [t.name for t in resident], "streamed_tensors": [t.name for t in streamed]}
     reader.close()
     if as_json:
@@ -157,7 +158,7 @@ def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
                f"resident   {format_size(p.weights_bytes)}: {', '.join(kept)}, norms")
     if p.streamed_layers:
         click.echo(f"streamed   layers 0-{p.streamed_layers - 1}: {format_size(p.streamed_bytes)} read from storage every "
-                   f"step into a pool of {r['slots']} x {format_size(p.pool_bytes // r['slots'])} "
+                   f"step into a pool of {r['slots']} x {format_size(r['slot_bytes'])} "
                    f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
     else:
         click.echo("streamed   nothing: the whole model is resident")

@@ -44,7 +44,7 @@ class Plan:
     n_batch: int
     streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
     streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
-    pool_bytes: int = 0            # the preallocated slots streamed layers are read into
+    pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
     kv_precision: str = "f32"
 
     @property
