@@ -68,6 +68,7 @@ class Model:
         self.ctx, self.kv = ctx, None
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
+        self.open_peak = metrics.peak_rss_bytes()  # and what building them held at once
         self.io_start = metrics.storage_read_bytes()  # flash_bytes_read counts from here: loading included
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
@@ -75,7 +76,8 @@ class Model:
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
         return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, min(N_BATCH, max(n_prompt, 1)),
-                         min(n_prompt + n_predict, self.ctx), logit_rows, scored, self.budget, self.streamed)
+                         min(n_prompt + n_predict, self.ctx), logit_rows, scored, self.budget, self.streamed,
+                         self.open_peak)
 
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make the resident weights and the KV
@@ -83,9 +85,9 @@ class Model:
         check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
         self.plan = plan
         if self.kv is None:
-            self.streamed = plan.streamed_layers
-            if self.streamed:
-                self.weights = StreamedWeights(self.g, self.threads, self.layout, self.streamed)
+            self.streamed = (plan.streamed_layers, plan.streamed_head)
+            if plan.pool_bytes:
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
             else:
                 self.g.populate()
             self.kv = KVCache(self.spec, self.ctx)
@@ -105,8 +107,8 @@ class Model:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
                 "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
-                "streamed_layers": self.plan.streamed_layers, "pool_bytes": self.plan.pool_bytes,
-                "o_direct": bool(self.streamed and self.weights.reader.direct)}
+                "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
+                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:

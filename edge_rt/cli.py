@@ -135,12 +135,12 @@ def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, 
 def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
     """The memory plan `run` would use: what stays resident, what streams, and the total."""
     from .api import load
-    from .flash import Reader, residency
+    from .flash import HEAD_BUFFER, Reader, residency
     from .plan import check
     m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
     p = m.plan_for(min(prompt_tokens or ctx, ctx), 0)
     check(p, m.budget, 1 << 62)  # refuses an impossible budget, naming the smallest that works
-    resident, streamed = residency(m.g, p.streamed_layers)
+    resident, streamed = residency(m.g, p.streamed_layers, p.streamed_head)
     reader = Reader(m.path)
     r = p.as_dict() | {"model": str(m.path), "model_bytes": m.path.stat().st_size, "mem_budget_bytes": m.budget,
                        "threads": m.threads, "o_direct": reader.direct, "slots": min(2, p.streamed_layers),
@@ -160,7 +160,10 @@ def plan(model, mem_budget, ctx, prompt_tokens, threads, as_json):
         click.echo(f"streamed   layers 0-{p.streamed_layers - 1}: {format_size(p.streamed_bytes)} read from storage every "
                    f"step into a pool of {r['slots']} x {format_size(r['slot_bytes'])} "
                    f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
-    else:
+    if p.streamed_head:
+        click.echo(f"streamed   the embedding table and output head: its rows read per token, the head read whole "
+                   f"every token in {format_size(HEAD_BUFFER)} chunks")
+    if not p.pool_bytes:
         click.echo("streamed   nothing: the whole model is resident")
     click.echo(f"KV cache   {format_size(p.kv_bytes)} ({p.kv_precision}, ctx {ctx})")
     click.echo(f"buffers    {format_size(p.buffer_bytes)} (a step of {p.n_batch} tokens)")

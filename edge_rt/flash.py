@@ -34,6 +34,7 @@ from .weights import Weights, is_matrix, tensor_format
 ALIGN = 4096            # O_DIRECT: file offset, length and buffer address are multiples of this
 CHUNK = 4 << 20         # buffered reads go in chunks, each dropped from the page cache after
 ARENA_ALIGN = 64        # resident tensors start on a cache line in the arena
+HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read this many bytes at a time
 THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O thread's stack and malloc
                         # arena, the slots' descriptors (measured ~0.5 MiB on SmolLM2)
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -59,10 +60,19 @@ def streamable(g: GGUFFile, name: str) -> int | None:
     return int(m.group(1)) if base in g.tensors and is_matrix(g, base) else None
 
 
-def residency(g: GGUFFile, streamed: int) -> tuple[list, list]:
-    """(resident, streamed) tensors, in file order, when layers 0..streamed-1 stream."""
+HEAD = ("token_embd.weight", "output.weight")  # the embedding table and the output head (or the tied table)
+
+
+def is_head(name: str) -> bool:
+    return name.removesuffix(".scale").removesuffix(".min") in HEAD
+
+
+def residency(g: GGUFFile, streamed: int, head: bool = False) -> tuple[list, list]:
+    """(resident, streamed) tensors, in file order, when layers 0..streamed-1 stream
+    (and, with head, the embedding table and output head)."""
     names = sorted(g.tensors.values(), key=lambda t: t.offset)
-    out = [t for t in names if (i := streamable(g, t.name)) is not None and i < streamed]
+    out = [t for t in names if (head and is_head(t.name)) or
+           ((i := streamable(g, t.name)) is not None and i < streamed)]
     return [t for t in names if t not in out], out
 
 
@@ -72,7 +82,7 @@ class Layout:
     file span one read of them covers; everything else."""
     layer_bytes: tuple[int, ...]
     span: tuple[tuple[int, int], ...]   # aligned [start, end) in the file, per layer
-    other_bytes: int                    # tensors never streamed
+    head_bytes: int                     # the embedding table and output head
     total_bytes: int
 
     @classmethod
@@ -85,17 +95,22 @@ class Layout:
                 continue
             nbytes[i] += t.nbytes
             lo[i], hi[i] = min(lo[i], t.offset), max(hi[i], t.offset + t.nbytes)
+        head = sum(t.nbytes for t in g.tensors.values() if is_head(t.name))
         total = sum(t.nbytes for t in g.tensors.values())
-        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), total - sum(nbytes), total)
+        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total)
 
     def slot_bytes(self, streamed: int) -> int:
         return max((b - a for a, b in self.span[:streamed]), default=0)
 
-    def pool_bytes(self, streamed: int) -> int:
-        return min(2, streamed) * self.slot_bytes(streamed) + (THREAD_BYTES if streamed else 0)
+    def pool_bytes(self, streamed: int, head: bool = False) -> int:
+        return (min(2, streamed) * self.slot_bytes(streamed) + (HEAD_BUFFER if head else 0)
+                + (THREAD_BYTES if streamed or head else 0))
 
-    def resident_bytes(self, streamed: int) -> int:
-        return self.total_bytes - sum(self.layer_bytes[:streamed])
+    def streamed_bytes(self, streamed: int, head: bool = False) -> int:
+        return sum(self.layer_bytes[:streamed]) + (self.head_bytes if head else 0)
+
+    def resident_bytes(self, streamed: int, head: bool = False) -> int:
+        return self.total_bytes - self.streamed_bytes(streamed, head)
 
 
 # -- reading -----------------------------------------------------------------------
@@ -193,12 +208,15 @@ def _retarget(w: kernels.Weight, src: kernels.Weight) -> None:
 
 
 class StreamedWeights(Weights):
-    """Weights with layers 0..streamed-1 read from storage into a pool at begin_layer."""
+    """Weights with layers 0..streamed-1 read from storage into a pool at begin_layer;
+    with head, the embedding table's rows are read on demand and the output head in
+    chunks of HEAD_BUFFER bytes at every product."""
 
-    def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, reader: Reader | None = None):
-        self.layout, self.streamed = layout, streamed
+    def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, head: bool = False,
+                 reader: Reader | None = None):
+        self.layout, self.streamed, self.head = layout, streamed, head
         self.reader = reader or Reader(g.path)
-        resident_names, streamed_names = residency(g, streamed)
+        resident_names, streamed_names = residency(g, streamed, head)
         # the arena: every resident tensor, read once
         where, size = {}, 0
         for t in resident_names:
@@ -211,6 +229,7 @@ class StreamedWeights(Weights):
         self.slot_bytes = layout.slot_bytes(streamed)
         self.n_slots = min(2, streamed)
         self.pool = _anonymous(self.n_slots * self.slot_bytes)
+        self.head_buffer = _anonymous(HEAD_BUFFER if head else 0)
 
         def view(buf, offset, t):
             dtype = _DTYPES[t.ggml_type]
@@ -220,6 +239,8 @@ class StreamedWeights(Weights):
             t = g.tensors[name]
             if name in where:
                 return view(self.arena, where[name], t)
+            if is_head(name):  # never read through the map: embed and linear read it with the reader
+                return g.array(name)
             i = streamable(g, name)
             return view(self.pool, slot * self.slot_bytes + t.offset - layout.span[i][0], t)
 
@@ -228,7 +249,7 @@ class StreamedWeights(Weights):
         # their descriptors into the layer's own Weight objects
         self.slot_views = {}
         for t in streamed_names:
-            if t.name in self.matrices:
+            if t.name in self.matrices and not is_head(t.name):
                 for s in range(self.n_slots):
                     fmt, parts, rows, cols = tensor_format(g, t.name, lambda n: array(n, s))
                     self.slot_views[streamable(g, t.name), s, t.name] = kernels.Weight(fmt, rows, cols, parts)
@@ -249,6 +270,40 @@ class StreamedWeights(Weights):
             self.pending = None
             fut.result()  # re-raises the reader's EdgeRtError here, in the forward pass
             self.in_slot[slot] = layer
+
+    # -- the streamed head ------------------------------------------------------------
+    def _head_rows(self, name: str, r0: int, r1: int) -> kernels.Weight:
+        """Rows r0..r1-1 of a head matrix, read into the head buffer."""
+        w, at, parts = self.matrices[name], 0, {}
+        for key in w.parts:
+            t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+            row = t.nbytes // t.shape[0]
+            n = (r1 - r0) * row
+            self.reader.read(memoryview(self.head_buffer)[at:at + n], t.offset + r0 * row, n)
+            dtype = _DTYPES[t.ggml_type]
+            parts[key] = np.frombuffer(self.head_buffer, dtype, n // np.dtype(dtype).itemsize, at).reshape(r1 - r0, -1)
+            at += -(-n // ARENA_ALIGN) * ARENA_ALIGN
+        return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
+
+    def _head_chunk(self, name: str) -> int:
+        """Rows of a head matrix that fit the head buffer at once."""
+        row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
+                  for k in self.matrices[name].parts) // self.matrices[name].rows
+        return max(1, (HEAD_BUFFER - 3 * ARENA_ALIGN) // row)
+
+    def embed(self, tokens) -> np.ndarray:
+        if not self.head:
+            return super().embed(tokens)
+        rows = np.asarray(tokens).reshape(-1)
+        return np.concatenate([kernels.dequantize_rows(self._head_rows("token_embd.weight", r, r + 1), [0])
+                               for r in rows]).reshape(*np.shape(tokens), -1)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        if not (self.head and is_head(name)):
+            return super().linear(name, x)
+        w, step = self.matrices[name], self._head_chunk(name)
+        return np.concatenate([kernels.matmul(self._head_rows(name, r, min(r + step, w.rows)), x, self.threads)
+                               for r in range(0, w.rows, step)], axis=-1)
 
     def begin_layer(self, i: int) -> None:
         if i >= self.streamed:

@@ -45,20 +45,28 @@ class Plan:
     streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
     streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
     pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
+    streamed_head: bool = False    # the embedding table and output head read from storage too (last resort)
+    open_peak_bytes: int = 0       # VmHWM once the model was opened (the tokenizer's build is transient but
+                                   # can pass everything else when most weights stream: Gemma-3's 262k vocabulary)
     kv_precision: str = "f32"
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes
+        return max(self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes,
+                   self.open_peak_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
     def describe(self) -> str:
-        stream = (f" + stream pool {format_size(self.pool_bytes)} ({self.streamed_layers} layers, "
-                  f"{format_size(self.streamed_bytes)}, streamed)") if self.streamed_layers else ""
+        what = f"{self.streamed_layers} layers" + (" and the output head" if self.streamed_head else "")
+        stream = (f" + stream pool {format_size(self.pool_bytes)} ({what}, "
+                  f"{format_size(self.streamed_bytes)}, streamed)") if self.pool_bytes else ""
+        opening = (f"; opening the model alone peaked at {format_size(self.open_peak_bytes)}"
+                   if self.open_peak_bytes == self.total_bytes else "")
         return (f"weights {format_size(self.weights_bytes)}{stream} + KV cache {format_size(self.kv_bytes)} "
-                f"(ctx {self.ctx}) + buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
+                f"(ctx {self.ctx}) + buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}"
+                f"{opening}")
 
 
 def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
@@ -81,17 +89,19 @@ CALL_BYTES = 4 << 20
 
 def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, n: int, positions: int,
               logit_rows: int = 1, scored: bool = False, budget: int | None = None,
-              streamed: int | None = None) -> Plan:
-    """The plan with `streamed` layers streamed; by default the fewest that fit the
-    budget (all of them when none fits: check() then refuses it, naming its total)."""
-    def with_streamed(m: int) -> Plan:
-        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m), KVCache.nbytes(spec, ctx),
+              streamed: tuple[int, bool] | None = None, open_peak: int = 0) -> Plan:
+    """The plan streaming `streamed` = (layers, head); by default the least streaming
+    that fits the budget: layers first, the output head (read whole every token) last.
+    When nothing fits, everything streams and check() refuses it, naming its total."""
+    def with_streamed(m: int, head: bool) -> Plan:
+        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head), KVCache.nbytes(spec, ctx),
                     buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n,
-                    m, sum(layout.layer_bytes[:m]), layout.pool_bytes(m))
+                    m, layout.streamed_bytes(m, head), layout.pool_bytes(m, head), head, open_peak)
     if streamed is not None:
-        return with_streamed(streamed)
-    plans = (with_streamed(m) for m in range(len(layout.layer_bytes) + 1))
-    return next((p for p in plans if budget is None or p.total_bytes <= budget), with_streamed(len(layout.layer_bytes)))
+        return with_streamed(*streamed)
+    n_layers = len(layout.layer_bytes)
+    plans = [with_streamed(m, False) for m in range(n_layers + 1)] + [with_streamed(n_layers, True)]
+    return next((p for p in plans if budget is None or p.total_bytes <= budget), plans[-1])
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

@@ -64,15 +64,16 @@ def test_streamed_run_generates_the_resident_runs_tokens(model, resident, fracti
     assert r["flash_bytes_per_token"] >= 0.9 * r["streamed_weight_bytes"], r
 
 
-@pytest.mark.parametrize("streamed", [1, 2, 29, 30])  # one slot; two; an odd count wraps across tokens
+# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output head too
+@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True)])
 def test_streamed_logits_are_bit_identical(model, streamed):
     resident = load(model, ctx=64, threads=1)
     full, short = resident.logits(TOKENS), resident.logits(TOKENS[:5])
     m = load(model, ctx=64, threads=1)
-    m.streamed = streamed  # the layout by hand: layers 0..streamed-1 stream
+    m.streamed = streamed  # the layout by hand: layers 0..streamed[0]-1 stream (and the head)
     assert np.array_equal(m.logits(TOKENS), full)
     assert np.array_equal(m.logits(TOKENS[:5]), short)  # again: the slots now hold other layers
-    assert m.weights.reader.bytes_read >= 2 * sum(m.layout.layer_bytes[:streamed])
+    assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
 
 
 def test_reader_survives_short_reads(model):
@@ -90,7 +91,7 @@ def test_reader_survives_eintr(model):
     """A signal handler firing every 200 us while every layer streams: same logits."""
     full = load(model, ctx=64, threads=1).logits(TOKENS)
     m = load(model, ctx=64, threads=1)
-    m.streamed = m.spec.n_layers
+    m.streamed = (m.spec.n_layers, False)
     hits = []
     old = signal.signal(signal.SIGALRM, lambda *a: hits.append(1))
     signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
@@ -107,7 +108,7 @@ def test_model_file_changed_while_streaming(model, tmp_path, change):
     path = tmp_path / "m.gguf"
     shutil.copy(model, path)
     m = load(path, ctx=64, threads=1)
-    m.streamed = m.spec.n_layers
+    m.streamed = (m.spec.n_layers, False)
     m.logits(TOKENS[:4])
     if change == "truncate":
         os.truncate(path, path.stat().st_size // 2)

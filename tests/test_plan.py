@@ -60,7 +60,9 @@ def test_plan_names_what_streams_and_refuses_below_the_minimum(cold_model):
     assert half["pool_bytes"] > 0 and half["weights_bytes"] + half["streamed_bytes"] == full["weights_bytes"]
     smallest = named_minimum(edge_rt("plan", cold_model, "--ctx", 256, "--mem-budget", "10M"))
     assert 0 < smallest < full["total_bytes"] * 0.8
-    assert last_json(edge_rt("plan", cold_model, "--ctx", 256, "--json", "--mem-budget", smallest))["streamed_layers"] == 30
+    least = last_json(edge_rt("plan", cold_model, "--ctx", 256, "--json", "--mem-budget", smallest))
+    assert least["streamed_layers"] == 30 and least["streamed_head"]  # the head streams only as a last resort
+    assert "token_embd.weight" in least["streamed_tensors"]
 
 
 def test_budget_sweep_holds_under_enforce(cold_model):
@@ -75,7 +77,7 @@ def test_budget_sweep_holds_under_enforce(cold_model):
         if r["enforced_by"].startswith("cgroup"):
             assert 0 < r["cgroup_peak_bytes"] <= budget and r["cgroup_failcnt"] == 0, r
     below = edge_rt("run", cold_model, *ARGS, "--mem-budget", int(smallest * 0.97), "--enforce")
-    assert named_minimum(below) == smallest
+    assert abs(named_minimum(below) - smallest) <= 0.02 * smallest  # the interpreter's footprint varies by ~1 MiB
 
 
 def test_enforce_leaves_no_cgroup_behind(cold_model):
