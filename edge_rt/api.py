@@ -19,6 +19,7 @@ from .models.transformer import KVCache, forward, logits
 from .plan import Plan, check, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
+from .layer import CLayers
 from .tokenizer import Tokenizer
 from .weights import Weights
 
@@ -30,6 +31,7 @@ LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
 class Metrics:
     n_prompt: int = 0
     n_generated: int = 0
+    tokens: list = field(default_factory=list)  # the generated token ids
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
@@ -38,7 +40,7 @@ class Metrics:
     def as_dict(self) -> dict:
         decode_steps = max(self.n_generated - 1, 0)  # the first token comes from the prefill
         return {
-            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated, "tokens": self.tokens,
             "prefill_tokens_per_s": self.n_prompt / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": decode_steps / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
@@ -66,6 +68,7 @@ class Model:
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
         self.ctx, self.kv = ctx, None
+        self.layers = CLayers(self.spec, self.weights, self.threads, ctx)  # structs only: nothing is read yet
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.open_peak = metrics.peak_rss_bytes()  # and what building them held at once
@@ -75,9 +78,9 @@ class Model:
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
-        return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, min(N_BATCH, max(n_prompt, 1)),
-                         min(n_prompt + n_predict, self.ctx), logit_rows, scored, self.budget, self.streamed,
-                         self.open_peak)
+        n = min(N_BATCH, max(n_prompt, 1))
+        return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, n, self.layers.scratch_bytes(n),
+                         logit_rows, scored, self.budget, self.streamed, self.open_peak)
 
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make the resident weights and the KV
@@ -88,6 +91,7 @@ class Model:
             self.streamed = (plan.streamed_layers, plan.streamed_head)
             if plan.pool_bytes:
                 self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
+                self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx)  # over the arena and pool
             else:
                 self.g.populate()
             self.kv = KVCache(self.spec, self.ctx)
@@ -98,7 +102,7 @@ class Model:
         positions keep_from.. (the others are dropped as soon as a step is done)."""
         kept = []
         for i in range(0, len(tokens), N_BATCH):
-            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv)
+            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv, self.layers.run)
             if i + len(h) > keep_from:
                 kept.append(h[max(keep_from - i, 0):])
         return np.concatenate(kept)
@@ -133,22 +137,29 @@ class Model:
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
             pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
+            in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
+                m.tokens.append(int(tok))
                 piece = decoder.push(tok)
                 if piece:
                     yield piece
                 if m.n_generated >= n:
                     break
-                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv)
-                tok = sample(logits(self.weights, h[-1:])[0])
+                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run)
+                t = time.perf_counter()
+                z = logits(self.weights, h[-1:])[0]
+                in_c += time.perf_counter() - t
+                tok = sample(z)
                 pos += 1
             m.decode_s = time.perf_counter() - t1
+            in_c += self.layers.seconds
         rest = decoder.flush()
         if rest:
             yield rest
         io2 = metrics.storage_read_bytes()
-        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
+        m.values = self._info() | {"orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
+                                   "peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
                                    "flash_bytes_read": io2 - self.io_start,
                                    "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
 

@@ -69,17 +69,16 @@ class Plan:
                 f"{opening}")
 
 
-def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
-    """The largest set of arrays alive at once in one forward step of n tokens that
-    attend over `positions` positions, then logit_rows rows of logits (scored: with
-    their float64 log-softmax). Derived from models/transformer.py, line by line."""
-    d, hq, hkv, ff = spec.d_model, spec.n_heads * spec.head_dim, spec.kv_dim(), spec.d_ff
-    stream = 4 * n * (2 * d + 2 * hq + 2 * hkv)            # x, h, q, k, v, attention output
-    attn = spec.n_heads * n * positions * (4 * 2 + 1)       # scores, exp(scores), mask
-    ffn = 4 * n * ff * (4 if spec.act == "gelu_tanh" else 3)  # gate, up and the activation's temporaries
-    scratch = n * max(ff, d) * 2                            # the kernels' int8 activations and scales
+def buffer_bytes(spec: Spec, n: int, layer_scratch: int, logit_rows: int, scored: bool) -> int:
+    """The largest set of arrays alive at once in one forward step of n tokens, then
+    logit_rows rows of logits (scored: with their float64 log-softmax). layer_scratch
+    is what the C layer asks for (ert_layer_scratch_bytes: every activation of the
+    layer and a row of attention scores per thread)."""
+    d, ff = spec.d_model, spec.d_ff
+    stream = 4 * n * d * 4                     # embeddings, x, the final norm's temporaries
+    kernels = n * max(ff, d) * 2               # ert_matmul's int8 activations and scales
     logits = logit_rows * spec.n_vocab * (4 + (16 if scored else 0))
-    return stream + max(attn, ffn) + scratch + logits
+    return stream + layer_scratch + kernels + logits
 
 
 # Resident memory a call adds beyond the arrays counted here (lazy imports, thread-pool
@@ -87,7 +86,7 @@ def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bo
 CALL_BYTES = 4 << 20
 
 
-def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, n: int, positions: int,
+def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, n: int, layer_scratch: int,
               logit_rows: int = 1, scored: bool = False, budget: int | None = None,
               streamed: tuple[int, bool] | None = None, open_peak: int = 0) -> Plan:
     """The plan streaming `streamed` = (layers, head); by default the least streaming
@@ -95,7 +94,7 @@ def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, n: int, pos
     When nothing fits, everything streams and check() refuses it, naming its total."""
     def with_streamed(m: int, head: bool) -> Plan:
         return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head), KVCache.nbytes(spec, ctx),
-                    buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n,
+                    buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n,
                     m, layout.streamed_bytes(m, head), layout.pool_bytes(m, head), head, open_peak)
     if streamed is not None:
         return with_streamed(*streamed)

@@ -78,6 +78,8 @@ class Weights:
     """The runtime's weights: views of the mapped file (or of the arrays array(name)
     gives: flash.StreamedWeights), multiplied by the C kernels."""
 
+    streamed = 0  # layers 0..streamed-1 are read from storage by begin_layer (flash.StreamedWeights)
+
     def __init__(self, g: GGUFFile, threads: int = 1, array=None):
         self.g, self.threads = g, threads
         array = array or g.array

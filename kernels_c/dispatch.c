@@ -10,9 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <stdatomic.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define ERT_X86 1
@@ -34,6 +32,17 @@
 #endif
 #elif defined(__APPLE__)
 #include <sys/sysctl.h>
+#endif
+#elif defined(__arm__) && defined(__linux__)
+/* 32-bit ARM: NEON is optional (ARMv6, as in 32-bit Raspberry Pi OS, has none). It is
+   detected and reported, but arm/neon.c is AArch64 code: 32-bit builds run ref.c. */
+#define ERT_ARM32 1
+#include <sys/auxv.h>
+#ifndef AT_HWCAP
+#define AT_HWCAP 16
+#endif
+#ifndef HWCAP_NEON
+#define HWCAP_NEON (1 << 12)
 #endif
 #endif
 
@@ -154,6 +163,8 @@ static void detect_cpu(void) {
     if (dotprod) add_feature("dotprod");
     g_isa_ok[ISA_NEON] = ERT_HAVE_NEON;
     g_isa_ok[ISA_NEON_DOTPROD] = ERT_HAVE_NEON && ERT_HAVE_NEON_DOTPROD && dotprod;
+#elif ERT_ARM32
+    if (getauxval(AT_HWCAP) & HWCAP_NEON) add_feature("neon"); /* reported; no 32-bit NEON kernels */
 #endif
 }
 
@@ -207,34 +218,35 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 #define ROW_TILE 16 /* rows per unit of work: a multiple of it */
 
+typedef struct {
+    ert_matmul_fn fn;
+    const ert_weight *w;
+    const ert_act *a;
+    float *y;
+    int tile, ntiles;
+    atomic_int next; /* the next tile to take */
+} rows_job;
+
+static void rows_task(void *ctx, int ith, int nth) {
+    rows_job *j = ctx;
+    for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->ntiles;) {
+        const int r0 = t * j->tile, r1 = r0 + j->tile < j->w->rows ? r0 + j->tile : j->w->rows;
+        j->fn(j->w, j->a, r0, r1, j->y);
+    }
+}
+
 static void run_rows(ert_matmul_fn fn, const ert_weight *w, const ert_act *a, float *y, int threads) {
     const int rows = w->rows;
-#ifdef _OPENMP
-    if (threads <= 0) threads = omp_get_max_threads();
-    if (threads > omp_get_num_procs()) threads = omp_get_num_procs(); /* never oversubscribe */
-    /* tiny products: forking costs more than it saves (results are identical) */
+    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    /* tiny products: waking threads costs more than it saves (results are identical) */
     if ((double)rows * w->cols * a->n < 16384.0) threads = 1;
-    if (threads > 1) {
-        /* about 8 tiles per thread, taken dynamically: a slower core (big.LITTLE, or one
-           shared with another process) takes fewer. A row is computed the same way
-           whichever thread computes it, so y does not depend on the thread count. */
-        int tile = (rows + 8 * threads - 1) / (8 * threads);
-        tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
-        const int ntiles = (rows + tile - 1) / tile;
-        if (threads > ntiles) threads = ntiles;
-        if (threads > 1) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-            for (int t = 0; t < ntiles; t++) {
-                const int r0 = t * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
-                fn(w, a, r0, r1, y);
-            }
-            return;
-        }
-    }
-#else
-    (void)threads;
-#endif
-    fn(w, a, 0, rows, y);
+    /* about 8 tiles per thread, taken dynamically: a slower core (big.LITTLE, or one
+       shared with another process) takes fewer. A row is computed the same way
+       whichever thread computes it, so y does not depend on the thread count. */
+    int tile = (rows + 8 * threads - 1) / (8 * threads);
+    tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+    rows_job j = {fn, w, a, y, tile, (rows + tile - 1) / tile, 0};
+    ert_parallel(rows_task, &j, threads < j.ntiles ? threads : j.ntiles);
 }
 
 int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads) {
@@ -354,12 +366,5 @@ size_t ert_weight_nbytes(const ert_weight *w) {
     }
 }
 
-int ert_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 int ert_version(void) { return 1; }

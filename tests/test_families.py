@@ -1,5 +1,6 @@
 """Every family on small random-weight models written by our own writer: the C path
-against llama.cpp (float32) and against the numpy oracle (every format)."""
+(one C call per layer, edge_rt/layer.py) against llama.cpp (float32) and against the
+numpy oracle (every format)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,9 @@ import pytest
 
 import peer
 from edge_rt.gguf_file import GGUFFile
+from edge_rt.layer import CLayers
 from edge_rt.models import spec_from_meta
-from edge_rt.models.transformer import KVCache, forward, logits
+from edge_rt.models.transformer import KVCache, forward, layer, logits
 from edge_rt.weights import ReferenceWeights, Weights
 from tiny import write_tiny
 
@@ -35,7 +37,8 @@ def run_logits(path, W_cls, tokens, **kw):
     g = GGUFFile(path)
     spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), path)
     W = W_cls(g, **kw)
-    return logits(W, forward(spec, W, tokens, 0, KVCache(spec, 64)))
+    run_layer = CLayers(spec, W, W.threads, 64).run if W_cls is Weights else layer
+    return logits(W, forward(spec, W, tokens, 0, KVCache(spec, 64), run_layer))
 
 
 def tokens(seed=1):
@@ -84,3 +87,16 @@ def test_quantization_error_shrinks_with_each_bit(tiny, arch):
         errs.append(np.sqrt(np.mean((q - f32) ** 2) / np.mean(f32 ** 2)))
     assert errs[0] < 0.05, errs
     assert all(b > 1.4 * a for a, b in zip(errs, errs[1:])), errs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_token_by_token_equals_one_batch(tiny, arch):
+    """The decode path (one token at a time, attending over the KV cache, past the
+    gemma3 window) gives the logits of the same tokens read in one batch."""
+    g = GGUFFile(tiny(arch, 8))
+    spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")
+    W, toks = Weights(g, threads=2), tokens(4)
+    batch = logits(W, forward(spec, W, toks, 0, KVCache(spec, 64), CLayers(spec, W, 2, 64).run))
+    kv, run = KVCache(spec, 64), CLayers(spec, W, 2, 64).run
+    steps = np.concatenate([logits(W, forward(spec, W, toks[i:i + 1], i, kv, run)) for i in range(len(toks))])
+    assert np.abs(steps - batch).max() < 1e-4 * np.abs(batch).max()

@@ -302,15 +302,24 @@ def arm_build(tmp_path_factory):
     tests/arm/kernel_check.c driver linked against it."""
     tools, sysroot = _arm_tools()
     build = tmp_path_factory.mktemp("arm")
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)  # noqa: E731
-    run(tools["cmake"], "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux",
-        "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_C_COMPILER={tools['aarch64-linux-gnu-gcc']}",
-        "-DCMAKE_BUILD_TYPE=Release")
-    run(tools["cmake"], "--build", str(build), "-j", str(os.cpu_count() or 2))
-    exe = build / "kernel_check"
-    run(tools["aarch64-linux-gnu-gcc"], "-O2", f"-I{REPO / 'kernels_c/include'}", str(REPO / "tests/arm/kernel_check.c"),
-        "-o", str(exe), f"-L{build}", "-ledgert", "-lm")
+    exe = cross_build(build, tools["cmake"], tools["aarch64-linux-gnu-gcc"], "aarch64")
     return tools["qemu-aarch64"], sysroot, build, exe
+
+
+def cross_build(build: Path, cmake: str, cc: str, processor: str, cflags: str = "") -> Path:
+    """Cross-build libedgert.so into `build` with the project's CMakeLists.txt and link the
+    tests/arm/kernel_check.c driver against it (tests/test_cross_arm32.py uses this too)."""
+    def run(*cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+    run(cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux",
+        f"-DCMAKE_SYSTEM_PROCESSOR={processor}", f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_C_FLAGS={cflags}",
+        "-DCMAKE_BUILD_TYPE=Release")
+    run(cmake, "--build", str(build), "-j", str(os.cpu_count() or 2))
+    exe = build / "kernel_check"
+    run(cc, "-O2", *cflags.split(), f"-I{REPO / 'kernels_c/include'}", str(REPO / "tests/arm/kernel_check.c"),
+        "-o", str(exe), f"-L{build}", "-ledgert", "-lm")
+    return exe
 
 
 def _qemu(arm_build, cpu):

@@ -68,6 +68,37 @@ typedef struct {
  * output alone or in a batch). Returns ERT_OK or < 0. */
 ERT_API int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads);
 
+/* One transformer layer (kernels_c/layer.c; the numpy twin is models/transformer.py
+ * `layer`): the sizes and switches of the family's Spec, this layer's weights. */
+enum ert_activation { ERT_ACT_SILU = 0, ERT_ACT_GELU_TANH = 1 };
+
+typedef struct {
+    int d_model, n_heads, n_kv_heads, head_dim, d_ff;
+    float norm_eps;
+    float attn_scale;          /* scores = q.k * attn_scale */
+    int window;                /* 0, or each position sees only the last `window` positions */
+    int rope_dim;              /* features rotated per head (even, <= head_dim) */
+    int rope_neox;             /* 0: pairs (x[2i], x[2i+1]); 1: pairs (x[i], x[i + rope_dim/2]) */
+    float rope_base, rope_scale; /* angle = pos / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i] */
+    const float *rope_factors; /* NULL, or [rope_dim/2] */
+    int act;                   /* enum ert_activation: FFN gate activation */
+    /* float32 vectors; NULL where the family has none (norms of the attention and FFN inputs are required) */
+    const float *attn_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *post_attn_norm;
+    const float *ffn_norm, *post_ffn_norm;
+    ert_weight wq, wk, wv, wo, gate, up, down;
+} ert_layer;
+
+/* Scratch a call of ert_layer_forward needs (float aligned), for n tokens and a KV
+ * cache of ctx positions. */
+ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads);
+
+/* Runs n tokens at positions pos0.. through the layer: x[n][d_model] is updated in
+ * place; their keys and values are written to k_cache, v_cache ([ctx][n_kv_heads]
+ * [head_dim] float32, this layer's) at pos0.., and attention reads positions up to
+ * each token's own. Returns ERT_OK or < 0. */
+ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, float *k_cache, float *v_cache,
+                              float *scratch, int threads);
+
 /* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
 ERT_API int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out);
 
@@ -92,7 +123,7 @@ ERT_API int ert_force_isa(const char *isa);
 /* Bytes of W as stored (codes + scales + mins), for bandwidth figures. */
 ERT_API size_t ert_weight_nbytes(const ert_weight *w);
 
-/* OpenMP threads available (1 when built without OpenMP). */
+/* Threads a call may use: the processors online. */
 ERT_API int ert_max_threads(void);
 
 ERT_API int ert_version(void);
@@ -102,6 +133,12 @@ ERT_API int ert_version(void);
  * arm/neon.c). Not part of the public API.
  * ---------------------------------------------------------------------------- */
 #ifdef ERT_BUILDING
+
+/* pool.c: runs fn(ctx, i, nth) for i < nth on a persistent pool of threads (the
+ * caller is thread 0) and returns when all are done; nth is capped at the processors
+ * online. Called from inside a region, runs serially. */
+typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
+void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
