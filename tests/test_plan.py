@@ -72,7 +72,7 @@ def test_budget_sweep_holds_under_enforce(cold_model):
     for budget in [top - k * (top - smallest) // 4 for k in range(5)]:
         drop_from_page_cache(cold_model)
         r = last_json(edge_rt("run", cold_model, *ARGS, "--json", "--mem-budget", budget, "--enforce"))
-        assert r["text"] == resident["text"], budget
+        assert r["tokens"] == resident["tokens"], budget
         assert r["peak_rss_bytes"] <= budget, r
         if r["enforced_by"].startswith("cgroup"):
             assert 0 < r["cgroup_peak_bytes"] <= budget and r["cgroup_failcnt"] == 0, r
