@@ -124,6 +124,7 @@ class Reader:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: it would cache pages past each read
         st = os.fstat(self.fd)
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self.direct_fd = self._open_direct()
