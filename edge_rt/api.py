@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from . import formats, memory, metrics
 from .errors import EdgeRtError
+from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
 from .models import spec_from_meta
 from .models.transformer import KVCache, forward, logits
@@ -70,22 +71,31 @@ class Model:
             raise EdgeRtError(f"--kv-type {kv_type}: use one of {', '.join(KVCache.DTYPES)}")
         self.ctx, self.kv_type, self.kv = ctx, kv_type, None
         self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
+        self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
+        self.open_peak = metrics.peak_rss_bytes()  # and what building them held at once
+        self.io_start = metrics.storage_read_bytes()  # flash_bytes_read counts from here: loading included
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
         n = min(N_BATCH, max(n_prompt, 1))
-        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx, self.kv_type, n,
-                         self.layers.scratch_bytes(n), logit_rows, scored)
+        return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, self.kv_type, n, self.layers.scratch_bytes(n),
+                         logit_rows, scored, self.budget, self.streamed, self.open_peak)
 
     def _reserve(self, plan: Plan) -> None:
-        """Check the plan against the budget, then make weights and KV cache resident."""
+        """Check the plan against the budget, then make the resident weights and the KV
+        cache resident (and the stream pool, when the plan streams layers)."""
         check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
         self.plan = plan
         if self.kv is None:
-            self.g.populate()
+            self.streamed = (plan.streamed_layers, plan.streamed_head)
+            if plan.pool_bytes:
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
+                self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx, self.kv_type)  # over the arena and pool
+            else:
+                self.g.populate()
             self.kv = KVCache(self.spec, self.ctx, self.kv_type)
 
     # -- the forward pass under the thread limit ------------------------------------
@@ -101,7 +111,10 @@ class Model:
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type}
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type,
+                "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
+                "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
+                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
@@ -125,7 +138,7 @@ class Model:
             h = self._forward(np.array(ids), len(ids) - 1)
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
-            pos, t1 = len(ids), time.perf_counter()
+            pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
             in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
@@ -146,9 +159,11 @@ class Model:
         rest = decoder.flush()
         if rest:
             yield rest
+        io2 = metrics.storage_read_bytes()
         m.values = self._info() | {"orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
-                                   "peak_rss_bytes": metrics.peak_rss_bytes(),
-                                   "storage_read_bytes": metrics.storage_read_bytes() - io0}
+                                   "peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
+                                   "flash_bytes_read": io2 - self.io_start,
+                                   "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
 
     def logits(self, tokens) -> np.ndarray:
         """Logits at every position of one sequence starting at position 0."""

@@ -73,9 +73,14 @@ class CLayers:
         for field, name in VECTORS.items():
             if W.has(p + name):
                 setattr(c, field, self._vec(W.vec(p + name)))
-        for field, name in MATRICES.items():
-            setattr(c, field, W.matrices[p + name]._c)
+        self._bind(c, W, i)
         return c
+
+    @staticmethod
+    def _bind(c: _CLayer, W, i: int) -> None:
+        """Copy layer i's matrix descriptors into its struct."""
+        for field, name in MATRICES.items():
+            setattr(c, field, W.matrices[f"blk.{i}." + name]._c)
 
     def scratch_bytes(self, n: int) -> int:
         return int(self.lib.ert_layer_scratch_bytes(ctypes.addressof(self.layers[0]), n, self.ctx, self.threads))
@@ -92,6 +97,8 @@ class CLayers:
                                  f"{self.kv_type}, {self.ctx}")
             self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
         k, v = self._kv[1][i]
+        if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
+            self._bind(self.layers[i], W, i)
         t0 = time.perf_counter()
         rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), x.ctypes.data, n, pos0, self.ctx, k, v,
                                         self.scratch.ctypes.data, self.threads)

@@ -137,6 +137,7 @@ def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer
     above, or the runtime's one C call per layer (edge_rt/layer.py)."""
     x = W.embed(tokens) * np.float32(spec.embed_scale)
     for i in range(spec.n_layers):
+        W.begin_layer(i)  # layer i's matrices now point at resident bytes (edge_rt/flash.py streams them)
         x = run_layer(spec, W, i, x, pos0, kv)
     return rmsnorm(x, W.vec("output_norm.weight"), spec.norm_eps)
 
