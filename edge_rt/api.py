@@ -24,6 +24,8 @@ from .tokenizer import Tokenizer
 from .weights import Weights
 
 N_BATCH = 512       # tokens per forward step while reading a prompt
+SINK_TOKENS = 4     # kv_policy "sink-window": the first positions always kept (StreamingLLM's attention sinks)
+KV_POLICIES = ("stop", "sink-window")
 LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
 
 
@@ -51,7 +53,8 @@ class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
 
-    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16"):
+    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
+                 kv_policy: str = "stop"):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -69,6 +72,11 @@ class Model:
         self.spec.check_tensors(self.weights.shapes(), self.path)
         if kv_type not in KVCache.DTYPES:
             raise EdgeRtError(f"--kv-type {kv_type}: use one of {', '.join(KVCache.DTYPES)}")
+        if kv_policy not in KV_POLICIES:
+            raise EdgeRtError(f"--kv-policy {kv_policy}: use one of {', '.join(KV_POLICIES)}")
+        if kv_policy == "sink-window" and ctx < 4 * SINK_TOKENS:
+            raise EdgeRtError(f"--kv-policy sink-window needs --ctx {4 * SINK_TOKENS} or more")
+        self.kv_policy = kv_policy
         self.ctx, self.kv_type, self.kv = ctx, kv_type, None
         self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
@@ -111,7 +119,7 @@ class Model:
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type,
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
@@ -126,8 +134,11 @@ class Model:
             ids = self.tokenizer.encode(prompt)
         if not ids:
             raise EdgeRtError("the prompt is empty")
-        if len(ids) + n > self.ctx:
-            raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx}")
+        if self.kv_policy == "stop" and len(ids) + n > self.ctx:
+            raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx} "
+                              f"(--kv-policy sink-window keeps generating past it)")
+        if len(ids) >= self.ctx:
+            raise EdgeRtError(f"the prompt ({len(ids)} tokens) does not fit --ctx {self.ctx}")
         self._reserve(self.plan_for(len(ids), n))
         sample = Sampler(temperature, top_k, top_p, seed)
         decoder = self.tokenizer.stream_decoder()
@@ -140,6 +151,7 @@ class Model:
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
             pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
             in_c = -self.layers.seconds  # time inside the C calls of the decode loop
+            kv_shifts = 0
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
                 m.tokens.append(int(tok))
@@ -148,6 +160,11 @@ class Model:
                     yield piece
                 if m.n_generated >= n:
                     break
+                if pos == self.ctx:  # full (sink-window only): keep the sinks, drop the older half of the rest
+                    discard = (self.ctx - SINK_TOKENS) // 2
+                    self.layers.kv_shift(self.spec, self.weights, self.kv, SINK_TOKENS, discard, pos)
+                    pos -= discard
+                    kv_shifts += 1
                 h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run)
                 t = time.perf_counter()
                 z = logits(self.weights, h[-1:])[0]
@@ -160,7 +177,7 @@ class Model:
         if rest:
             yield rest
         io2 = metrics.storage_read_bytes()
-        m.values = self._info() | {"orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
+        m.values = self._info() | {"kv_shifts": kv_shifts, "orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
                                    "peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
                                    "flash_bytes_read": io2 - self.io_start,
                                    "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
@@ -208,7 +225,10 @@ class Model:
                 "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
 
 
-def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16") -> Model:
+def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
+         kv_policy: str = "stop") -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
-    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32'."""
-    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32';
+    kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
+    positions and the most recent ones, and go on)."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy)

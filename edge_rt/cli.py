@@ -98,6 +98,8 @@ def convert(src, out, bits, group_size, target):
 @click.option("-n", "n_predict", type=click.IntRange(1), default=128, show_default=True, help="Tokens to generate.")
 @click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
 @KV_TYPE
+@click.option("--kv-policy", type=click.Choice(["stop", "sink-window"]), default="stop", show_default=True,
+              help="At a full context: stop, or keep the first 4 positions and the most recent half and go on.")
 @click.option("--mem-budget", type=Size(), default=None, help="Peak memory this run may use, e.g. 2GB (powers of 1024).")
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None, help="Default: all cores.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -107,12 +109,12 @@ def convert(src, out, bits, group_size, target):
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
 @click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup (page cache counts) or an RSS watchdog.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
-def run(model, prompt, n_predict, ctx, kv_type, mem_budget, threads, temperature, top_k, top_p, seed, chat, enforce,
-        as_json):
+def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, temperature, top_k, top_p, seed, chat,
+        enforce, as_json):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     from .api import load
     with _enforcement(enforce, mem_budget) as held:
-        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy)
         out = sys.stderr if as_json else sys.stdout
         pieces = []
         for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):

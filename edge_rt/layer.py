@@ -52,8 +52,10 @@ class CLayers:
         self.lib.ert_layer_scratch_bytes.restype = ctypes.c_size_t
         self.lib.ert_layer_forward.argtypes = [vp, vp, ci, ci, ci, vp, vp, vp, ci]
         self.lib.ert_layer_forward.restype = ci
+        self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, vp]
+        self.lib.ert_layer_kv_shift.restype = ci
         self.scratch, self._kv = None, (None, [])  # the KV cache and its per-layer addresses
-        self.seconds = 0.0  # wall time inside ert_layer_forward (for the orchestrator's share)
+        self.seconds = 0.0  # wall time inside the C calls (for the orchestrator's share)
 
     def _vec(self, a) -> _F:
         a = _f32(a)
@@ -85,18 +87,32 @@ class CLayers:
     def scratch_bytes(self, n: int) -> int:
         return int(self.lib.ert_layer_scratch_bytes(ctypes.addressof(self.layers[0]), n, self.ctx, self.threads))
 
+    def _cache(self, kv: KVCache) -> list[tuple[int, int]]:
+        """The addresses of each layer's keys and values."""
+        if self._kv[0] is not kv:
+            if (kv.ctx, kv.dtype) != (self.ctx, self.kv_type):
+                raise ValueError(f"a {kv.dtype} KV cache of {kv.ctx} positions; the layers were set up for "
+                                 f"{self.kv_type}, {self.ctx}")
+            self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
+        return self._kv[1]
+
+    def kv_shift(self, spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> None:
+        """transformer.kv_shift, in C."""
+        row = np.empty(spec.kv_dim(), np.float32)
+        t0 = time.perf_counter()
+        for i, (k, v) in enumerate(self._cache(kv)):
+            rc = self.lib.ert_layer_kv_shift(ctypes.addressof(self.layers[i]), k, v, keep, discard, used, row.ctypes.data)
+            if rc:
+                kernels._check(rc, f"ert_layer_kv_shift (layer {i})")
+        self.seconds += time.perf_counter() - t0
+
     def run(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
         if self.scratch is None or self.scratch.nbytes < self.scratch_bytes(n):
             self.scratch = None  # freed before the larger one is made
             self.scratch = np.empty(self.scratch_bytes(n) // 4, np.float32)
-        if self._kv[0] is not kv:
-            if (kv.ctx, kv.dtype) != (self.ctx, self.kv_type):
-                raise ValueError(f"a {kv.dtype} KV cache of {kv.ctx} positions; the layers were set up for "
-                                 f"{self.kv_type}, {self.ctx}")
-            self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
-        k, v = self._kv[1][i]
+        k, v = self._cache(kv)[i]
         if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
             self._bind(self.layers[i], W, i)
         t0 = time.perf_counter()

@@ -79,6 +79,16 @@ static const void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
     return l->kv_f16 ? (const void *)((const half *)cache + at) : (const void *)((const float *)cache + at);
 }
 
+static void kv_load(const ert_layer *l, const void *cache, int j, float *x) {
+    const int dkv = l->n_kv_heads * l->head_dim;
+    const void *row = kv_row(l, cache, j, 0);
+    if (!l->kv_f16) {
+        memcpy(x, row, sizeof(float) * dkv);
+        return;
+    }
+    for (int i = 0; i < dkv; i++) x[i] = h2f(((const half *)row)[i]);
+}
+
 static void kv_store(const ert_layer *l, void *cache, int j, const float *x) {
     const int dkv = l->n_kv_heads * l->head_dim;
     if (!l->kv_f16) {
@@ -269,5 +279,17 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     MATMUL(down, s.gate, s.o);
     run(&s, residual_task, per_token);
 #undef MATMUL
+    return ERT_OK;
+}
+
+int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used, float *row) {
+    if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
+    for (int j = keep + discard; j < used; j++) {
+        kv_load(l, k_cache, j, row);
+        rope(l, row, l->n_kv_heads, -discard); /* RoPE turns by an angle linear in the position */
+        kv_store(l, k_cache, j - discard, row);
+        kv_load(l, v_cache, j, row);
+        kv_store(l, v_cache, j - discard, row);
+    }
     return ERT_OK;
 }

@@ -131,6 +131,19 @@ def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.nd
     return x + f
 
 
+def kv_shift(spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> None:
+    """Drop cache positions keep..keep+discard-1 (of 0..used-1): later positions move
+    down by `discard`, their keys turned back by `discard` positions of RoPE (a turn by
+    an angle linear in the position), so they read as if written there."""
+    factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
+    for i in range(spec.n_layers):
+        base, scale = rope_base_scale(spec, i)
+        cos, sin = rope_tables(np.array([-discard]), base, spec.rope_dim, scale, factors)
+        k = kv.k[i, keep + discard:used].astype(np.float32)
+        kv.k[i, keep:used - discard] = rope(k, cos, sin, spec.rope_style)
+        kv.v[i, keep:used - discard] = kv.v[i, keep + discard:used]
+
+
 def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer=layer) -> np.ndarray:
     """Run tokens (at positions pos0, pos0+1, ...) through the model, filling the KV
     cache; returns the final-normed hidden states [n, d_model]. run_layer is `layer`

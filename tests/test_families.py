@@ -3,6 +3,10 @@
 numpy oracle (every format)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -10,7 +14,7 @@ import peer
 from edge_rt.gguf_file import GGUFFile
 from edge_rt.layer import CLayers
 from edge_rt.models import spec_from_meta
-from edge_rt.models.transformer import KVCache, forward, layer, logits
+from edge_rt.models.transformer import KVCache, forward, kv_shift, layer, logits
 from edge_rt.weights import ReferenceWeights, Weights
 from tiny import write_tiny
 
@@ -101,3 +105,43 @@ def test_decoding_token_by_token_equals_one_batch(tiny, arch):
     kv, run = KVCache(spec, 64), CLayers(spec, W, 2, 64).run
     steps = np.concatenate([logits(W, forward(spec, W, toks[i:i + 1], i, kv, run)) for i in range(len(toks))])
     assert np.abs(steps - batch).max() < 1e-4 * np.abs(batch).max()
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_kv_shift_in_c_equals_the_numpy_twin(tiny, arch, kv_type):
+    """The sink-window policy's cache shift: positions 4..4+d-1 dropped, later ones
+    moved down with their keys turned back by d RoPE positions (gemma3: two bases)."""
+    g = GGUFFile(tiny(arch, 8))
+    spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")
+    W, toks = Weights(g, threads=2), tokens(5)
+    layers, kv = CLayers(spec, W, 2, 64, kv_type), KVCache(spec, 64, kv_type)
+    forward(spec, W, toks, 0, kv, layers.run)
+    twin = KVCache(spec, 64, kv_type)
+    twin.k[...], twin.v[...] = kv.k, kv.v
+    layers.kv_shift(spec, W, kv, 4, 17, N_TOKENS)
+    kv_shift(spec, W, twin, 4, 17, N_TOKENS)
+    used = N_TOKENS - 17
+    assert np.array_equal(kv.v[:, :used], twin.v[:, :used])
+    k, t = kv.k[:, :used].astype(np.float32), twin.k[:, :used].astype(np.float32)
+    ulp = 1e-3 if kv_type == "f16" else 1e-6  # one float16 / float32 rounding apart at most
+    assert np.abs(k - t).max() <= ulp * np.abs(t).max()
+    assert np.array_equal(kv.k[:, :4], twin.k[:, :4])  # the sinks stay
+    # layer 0's keys depend only on the token and its position: the shifted cache holds
+    # what a fresh run of the kept tokens writes there
+    fresh = KVCache(spec, 64, kv_type)
+    forward(spec, W, np.concatenate([toks[:4], toks[4 + 17:]]), 0, fresh, CLayers(spec, W, 2, 64, kv_type).run)
+    f0, k0 = fresh.k[0, :used].astype(np.float32), kv.k[0, :used].astype(np.float32)
+    assert np.abs(f0 - k0).max() <= 10 * ulp * np.abs(f0).max()
+
+
+def test_sink_window_generates_past_the_context(tiny):
+    r = subprocess.run([sys.executable, "-m", "edge_rt.cli", "run", str(tiny("llama", 8)), "-p", "Once upon a time",
+                        "-n", "100", "--ctx", "32", "--kv-policy", "sink-window", "--json", "--threads", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n_generated"] == 100 and out["kv_shifts"] >= 6, out
+    stop = subprocess.run([sys.executable, "-m", "edge_rt.cli", "run", str(tiny("llama", 8)), "-p", "Once upon a time",
+                           "-n", "100", "--ctx", "32"], capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 1 and "--kv-policy sink-window" in stop.stderr

@@ -100,6 +100,13 @@ ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int t
 ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
                               float *scratch, int threads);
 
+/* Drops cache positions keep .. keep+discard-1 of this layer's cache (filled up to
+ * `used`): later positions move down by `discard`, their keys turned back by
+ * `discard` positions of RoPE, so they read as if written there (the sink-and-window
+ * policy of a full context). row: scratch of n_kv_heads*head_dim floats. */
+ERT_API int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used,
+                               float *row);
+
 /* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
 ERT_API int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out);
 
