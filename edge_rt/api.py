@@ -192,6 +192,49 @@ class Model:
             h = self._forward(tokens, 0)
             return np.concatenate([logits(self.weights, h[i:i + LOGIT_ROWS]) for i in range(0, len(h), LOGIT_ROWS)])
 
+    def _nll(self, h: np.ndarray, targets: np.ndarray) -> float:
+        """Negative log-likelihood of targets[j] under the logits of hidden state h[j],
+        LOGIT_ROWS rows at a time."""
+        nll = 0.0
+        for i in range(0, len(targets), LOGIT_ROWS):
+            z = logits(self.weights, h[i:i + LOGIT_ROWS]).astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            t = targets[i:i + LOGIT_ROWS]
+            nll -= (z[np.arange(len(t)), t] - np.log(np.exp(z).sum(axis=1))).sum()
+        return nll
+
+    def eval_stream(self, text: str, n_tokens: int, score_from: int | None = None, keep: int = SINK_TOKENS,
+                    chunk: int = 64) -> dict:
+        """Perplexity of the first n_tokens of a text read as ONE sequence through this
+        model's KV cache of ctx positions: when the next chunk does not fit, positions
+        keep.. are dropped (the older half of the rest at least), as --kv-policy
+        sink-window does (keep=0: a plain sliding window). Tokens from score_from (default
+        ctx/2) on are scored; each has at least ctx/2 - chunk tokens of context."""
+        ids = np.array(self.tokenizer.encode(text)[:n_tokens])
+        if self.tokenizer.add_bos:
+            ids[0] = self.tokenizer.bos_id
+        score_from = self.ctx // 2 if score_from is None else score_from
+        if len(ids) <= score_from + 1 or chunk > self.ctx // 4:
+            raise EdgeRtError(f"{len(ids)} tokens, scored from {score_from}, --ctx {self.ctx}: too few tokens, "
+                              f"or chunks larger than ctx/4")
+        self._reserve(self.plan_for(chunk, 0, LOGIT_ROWS, scored=True))
+        nll, count, pos, shifts = 0.0, 0, 0, 0
+        with threadpool_limits(self.threads):
+            for i in range(0, len(ids) - 1, chunk):
+                toks = ids[i:min(i + chunk, len(ids) - 1)]
+                if pos + len(toks) > self.ctx:
+                    discard = (self.ctx - keep) // 2
+                    self.layers.kv_shift(self.spec, self.weights, self.kv, keep, discard, pos)
+                    pos, shifts = pos - discard, shifts + 1
+                h = forward(self.spec, self.weights, toks, pos, self.kv, self.layers.run)
+                pos += len(toks)
+                scored = np.arange(i, i + len(toks)) >= score_from
+                nll += self._nll(h[scored], ids[i + 1:i + 1 + len(toks)][scored])
+                count += int(scored.sum())
+        return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "tokens": len(ids), "score_from": score_from,
+                "keep": keep,
+                "kv_shifts": shifts} | self._info()
+
     def eval_perplexity(self, text: str, ctx: int = 512, windows: int | None = None, progress=None) -> dict:
         """Perplexity as llama.cpp's llama-perplexity computes it: the text tokenized once,
         cut into non-overlapping windows of ctx tokens, each window's first token replaced
@@ -212,13 +255,8 @@ class Model:
                 if self.tokenizer.add_bos:
                     chunk[0] = self.tokenizer.bos_id
                 h = self._forward(chunk, first)  # h[j] is position first + j
-                for i in range(first, ctx - 1, LOGIT_ROWS):
-                    rows = np.arange(i, min(i + LOGIT_ROWS, ctx - 1))
-                    z = logits(self.weights, h[rows - first]).astype(np.float64)
-                    z -= z.max(axis=1, keepdims=True)
-                    logp = z[np.arange(len(rows)), chunk[rows + 1]] - np.log(np.exp(z).sum(axis=1))
-                    nll -= logp.sum()
-                    count += len(rows)
+                nll += self._nll(h[:ctx - 1 - first], chunk[first + 1:])
+                count += ctx - 1 - first
                 if progress:
                     progress(w + 1, windows, float(np.exp(nll / count)))
         return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "ctx": ctx, "windows": windows,

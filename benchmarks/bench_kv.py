@@ -1,0 +1,55 @@
+"""Perplexity at long context with a KV cache smaller than the text: the first N tokens
+of wikitext-2 test read as ONE sequence (Model.eval_stream), the same tokens scored in
+every configuration, through caches of several sizes with the sink-window policy
+(4 sink positions kept) and without sinks (a plain sliding window), against a cache
+that holds the whole text. Also the cache's bytes at each size and precision.
+
+    python benchmarks/bench_kv.py --models smollm2-135m --bits 8 --tokens 4096 --score-from 1024 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import edge_rt  # noqa: E402
+from conftest import _converted  # noqa: E402  (the tests' cached conversions)
+from edge_rt.models.transformer import KVCache  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--score-from", type=int, default=1024)
+    ap.add_argument("--caches", default="256,512,1024", help="KV cache sizes (positions) to try")
+    ap.add_argument("--kv-type", default="f16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    text = (ROOT / "data/wikitext-2/test.txt").read_text()
+    rows = []
+    for name in args.models.split(","):
+        path = _converted(name, args.bits)
+        configs = [(c, keep) for c in map(int, args.caches.split(",")) for keep in (4, 0)] + [(args.tokens, 4)]
+        for ctx, keep in configs:
+            m = edge_rt.load(path, ctx=ctx, threads=args.threads, kv_type=args.kv_type)
+            r = m.eval_stream(text, args.tokens, score_from=args.score_from, keep=keep)
+            row = {"model": name, "bits": args.bits, "cache_positions": ctx, "sinks": keep, "ppl": r["ppl"],
+                   "tokens_scored": r["tokens_scored"], "kv_shifts": r["kv_shifts"],
+                   "kv_bytes": KVCache.nbytes(m.spec, ctx, args.kv_type), "kv_type": args.kv_type}
+            rows.append(row)
+            print(f"{name} {args.bits}-bit, cache {ctx:5d} ({row['kv_bytes'] / 2**20:6.1f} MiB {args.kv_type}), "
+                  f"sinks {keep}: ppl {r['ppl']:.3f} over {r['tokens_scored']} tokens, {r['kv_shifts']} shifts",
+                  file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
