@@ -17,37 +17,17 @@
 #include <stdatomic.h>
 #include <string.h>
 
-/* the hot loops are cloned for AVX2+FMA on x86 (glibc picks one at load time); the
-   baseline build vectorizes them with SSE2 / NEON */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define ERT_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define ERT_CLONES
-#endif
+/* ---- vector helpers ----------------------------------------------------------------
+ * Portable C (eight partial sums: compilers vectorize them without -ffast-math), and on
+ * x86 AVX2+FMA+F16C twins chosen at load time (the library's baseline is SSE2). The KV
+ * cache holds float32 or IEEE half, rounded to nearest even like numpy's float16. */
 
-/* ---- vector helpers (eight partial sums: vectorized without -ffast-math) ---------- */
-
-ERT_CLONES static float dot(const float *a, const float *b, int n) {
-    float s[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (; i < n; i++) s[0] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
-ERT_CLONES static void axpy(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-/* ---- the KV cache: float32, or IEEE half rounded to nearest even (numpy's float16) --- */
-
-#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
-typedef _Float16 half; /* F16C / fcvt conversions where the target has them */
-static inline float h2f(half h) { return (float)h; }
-static inline half f2h(float f) { return (half)f; }
-#else
 typedef uint16_t half;
+
+#if defined(__aarch64__)
+static inline float h2f(half h) { __fp16 f; memcpy(&f, &h, 2); return f; } /* one fcvt */
+static inline half f2h(float x) { __fp16 f = (__fp16)x; half h; memcpy(&h, &f, 2); return h; }
+#else
 static inline float h2f(half h) { return ert_half_to_float(h); }
 static half f2h(float f) {
     union { float f; uint32_t u; } v = {f};
@@ -60,7 +40,16 @@ static half f2h(float f) {
 }
 #endif
 
-ERT_CLONES static float dot_h(const float *a, const half *b, int n) {
+static float dot_c(const float *a, const float *b, int n) {
+    float s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static float dot_h_c(const float *a, const half *b, int n) {
     float s[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
@@ -69,9 +58,60 @@ ERT_CLONES static float dot_h(const float *a, const half *b, int n) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-ERT_CLONES static void axpy_h(float *y, float a, const half *x, int n) {
+static void axpy_c(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void axpy_h_c(float *y, float a, const half *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * h2f(x[i]);
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LOAD_F32(p) _mm256_loadu_ps(p)
+#define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+
+AVX2 static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#define AVX2_DOT_AXPY(name, T, LOAD, TO_F32)                                              \
+    AVX2 static float dot##name##_avx2(const float *a, const T *b, int n) {              \
+        __m256 s = _mm256_setzero_ps();                                                  \
+        int i = 0;                                                                       \
+        for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), LOAD(b + i), s); \
+        float r = hsum(s);                                                               \
+        for (; i < n; i++) r += a[i] * TO_F32(b[i]);                                     \
+        return r;                                                                        \
+    }                                                                                    \
+    AVX2 static void axpy##name##_avx2(float *y, float a, const T *x, int n) {           \
+        const __m256 va = _mm256_set1_ps(a);                                             \
+        int i = 0;                                                                       \
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, LOAD(x + i), _mm256_loadu_ps(y + i))); \
+        for (; i < n; i++) y[i] += a * TO_F32(x[i]);                                     \
+    }
+#define AS_F32(v) (v)
+AVX2_DOT_AXPY(, float, LOAD_F32, AS_F32)
+AVX2_DOT_AXPY(_h, half, LOAD_F16, h2f)
+#endif
+
+static struct {
+    float (*dot)(const float *, const float *, int);
+    float (*dot_h)(const float *, const half *, int);
+    void (*axpy)(float *, float, const float *, int);
+    void (*axpy_h)(float *, float, const half *, int);
+} V = {dot_c, dot_h_c, axpy_c, axpy_h_c};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((constructor)) static void pick_vector_helpers(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        V.dot = dot_avx2, V.dot_h = dot_h_avx2, V.axpy = axpy_avx2, V.axpy_h = axpy_h_avx2;
+}
+#endif
 
 /* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on */
 static const void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
@@ -190,7 +230,7 @@ static void attention_task(void *ctx, int ith, int nth) {
         float mx = -INFINITY;
         for (int j = first; j <= p; j++) {
             const void *k = kv_row(l, s->kc, j, g * hd);
-            float sc = (l->kv_f16 ? dot_h(q, k, hd) : dot(q, k, hd)) * l->attn_scale;
+            float sc = (l->kv_f16 ? V.dot_h(q, k, hd) : V.dot(q, k, hd)) * l->attn_scale;
             scores[j - first] = sc;
             if (sc > mx) mx = sc;
         }
@@ -200,8 +240,8 @@ static void attention_task(void *ctx, int ith, int nth) {
         memset(out, 0, sizeof(float) * hd);
         for (int j = first; j <= p; j++) {
             const void *v = kv_row(l, s->vc, j, g * hd);
-            if (l->kv_f16) axpy_h(out, scores[j - first] / sum, v, hd);
-            else axpy(out, scores[j - first] / sum, v, hd);
+            if (l->kv_f16) V.axpy_h(out, scores[j - first] / sum, v, hd);
+            else V.axpy(out, scores[j - first] / sum, v, hd);
         }
     }
 }
