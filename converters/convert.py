@@ -8,17 +8,25 @@ from edge_rt.errors import EdgeRtError
 from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 
-from .quantize import LLAMA_CPP_TYPES, choose_formats
+from . import calibrate
+from .quantize import CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
 from .readers import open_source
 from .writers import edge_rt_items, llama_cpp_items, provenance, write_gguf
 
 BITS = (2, 3, 4, 8, 16, 32)
-from edge_rt.formats import DEFAULT_GROUP_SIZE
+from edge_rt.formats import DEFAULT_GROUP_SIZE, GroupQuant
 
 
 def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
-            target: str = "edge-rt", progress: bool | None = None) -> Path:
-    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp")."""
+            target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
+            embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS) -> Path:
+    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp").
+    method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
+    source on calib_windows windows of calib_text (default: wikitext-2 validation)."""
+    if method not in METHODS:
+        raise EdgeRtError(f"--method {method} is not offered (choose from {', '.join(METHODS)})")
+    if embed_bits is not None and embed_bits not in BITS:
+        raise EdgeRtError(f"--embed-bits {embed_bits} is not offered (choose from {', '.join(map(str, BITS))})")
     if bits not in BITS:
         raise EdgeRtError(f"--bits {bits} is not offered (choose from {', '.join(map(str, BITS))})")
     if target == "llama.cpp" and bits not in LLAMA_CPP_TYPES:
@@ -36,6 +44,12 @@ def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_S
         items, extra = llama_cpp_items(src, bits)
         write_gguf(out_path, src, items, extra, progress, alignment=None)
     else:
-        items, extra = edge_rt_items(src, choose_formats(src.shapes, bits, group_size))
+        chosen = choose_formats(src.shapes, bits, group_size, embed_bits)
+        quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
+        gram = None
+        if method in CALIBRATED and quantized:
+            gram = calibrate.collect(src, calib_text, calib_windows, progress=progress).gram
+        items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
+        extra["edgert.method"] = method
         write_gguf(out_path, src, items, extra | provenance(src, bits, group_size), progress)
     return Path(out_path)

@@ -85,8 +85,9 @@ def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool 
         w.close()
 
 
-def edge_rt_items(src: Source, chosen: dict) -> tuple[list[Item], dict]:
-    """Items and per-tensor metadata for our GGUF."""
+def edge_rt_items(src: Source, chosen: dict, quantize: Callable | None = None) -> tuple[list[Item], dict]:
+    """Items and per-tensor metadata for our GGUF; quantize(name, fmt, w) -> parts makes a
+    group-quantized tensor's parts (default: the format's own round-to-nearest)."""
     items, extra = [], {}
     for name, shape in src.shapes.items():
         fmt = chosen[name]
@@ -99,7 +100,8 @@ def edge_rt_items(src: Source, chosen: dict) -> tuple[list[Item], dict]:
             extra[FMT_KEY + name] = f"{fmt.name}:{fmt.group_size}"
 
             def produce(name=name, fmt=fmt):
-                p = fmt.quantize(src.load(name))
+                w = src.load(name)
+                p = quantize(name, fmt, w) if quantize else fmt.quantize(w)
                 return [p["codes"].view(np.int8), p["scale"], p["min"]]
         else:
             dtype = np.dtype(np.float16 if isinstance(fmt, formats.F16) else np.float32)

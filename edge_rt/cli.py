@@ -69,11 +69,22 @@ def pull(name):
 @click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
 @click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp"]), default="edge-rt", show_default=True,
               help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types.")
-def convert(src, out, bits, group_size, target):
+@click.option("--method", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
+              help="How group codes are chosen: round-to-nearest, clipped-range search, or GPTQ calibrated "
+                   "on --calib-text.")
+@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default=None,
+              help="Width of the token embeddings and output head (default: --bits).")
+@click.option("--calib-text", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Calibration text (default: the wikitext-2 validation file).")
+@click.option("--calib-windows", type=click.IntRange(1), default=16, show_default=True,
+              help="Calibration windows of 512 tokens.")
+def convert(src, out, bits, group_size, target, method, embed_bits, calib_text, calib_windows):
     """Convert SRC (a GGUF of any ggml type, a Hugging Face folder, or a registry name)."""
     from .converters.convert import convert as do_convert
     from .pull import resolve
-    path = do_convert(resolve(src), out, int(bits), group_size, target)
+    path = do_convert(resolve(src), out, int(bits), group_size, target, method=method,
+                      embed_bits=int(embed_bits) if embed_bits else None, calib_text=calib_text,
+                      calib_windows=calib_windows)
     click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
 
