@@ -65,3 +65,49 @@ def test_gptq_beats_round_to_nearest(smollm2_stats, name, bits):
     rtn = output_error(w, fmt.dequantize(fmt.quantize(w), w.shape[1]), H)
     ours = output_error(w, gptq.dequantize(*gptq.gptq(w, H, fmt), 128), H)
     assert ours < 0.5 * rtn, (ours, rtn)
+
+
+@pytest.fixture(scope="module")
+def tiny_src32(tmp_path_factory, smollm2_gguf):
+    """A float32 tiny llama (random weights, SmolLM2's vocabulary): a fast convert source. Its
+    tokenizer metadata alone is 2.3 MB, so its smallest file has 4.3 bits per weight."""
+    from edge_rt.converters.quantize import choose_formats
+    from edge_rt.converters.writers import edge_rt_items, write_gguf
+    from tiny import tiny_source
+    src = tiny_source("llama", smollm2_gguf)
+    out = tmp_path_factory.mktemp("quality") / "src32.gguf"
+    items, extra = edge_rt_items(src, choose_formats(src.shapes, 32, 64))
+    write_gguf(out, src, items, extra, progress=False)
+    return out
+
+
+def matrix_types(path):
+    from edge_rt.inspect import inspect
+    return {t["name"]: t["type"] for t in inspect(path)["tensors"] if len(t["shape"]) == 2}
+
+
+@pytest.mark.parametrize("bits, size, method", [(4.6, None, "gptq"), (5.5, None, "rtn"), (None, 5_000_000, "clip")])
+def test_mixed_precision_stays_within_budget(tiny_src32, tmp_path, bits, size, method):
+    from edge_rt.api import load
+    from edge_rt.converters.convert import convert
+    out = convert(tiny_src32, tmp_path / "mixed.gguf", bits=bits or 4, size=size, method=method,
+                  calib_windows=1, progress=False)
+    src = open_source(tiny_src32)
+    params = sum(int(np.prod(s)) for s in src.shapes.values())
+    budget = size if size is not None else bits * params / 8
+    used = out.stat().st_size
+    assert used <= budget
+    assert used > 0.9 * budget  # the budget is spent, not just respected
+    types = set(matrix_types(out).values())
+    assert len(types) >= 2, types  # a real mix of widths
+    m = load(out, ctx=64)
+    z = m.logits(m.tokenizer.encode("The quick brown fox"))
+    assert np.isfinite(z).all()
+
+
+def test_budget_below_the_smallest_file_is_refused(tiny_src32, tmp_path):
+    from edge_rt.converters.convert import convert
+    from edge_rt.errors import EdgeRtError
+    with pytest.raises(EdgeRtError, match="smallest file"):
+        convert(tiny_src32, tmp_path / "x.gguf", size=1_000_000, method="rtn", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
