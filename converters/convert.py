@@ -11,6 +11,7 @@ from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 
 from . import calibrate
+from . import prune as pruning
 from .mixed import WIDTHS as MIXED_WIDTHS, choose_widths
 from .quantize import CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
 from .readers import open_source
@@ -22,12 +23,12 @@ BITS = (2, 3, 4, 8, 16, 32)
 def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
             target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
             embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS,
-            size: int | None = None) -> Path:
+            size: int | None = None, prune: str | None = None) -> Path:
     """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp").
     method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
     source on calib_windows windows of calib_text (default: wikitext-2 validation).
     Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
-    size in bytes; the file then never exceeds that budget."""
+    size in bytes; the file then never exceeds that budget. prune: see converters/prune.py."""
     mixed = size is not None or bits not in BITS
     if mixed and target != "edge-rt":
         raise EdgeRtError("mixed precision (--bits with a fraction, or --size) writes only --format edge-rt")
@@ -43,6 +44,10 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
     if target == "llama.cpp" and bits not in LLAMA_CPP_TYPES:
         raise EdgeRtError(f"--format llama.cpp writes {', '.join(f'{b} bits as {t}' for b, t in LLAMA_CPP_TYPES.items())}; "
                           f"--bits {bits} has no llama.cpp type here")
+    if prune is not None:
+        pruning.parse(prune)
+        if target != "edge-rt":
+            raise EdgeRtError("--prune writes only --format edge-rt")
     if group_size <= 0 or group_size % 32:
         raise EdgeRtError(f"--group-size must be a positive multiple of 32, got {group_size}")
     src = open_source(src_path)
@@ -58,9 +63,12 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         chosen = choose_formats(src.shapes, MIXED_WIDTHS[0] if mixed else bits, group_size, embed_bits)
         quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
         stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
-            if method in CALIBRATED and quantized else None
+            if (method in CALIBRATED and quantized) or prune else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
         meta = {"edgert.method": method} | provenance(src, bits, group_size)
+        if prune:
+            src, gram = pruning.apply(src, prune, gram, count)
+            meta["edgert.prune"] = prune
         budget = None
         if mixed:
             budget = size if size is not None else int(bits * sum(math.prod(s) for s in src.shapes.values()) / 8)

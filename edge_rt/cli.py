@@ -82,13 +82,15 @@ def pull(name):
               help="Calibration text (default: the wikitext-2 validation file).")
 @click.option("--calib-windows", type=click.IntRange(1), default=16, show_default=True,
               help="Calibration windows of 512 tokens.")
-def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_text, calib_windows):
+@click.option("--prune", default=None, help="wanda:0.5 (unstructured), 2:4, or ffn:0.25 (drop that fraction "
+              "of FFN neurons: a smaller file and less compute); calibrated on --calib-text.")
+def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_text, calib_windows, prune):
     """Convert SRC (a GGUF of any ggml type, a Hugging Face folder, or a registry name)."""
     from .converters.convert import convert as do_convert
     from .pull import resolve
     path = do_convert(resolve(src), out, int(bits) if bits.is_integer() else bits, group_size, target,
                       method=method, embed_bits=int(embed_bits) if embed_bits else None, calib_text=calib_text,
-                      calib_windows=calib_windows, size=size)
+                      calib_windows=calib_windows, size=size, prune=prune)
     click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
 

@@ -111,3 +111,34 @@ def test_budget_below_the_smallest_file_is_refused(tiny_src32, tmp_path):
     with pytest.raises(EdgeRtError, match="smallest file"):
         convert(tiny_src32, tmp_path / "x.gguf", size=1_000_000, method="rtn", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("prune", ["ffn:0.25", "2:4", "wanda:0.5"])
+def test_pruned_model_loads_and_runs(tiny_src32, tmp_path, prune):
+    from edge_rt.api import load
+    from edge_rt.converters.convert import convert
+    from edge_rt.gguf_file import GGUFFile
+    from tiny import FF
+    out = convert(tiny_src32, tmp_path / "pruned.gguf", bits=4, method="rtn", prune=prune, calib_windows=1,
+                  progress=False)
+    g = GGUFFile(out)
+    d_ff = g.meta["llama.feed_forward_length"]
+    assert d_ff == (FF * 3 // 4 // 32 * 32 if prune.startswith("ffn") else FF)
+    assert g.meta["edgert.prune"] == prune
+    m = load(out, ctx=64)
+    assert m.spec.d_ff == d_ff
+    z = m.logits(m.tokenizer.encode("The quick brown fox"))
+    assert np.isfinite(z).all()
+    if prune.startswith("ffn"):
+        full = convert(tiny_src32, tmp_path / "full.gguf", bits=4, method="rtn", progress=False)
+        assert out.stat().st_size < full.stat().st_size
+
+
+def test_two_of_four_keeps_two_in_every_four(smollm2_stats):
+    from edge_rt.converters import prune
+    src, stats = smollm2_stats
+    name = "blk.7.ffn_up.weight"
+    w = prune._unstructured(stats.matrix(name), stats.gram[name], "nm", (2, 4))
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) <= 2).all()
+    w = prune._unstructured(stats.matrix(name), stats.gram[name], "wanda", 0.5)
+    assert ((w == 0).sum(axis=1) >= w.shape[1] // 2).all()
