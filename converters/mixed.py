@@ -34,11 +34,6 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its width is
     replaced); file_size(chosen) -> exact bytes of the file. Returns the new choice."""
     names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant)]
-    sens = {}
-    for name in tqdm(names, desc="sensitivity", unit="tensor", disable=None if progress is None else not progress):
-        w = np.asarray(src.load(name), np.float32)
-        h = np.diag(gram[name]) / count[name] if gram and name in gram else np.ones(w.shape[1])
-        sens[name] = sensitivity(w, h, group_size)
     bits = {n: WIDTHS[0] for n in names}
 
     def with_bits(b):
@@ -48,6 +43,11 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
     if fixed > budget:
         raise EdgeRtError(f"the budget {format_size(budget)} is below the smallest file this model makes "
                           f"({format_size(fixed)}, every matrix at {WIDTHS[0]} bits)")
+    sens = {}
+    for name in tqdm(names, desc="sensitivity", unit="tensor", disable=None if progress is None else not progress):
+        w = np.asarray(src.load(name), np.float32)
+        h = np.diag(gram[name]) / count[name] if gram and name in gram else np.ones(w.shape[1])
+        sens[name] = sensitivity(w, h, group_size)
     pad = lambda n: -(-n // 64) * 64  # noqa: E731 (every tensor part starts on a 64-byte boundary)
 
     def size(name, b):

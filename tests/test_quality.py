@@ -142,3 +142,14 @@ def test_two_of_four_keeps_two_in_every_four(smollm2_stats):
     assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) <= 2).all()
     w = prune._unstructured(stats.matrix(name), stats.gram[name], "wanda", 0.5)
     assert ((w == 0).sum(axis=1) >= w.shape[1] // 2).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [({"bits": 1.5}, "average width"), ({"bits": 3.5, "target": "llama.cpp"},
+                                             "only --format edge-rt"), ({"prune": "half"}, "expected wanda"),
+                                            ({"prune": "3:5"}, "N:M"), ({"method": "awq"}, "not offered")])
+def test_bad_quality_options_are_refused(tiny_src32, tmp_path, kwargs, message):
+    from edge_rt.converters.convert import convert
+    from edge_rt.errors import EdgeRtError
+    with pytest.raises(EdgeRtError, match=message):
+        convert(tiny_src32, tmp_path / "x.gguf", progress=False, **kwargs)
+    assert not (tmp_path / "x.gguf").exists()
