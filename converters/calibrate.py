@@ -56,6 +56,9 @@ class RecordingWeights:
     def embed(self, tokens) -> np.ndarray:
         return self.matrix("token_embd.weight")[np.asarray(tokens)]
 
+    def begin_layer(self, i: int) -> None:
+        """Every tensor is in memory: nothing to read."""
+
 
 def calibration_windows(src: Source, text_path=None, windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX):
     """Token windows of ctx tokens cut from the calibration text (BOS first where the model adds one)."""
@@ -88,6 +91,6 @@ def collect(src: Source, text_path=None, windows: int = DEFAULT_WINDOWS, ctx: in
     W = RecordingWeights(src)
     chunks = calibration_windows(src, text_path, windows, ctx)
     for chunk in tqdm(chunks, desc="calibrate", unit="window", disable=None if progress is None else not progress):
-        h = forward(spec, W, chunk, 0, KVCache(spec, ctx))
+        h = forward(spec, W, chunk, 0, KVCache(spec, ctx, "f32"))
         W.record(output_name(W), h)
     return W
