@@ -63,7 +63,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         chosen = choose_formats(src.shapes, MIXED_WIDTHS[0] if mixed else bits, group_size, embed_bits)
         quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
         stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
-            if (method in CALIBRATED and quantized) or prune else None
+            if (method in CALIBRATED and quantized) or prune or mixed else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
         meta = {"edgert.method": method} | provenance(src, bits, group_size)
         if prune:

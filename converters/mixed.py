@@ -4,7 +4,8 @@ the whole file (header, metadata, padding and all) fits the budget.
 
 Sensitivity of a matrix at b bits: its round-to-nearest error weighted by the mean
 squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the diagonal
-of the layer's output error; E[x_j^2] = 1 without calibration). Start every matrix at
+of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
+tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). Start every matrix at
 the narrowest width; then, while something still fits, widen the matrix that buys the
 most error per added byte."""
 from __future__ import annotations
