@@ -2,28 +2,52 @@
 quantize and write, atomically."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from edge_rt.errors import EdgeRtError
+from edge_rt.formats import DEFAULT_GROUP_SIZE, GroupQuant
 from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 
-from .quantize import LLAMA_CPP_TYPES, choose_formats
+from . import calibrate
+from . import prune as pruning
+from .mixed import WIDTHS as MIXED_WIDTHS, choose_widths
+from .quantize import CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
 from .readers import open_source
-from .writers import edge_rt_items, llama_cpp_items, provenance, write_gguf
+from .writers import edge_rt_items, file_bytes, llama_cpp_items, provenance, write_gguf
 
 BITS = (2, 3, 4, 8, 16, 32)
-from edge_rt.formats import DEFAULT_GROUP_SIZE
 
 
-def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE,
-            target: str = "edge-rt", progress: bool | None = None) -> Path:
-    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp")."""
-    if bits not in BITS:
+def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
+            target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
+            embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS,
+            size: int | None = None, prune: str | None = None) -> Path:
+    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp").
+    method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
+    source on calib_windows windows of calib_text (default: wikitext-2 validation).
+    Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
+    size in bytes; the file then never exceeds that budget. prune: see converters/prune.py."""
+    mixed = size is not None or bits not in BITS
+    if mixed and target != "edge-rt":
+        raise EdgeRtError("mixed precision (--bits with a fraction, or --size) writes only --format edge-rt")
+    if mixed and size is None and not MIXED_WIDTHS[0] <= bits <= MIXED_WIDTHS[-1]:
+        raise EdgeRtError(f"--bits {bits}: an average width must lie in {MIXED_WIDTHS[0]}..{MIXED_WIDTHS[-1]} "
+                          f"(or be one of {', '.join(map(str, BITS))})")
+    if method not in METHODS:
+        raise EdgeRtError(f"--method {method} is not offered (choose from {', '.join(METHODS)})")
+    if embed_bits is not None and embed_bits not in BITS:
+        raise EdgeRtError(f"--embed-bits {embed_bits} is not offered (choose from {', '.join(map(str, BITS))})")
+    if not mixed and bits not in BITS:
         raise EdgeRtError(f"--bits {bits} is not offered (choose from {', '.join(map(str, BITS))})")
     if target == "llama.cpp" and bits not in LLAMA_CPP_TYPES:
         raise EdgeRtError(f"--format llama.cpp writes {', '.join(f'{b} bits as {t}' for b, t in LLAMA_CPP_TYPES.items())}; "
                           f"--bits {bits} has no llama.cpp type here")
+    if prune is not None:
+        pruning.parse(prune)
+        if target != "edge-rt":
+            raise EdgeRtError("--prune writes only --format edge-rt")
     if group_size <= 0 or group_size % 32:
         raise EdgeRtError(f"--group-size must be a positive multiple of 32, got {group_size}")
     src = open_source(src_path)
@@ -36,6 +60,27 @@ def convert(src_path, out_path, bits: int = 4, group_size: int = DEFAULT_GROUP_S
         items, extra = llama_cpp_items(src, bits)
         write_gguf(out_path, src, items, extra, progress, alignment=None)
     else:
-        items, extra = edge_rt_items(src, choose_formats(src.shapes, bits, group_size))
-        write_gguf(out_path, src, items, extra | provenance(src, bits, group_size), progress)
+        chosen = choose_formats(src.shapes, MIXED_WIDTHS[0] if mixed else bits, group_size, embed_bits)
+        quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
+        stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
+            if (method in CALIBRATED and quantized) or prune or mixed else None
+        gram, count = (stats.gram, stats.count) if stats else (None, None)
+        meta = {"edgert.method": method} | provenance(src, bits, group_size)
+        if prune:
+            src, gram = pruning.apply(src, prune, gram, count)
+            meta["edgert.prune"] = prune
+        budget = None
+        if mixed:
+            budget = size if size is not None else int(bits * sum(math.prod(s) for s in src.shapes.values()) / 8)
+            meta["edgert.budget_bytes"] = budget
+
+            def file_size(ch):
+                items, extra = edge_rt_items(src, ch)
+                return file_bytes(src, items, extra | meta)
+            chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
+        items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
+        write_gguf(out_path, src, items, extra | meta, progress)
+        if budget is not None and Path(out_path).stat().st_size > budget:  # file_bytes disagrees with the writer
+            Path(out_path).unlink()
+            raise EdgeRtError(f"internal: the mixed-precision file came out over its budget of {budget} bytes")
     return Path(out_path)

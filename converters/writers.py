@@ -2,7 +2,9 @@
 own ggml types. Both stream one tensor at a time into a temporary file, then rename."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,24 +71,41 @@ def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool 
     """alignment None: GGUF's default (32) and no general.alignment key, as llama.cpp's
     own tools write and expect (llama-quantize copies the key but lays data out at 32)."""
     with atomic_output(out) as tmp:
-        w = GGUFWriter(tmp, src.meta["general.architecture"])
-        if alignment is not None:
-            w.add_custom_alignment(alignment)
-        _add_meta(w, typed_meta(src.meta, src.types) | typed_meta(extra, {}, skip=()))
-        for item in items:
-            for name, shape, dtype, raw, nbytes in item.infos:
-                w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w = _write_header(tmp, src, items, extra, alignment)
         for item in tqdm(items, desc="convert", unit="tensor", disable=None if progress is None else not progress):
             for arr in item.produce():
                 w.write_tensor_data(arr)
         w.close()
 
 
-def edge_rt_items(src: Source, chosen: dict) -> tuple[list[Item], dict]:
-    """Items and per-tensor metadata for our GGUF."""
+def _write_header(path, src: Source, items: list[Item], extra: dict, alignment: int | None) -> GGUFWriter:
+    w = GGUFWriter(path, src.meta["general.architecture"])
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    _add_meta(w, typed_meta(src.meta, src.types) | typed_meta(extra, {}, skip=()))
+    for item in items:
+        for name, shape, dtype, raw, nbytes in item.infos:
+            w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def file_bytes(src: Source, items: list[Item], extra: dict, alignment: int = ALIGNMENT) -> int:
+    """The exact size write_gguf would give (header, then every tensor padded to alignment),
+    found by writing the header alone to a scratch file."""
+    with tempfile.TemporaryDirectory() as d:
+        w = _write_header(Path(d) / "header.gguf", src, items, extra, alignment)
+        header = w.fout[0].tell()
+        w.close()
+    pad = lambda n: -(-n // alignment) * alignment  # noqa: E731
+    return pad(header) + sum(pad(info[4]) for item in items for info in item.infos)
+
+
+def edge_rt_items(src: Source, chosen: dict, quantize: Callable | None = None) -> tuple[list[Item], dict]:
+    """Items and per-tensor metadata for our GGUF; quantize(name, fmt, w) -> parts makes a
+    group-quantized tensor's parts (default: the format's own round-to-nearest)."""
     items, extra = [], {}
     for name, shape in src.shapes.items():
         fmt = chosen[name]
@@ -99,7 +118,8 @@ def edge_rt_items(src: Source, chosen: dict) -> tuple[list[Item], dict]:
             extra[FMT_KEY + name] = f"{fmt.name}:{fmt.group_size}"
 
             def produce(name=name, fmt=fmt):
-                p = fmt.quantize(src.load(name))
+                w = src.load(name)
+                p = quantize(name, fmt, w) if quantize else fmt.quantize(w)
                 return [p["codes"].view(np.int8), p["scale"], p["min"]]
         else:
             dtype = np.dtype(np.float16 if isinstance(fmt, formats.F16) else np.float32)

@@ -80,15 +80,32 @@ def pull(name):
 @cli.command()
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output GGUF file.")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default="4", show_default=True)
+@click.option("--bits", type=float, default=4, show_default=True,
+              help="2, 3, 4, 8, 16 or 32; a fraction (e.g. 3.5) is an average: mixed precision, "
+                   "8 x file bytes / parameters at most.")
+@click.option("--size", type=Size(), default=None,
+              help="Mixed precision: the largest file allowed, e.g. 60MB (powers of 1024).")
 @click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
 @click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp"]), default="edge-rt", show_default=True,
               help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types.")
-def convert(src, out, bits, group_size, target):
+@click.option("--method", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
+              help="How group codes are chosen: round-to-nearest, clipped-range search, or GPTQ calibrated "
+                   "on --calib-text.")
+@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default=None,
+              help="Width of the token embeddings and output head (default: --bits).")
+@click.option("--calib-text", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Calibration text (default: the wikitext-2 validation file).")
+@click.option("--calib-windows", type=click.IntRange(1), default=16, show_default=True,
+              help="Calibration windows of 512 tokens.")
+@click.option("--prune", default=None, help="wanda:0.5 (unstructured), 2:4, or ffn:0.25 (drop that fraction "
+              "of FFN neurons: a smaller file and less compute); calibrated on --calib-text.")
+def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_text, calib_windows, prune):
     """Convert SRC (a GGUF of any ggml type, a Hugging Face folder, or a registry name)."""
     from .converters.convert import convert as do_convert
     from .pull import resolve
-    path = do_convert(resolve(src), out, int(bits), group_size, target)
+    path = do_convert(resolve(src), out, int(bits) if bits.is_integer() else bits, group_size, target,
+                      method=method, embed_bits=int(embed_bits) if embed_bits else None, calib_text=calib_text,
+                      calib_windows=calib_windows, size=size, prune=prune)
     click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
 

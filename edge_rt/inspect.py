@@ -30,10 +30,16 @@ def inspect(path: Path) -> dict:
         params += count
         tensors.append({"name": t.name, "type": fmt or t.type_name, "shape": list(shape), "bytes": nbytes})
     size = path.stat().st_size
+    widths = {}
+    for t in tensors:
+        if len(t["shape"]) == 2:
+            widths[t["type"]] = widths.get(t["type"], 0) + 1
     summary = {"file": str(path), "file_bytes": size, "architecture": spec.arch, "parameters": params,
                "bits_per_weight": round(8 * size / params, 3),
                "edge_rt_layout_version": g.meta.get("edgert.format_version", "none (not converted by edge-rt)"),
                "group_size": g.meta.get("edgert.group_size", "n/a"),
+               "method": g.meta.get("edgert.method", "n/a"),
+               "matrix_types": ", ".join(f"{n}x{k}" for k, n in sorted(widths.items())),
                "default_group_size": DEFAULT_GROUP_SIZE}
     summary |= {k: v for k, v in vars(spec).items() if k != "arch"}
     return {"summary": summary, "tensors": tensors}

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Quality per byte: wikitext-2 test perplexity against file size, for llama.cpp's
+Q8_0 / Q4_K_M / Q4_1 / Q4_0 / Q3_K_S / Q2_K (each plain and with an importance matrix
+from the validation text) and edge-rt's 8/4/3/2-bit and mixed-precision files.
+
+    .venv/bin/python benchmarks/bench_quality.py [--models smollm2-135m,gemma3-270m]
+        [--windows 40] [--ctx 512] [--rows ROW,...] [--plot quality.png] [--json]
+
+Every file comes from one float32 source per model (`edge-rt convert NAME --bits 32
+--format llama.cpp`, cached with the others under $EDGE_RT_HOME/bench/):
+  llama.cpp:  llama-imatrix -m F32 -f data/wikitext-2/valid.txt -c 512 --chunks 40 -o IMAT
+              llama-quantize [--imatrix IMAT] F32 OUT TYPE
+  edge-rt:    edge-rt convert F32 -o OUT --bits B   (default method: GPTQ calibrated on
+              the same validation file; never the test file)
+Each file is scored by its own engine on data/wikitext-2/test.txt (edge-rt eval,
+llama-perplexity: the same windows, as bench_ppl.py explains). Prints a markdown table
+and writes a PNG of perplexity against file size.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ppl as bp  # noqa: E402  (eval commands, llama-perplexity's output)
+import bench_speed as bs  # noqa: E402  (model files, process runner, helpers)
+
+from edge_rt import formats  # noqa: E402
+from edge_rt.pull import pull  # noqa: E402
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+PEER_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_S", "Q2_K")
+OURS = {"q8": ["--bits", "8"], "q4": ["--bits", "4"], "q3": ["--bits", "3"], "q2": ["--bits", "2"],
+        "mix3.5": ["--bits", "3.5"], "mix2.5": ["--bits", "2.5"]}
+VALID = bs.REPO / "data" / "wikitext-2" / "valid.txt"
+IMATRIX_CHUNKS = 40
+
+
+def rows_of(model: str) -> list[str]:
+    """Every row key: 'F32', 'Q4_0', 'Q4_0+imat', ..., 'edge-rt q4', ..."""
+    return ["F32"] + [t + s for t in PEER_TYPES for s in ("", "+imat")] + [f"edge-rt {k}" for k in OURS]
+
+
+def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
+    if path.exists():
+        return
+    bs.log(f"making {path.name}")
+    bs._run_checked(cmd, what)
+    if tmp is not None:
+        os.replace(tmp, path)
+
+
+def model_file(model: str, row: str, threads: int) -> tuple[Path, list, str]:
+    """(path, the command that makes it, engine) for one row, made when missing."""
+    d, v = bs.bench_dir(), formats.FORMAT_VERSION
+    pull(model)
+    f32 = d / f"{model}-F32-v{v}.gguf"
+    f32_cmd = [*bs.edge_rt_exe(), "convert", model, "-o", f32, "--bits", "32", "--format", "llama.cpp"]
+    make(f32, f32_cmd, "edge-rt convert")
+    if row == "F32":
+        return f32, f32_cmd, "llama.cpp"
+    if row.startswith("edge-rt "):
+        key = row.split()[1]
+        path = d / f"{model}-edge-rt-{key}-gptq-v{v}.gguf"
+        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", "gptq"]
+        make(path, cmd, "edge-rt convert")
+        return path, cmd, "edge-rt"
+    qtype, imat = row.removesuffix("+imat"), row.endswith("+imat")
+    extra = []
+    if imat:
+        im = d / f"{model}-imatrix-valid-{IMATRIX_CHUNKS}-v{v}.dat"
+        make(im, [bs.peer.tool("llama-imatrix"), "-m", f32, "-f", VALID, "-c", "512", "--chunks",
+                  str(IMATRIX_CHUNKS), "-t", str(threads), "-o", im], "llama-imatrix")
+        extra = ["--imatrix", im]
+    path = d / f"{model}-llama.cpp-{qtype}{'-imat' if imat else ''}-v{v}.gguf"
+    tmp = path.with_name(path.name + ".tmp")
+    make(path, [bs.peer.tool("llama-quantize"), *extra, f32, tmp, qtype, str(threads)], "llama-quantize", tmp)
+    return path, [bs.peer.tool("llama-quantize"), *extra, f32, path, qtype, str(threads)], "llama.cpp"
+
+
+def score(path: Path, engine: str, text: str, ctx: int, windows: int, threads: int) -> tuple[float, list]:
+    if engine == "edge-rt":
+        cmd = bp.ours_cmd(path, text, ctx, windows, threads)
+        r = bs.run_measured(cmd)
+        return json.loads(r["stdout"].strip().splitlines()[-1])["ppl"], cmd
+    cmd = bp.peer_cmd(path, text, ctx, windows, threads)
+    r = bs.run_measured(cmd)
+    m = bp.FINAL_RE.search(r["stdout"] + "\n" + r["stderr"])
+    if m is None:
+        raise SystemExit(f"no 'Final estimate' from llama-perplexity: {bs.cmd_str(cmd)}")
+    return float(m.group(1)), cmd
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib  # noqa: PLC0415 (a benchmark extra)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for engine, style in (("llama.cpp", "s"), ("edge-rt", "o")):
+            pts = sorted((r["file_bytes"] / bs.MiB, r["ppl"], r["row"]) for r in rows
+                         if r["model"] == model and r["engine"] == engine)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=style, label=engine)
+            for x, y, name in pts:
+                ax.annotate(name.removeprefix("edge-rt "), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("file MiB")
+        ax.set_ylabel("wikitext-2 test perplexity")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="", help="only these rows (e.g. 'Q4_0,Q4_0+imat,edge-rt q4'); default all")
+    ap.add_argument("--text", default=str(bs.WIKITEXT_TEST))
+    ap.add_argument("--plot", default="benchmarks/quality.png")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
+    rows = []
+    for model in a.models.split(","):
+        if model not in MODELS:
+            ap.error(f"--models: {model!r} is not one of {', '.join(MODELS)}")
+        wanted = [r for r in a.rows.split(",") if r] or rows_of(model)
+        for row in wanted:
+            if row not in rows_of(model):
+                ap.error(f"--rows: {row!r} is not one of {', '.join(rows_of(model))}")
+            path, make_cmd, engine = model_file(model, row, a.threads)
+            ppl, cmd = score(path, engine, a.text, a.ctx, a.windows, a.threads)
+            facts = bs.file_facts(path)
+            bs.log(f"{model} {row}: ppl {ppl:.4f}, {facts['file_bytes'] / bs.MiB:.1f} MiB")
+            rows.append({"model": model, "row": row, "engine": engine, "file_bytes": facts["file_bytes"],
+                         "bits_per_weight": facts["bits_per_weight"], "types": bs.types_str(facts), "ppl": ppl,
+                         "made_by": bs.short_cmd(make_cmd), "command": bs.short_cmd(cmd)})
+    this_cmd = bs.cmd_str([".venv/bin/python", "benchmarks/bench_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"## Perplexity against file size, ctx {a.ctx}, {a.windows} windows\n")
+    print(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {(time.perf_counter() - t0) / 60:.1f} min)\n")
+    print("| model | row | types (2-D tensors) | file MiB | bits/weight | ppl | Δ vs F32 | made by |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    base = {r["model"]: r["ppl"] for r in rows if r["row"] == "F32"}
+    for r in rows:
+        delta = bp._delta(r["ppl"], base[r["model"]]) if r["model"] in base and r["row"] != "F32" else "–"
+        print(f"| {r['model']} | {r['row']} | {r['types']} | {r['file_bytes'] / bs.MiB:.1f} | "
+              f"{r['bits_per_weight']:.3f} | {r['ppl']:.4f} | {delta} | `{r['made_by']}` |")
+    if a.plot:
+        plot(rows, Path(a.plot))
+        print(f"\nplot: {a.plot}")
+    if a.json:
+        print(json.dumps({"command": this_cmd, "windows": a.windows, "ctx": a.ctx, "rows": rows},
+                         separators=(",", ":"), default=str))
+
+
+if __name__ == "__main__":
+    main()

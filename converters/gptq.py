@@ -1,0 +1,130 @@
+"""Better codes for the group formats (w = d*c + m per group, d and m float16).
+
+- `fit_groups`: per group, a search over clipped ranges [s*lo, s*hi] followed by a
+  weighted least-squares refit of (d, m) to the chosen codes (as llama.cpp's
+  make_qkx2_quants), keeping whatever lowers sum_j h_j (w_j - d c_j - m)^2. h is the
+  importance of each column (diag of the input Gram matrix when calibrated, else 1).
+- `gptq`: GPTQ (Frantar et al. 2022): columns quantized in order, each column's error
+  spread over the columns not yet quantized through the inverse Hessian's Cholesky
+  factor, in lazy blocks; a group's (d, m) are fitted when the quantizer reaches it.
+
+Both return integer codes c[rows, cols] and d, m [rows, groups] float16; `encode` makes
+the format's parts from them only through the format object (fmt.pack)."""
+from __future__ import annotations
+
+import numpy as np
+
+from edge_rt import formats
+
+SHRINK = np.linspace(1.0, 0.5, 11, dtype=np.float32)  # range fractions tried per group
+DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
+BLOCK_COLS = 128  # GPTQ's lazy-update block (a multiple of every group size we use is not needed)
+
+
+def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
+    """c = clip(rint((w - m) / d), 0, qmax) with d, m as float16 values; d == 0 gives 0."""
+    d32, m32 = d.astype(np.float32), m.astype(np.float32)
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+    return np.clip(np.rint((w - m32) * inv), 0, qmax)
+
+
+def _err(w, c, d, m, h):
+    return (h * np.square(w - (d.astype(np.float32) * c + m.astype(np.float32)))).sum(axis=-1)
+
+
+def fit_groups(wg: np.ndarray, h: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """wg[..., g] float32 groups, h[..., g] (broadcastable) importances >= 0 ->
+    codes (float32 integers), d, m (float16 [...])."""
+    qmax = (1 << bits) - 1
+    wg = np.asarray(wg, np.float32)
+    h = np.broadcast_to(np.asarray(h, np.float32), wg.shape)
+    lo, hi = wg.min(axis=-1), wg.max(axis=-1)
+    best = None
+    for s in SHRINK:
+        m = (lo * s).astype(np.float16)
+        d = ((hi - lo) * s / qmax).astype(np.float16)
+        c = codes_for(wg, d[..., None], m[..., None], qmax)
+        # weighted least squares for (d, m) given c: [sum h c^2, sum h c; sum h c, sum h] [d m]^T = [sum h c w, sum h w]
+        a, b, n = (h * c * c).sum(-1), (h * c).sum(-1), h.sum(-1)
+        u, v = (h * c * wg).sum(-1), (h * wg).sum(-1)
+        det = a * n - b * b
+        ok = det > 1e-12 * np.maximum(a * n, 1e-30)
+        d2 = np.where(ok, (u * n - b * v) / np.where(ok, det, 1), d).astype(np.float16)
+        m2 = np.where(ok, (a * v - b * u) / np.where(ok, det, 1), m).astype(np.float16)
+        for dd, mm in ((d, m), (d2, m2)):
+            cc = codes_for(wg, dd[..., None], mm[..., None], qmax)
+            e = _err(wg, cc, dd[..., None], mm[..., None], h)
+            if best is None:
+                best = [e, cc, dd, mm]
+            else:
+                take = e < best[0]
+                best[0] = np.where(take, e, best[0])
+                best[1] = np.where(take[..., None], cc, best[1])
+                best[2] = np.where(take, dd, best[2])
+                best[3] = np.where(take, mm, best[3])
+    return best[1], best[2], best[3]
+
+
+def _grouped(w: np.ndarray, g: int) -> np.ndarray:
+    rows, cols = w.shape
+    ng = -(-cols // g)
+    return np.pad(w, ((0, 0), (0, ng * g - cols)), mode="edge").reshape(rows, ng, g), ng
+
+
+def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None = None):
+    """Round-to-nearest with the searched (d, m) of every group: codes, d, m."""
+    w = np.asarray(w, np.float32)
+    rows, cols = w.shape
+    wg, ng = _grouped(w, fmt.group_size)
+    h = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
+    hg = np.pad(h, (0, ng * fmt.group_size - cols)).reshape(1, ng, fmt.group_size)
+    c, d, m = fit_groups(wg, hg, fmt.bits)
+    return c.reshape(rows, -1)[:, :cols].astype(np.uint8), d, m
+
+
+def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DAMP, block: int = BLOCK_COLS):
+    """GPTQ with the format's groups: codes, d, m. H is the input Gram matrix [cols, cols]."""
+    W = np.array(w, dtype=np.float32)
+    rows, cols = W.shape
+    g, qmax = fmt.group_size, (1 << fmt.bits) - 1
+    block = max(g, block // g * g)  # whole groups per block, so a group's columns are all up to date when fitted
+    H = np.array(H, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(cols)] += damp * np.mean(np.diag(H))
+    # upper Cholesky factor of H^-1: row i holds how column i's error moves columns i..
+    U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
+    hdiag = np.diag(H).astype(np.float32)
+    codes = np.zeros((rows, cols), np.uint8)
+    ng = -(-cols // g)
+    d_all, m_all = np.zeros((rows, ng), np.float16), np.zeros((rows, ng), np.float16)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, E1, U1 = W[:, i1:i2].copy(), np.zeros((rows, i2 - i1), np.float32), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                j = col // g
+                gw = W1[:, i:i + g]
+                _, d_all[:, j], m_all[:, j] = fit_groups(gw, hdiag[col:col + gw.shape[1]], fmt.bits)
+                d, m = d_all[:, j].astype(np.float32), m_all[:, j].astype(np.float32)
+            c = codes_for(W1[:, i], d, m, qmax)
+            codes[:, col] = c
+            err = (W1[:, i] - (d * c + m)) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, d_all, m_all
+
+
+def encode(fmt: formats.GroupQuant, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+    """The parts of fmt for codes c and float16 d, m: what fmt.quantize returns."""
+    return {"codes": fmt.pack(np.asarray(c, np.uint8)), "scale": np.asarray(d, np.float16),
+            "min": np.asarray(m, np.float16)}
+
+
+def dequantize(c, d, m, group_size: int) -> np.ndarray:
+    """w = d*c + m in float32, the format's definition, from codes and per-group d, m."""
+    gidx = np.arange(c.shape[1]) // group_size
+    return d.astype(np.float32)[:, gidx] * c.astype(np.float32) + m.astype(np.float32)[:, gidx]

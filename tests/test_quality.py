@@ -1,0 +1,155 @@
+"""Calibrated quantization, mixed precision and pruning (converters/): the codes they
+choose are the formats' own, and they do what they claim on real weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_rt import formats
+from edge_rt.converters import calibrate, gptq
+from edge_rt.converters.readers import open_source
+
+RNG = np.random.default_rng(5)
+
+
+def definition(w, fmt):
+    """The group formats' definition, written out: per group m = min, d = (max - min) /
+    (2^bits - 1) in float16, c = clip(rint((w - m) / d)), w' = d*c + m."""
+    rows, cols = w.shape
+    out = np.empty_like(w)
+    for r in range(rows):
+        for j in range(0, cols, fmt.group_size):
+            x = w[r, j:j + fmt.group_size]
+            m = np.float16(x.min())
+            d = np.float16((x.max() - x.min()) / np.float32((1 << fmt.bits) - 1))
+            c = np.clip(np.rint((x - np.float32(m)) / np.float32(d)) if d else 0 * x, 0, (1 << fmt.bits) - 1)
+            out[r, j:j + fmt.group_size] = np.float32(d) * c + np.float32(m)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_round_trip_matches_definition(bits, group):
+    fmt = formats.GroupQuant(bits, group)
+    w = RNG.standard_normal((8, 256)).astype(np.float32)
+    w[0, :group] = 0.25  # a constant group: d = 0
+    assert np.array_equal(fmt.dequantize(fmt.quantize(w), 256), definition(w, fmt))
+    # codes and (d, m) from the searches become parts whose dequantization is d*c + m exactly
+    H = w.T @ w + np.eye(256, dtype=np.float32)
+    for c, d, m in (gptq.search(w, fmt), gptq.gptq(w, H, fmt)):
+        assert c.dtype == np.uint8 and c.max() <= (1 << bits) - 1 and d.dtype == m.dtype == np.float16
+        assert np.array_equal(fmt.dequantize(gptq.encode(fmt, c, d, m), 256), gptq.dequantize(c, d, m, group))
+
+
+@pytest.fixture(scope="module")
+def smollm2_stats(smollm2_gguf):
+    """SmolLM2 run on one short window of the validation text, every matrix's input Gram matrix kept."""
+    src = open_source(smollm2_gguf)
+    return src, calibrate.collect(src, windows=2, ctx=128, progress=False)
+
+
+def output_error(w, wq, H):
+    D = (w - wq).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", D, H, D))
+
+
+@pytest.mark.parametrize("name, bits", [("blk.3.ffn_down.weight", 3), ("blk.20.attn_v.weight", 3),
+                                        ("blk.20.attn_v.weight", 4)])
+def test_gptq_beats_round_to_nearest(smollm2_stats, name, bits):
+    """On real weights and real activations, GPTQ's layer output error sum ||(W - Q) x||^2
+    is well under round-to-nearest's (group size 128, which SmolLM2's Q4_1 source does not align to)."""
+    src, stats = smollm2_stats
+    assert stats.count[name] == 2 * 128
+    w, H = stats.matrix(name), stats.gram[name]
+    fmt = formats.GroupQuant(bits, 128)
+    rtn = output_error(w, fmt.dequantize(fmt.quantize(w), w.shape[1]), H)
+    ours = output_error(w, gptq.dequantize(*gptq.gptq(w, H, fmt), 128), H)
+    assert ours < 0.5 * rtn, (ours, rtn)
+
+
+@pytest.fixture(scope="module")
+def tiny_src32(tmp_path_factory, smollm2_gguf):
+    """A float32 tiny llama (random weights, SmolLM2's vocabulary): a fast convert source. Its
+    tokenizer metadata alone is 2.3 MB, so its smallest file has 4.3 bits per weight."""
+    from edge_rt.converters.quantize import choose_formats
+    from edge_rt.converters.writers import edge_rt_items, write_gguf
+    from tiny import tiny_source
+    src = tiny_source("llama", smollm2_gguf)
+    out = tmp_path_factory.mktemp("quality") / "src32.gguf"
+    items, extra = edge_rt_items(src, choose_formats(src.shapes, 32, 64))
+    write_gguf(out, src, items, extra, progress=False)
+    return out
+
+
+def matrix_types(path):
+    from edge_rt.inspect import inspect
+    return {t["name"]: t["type"] for t in inspect(path)["tensors"] if len(t["shape"]) == 2}
+
+
+@pytest.mark.parametrize("bits, size, method", [(4.6, None, "gptq"), (5.5, None, "rtn"), (None, 5_000_000, "clip")])
+def test_mixed_precision_stays_within_budget(tiny_src32, tmp_path, bits, size, method):
+    from edge_rt.api import load
+    from edge_rt.converters.convert import convert
+    out = convert(tiny_src32, tmp_path / "mixed.gguf", bits=bits or 4, size=size, method=method,
+                  calib_windows=1, progress=False)
+    src = open_source(tiny_src32)
+    params = sum(int(np.prod(s)) for s in src.shapes.values())
+    budget = size if size is not None else bits * params / 8
+    used = out.stat().st_size
+    assert used <= budget
+    assert used > 0.9 * budget  # the budget is spent, not just respected
+    types = set(matrix_types(out).values())
+    assert len(types) >= 2, types  # a real mix of widths
+    m = load(out, ctx=64)
+    z = m.logits(m.tokenizer.encode("The quick brown fox"))
+    assert np.isfinite(z).all()
+
+
+def test_budget_below_the_smallest_file_is_refused(tiny_src32, tmp_path):
+    from edge_rt.converters.convert import convert
+    from edge_rt.errors import EdgeRtError
+    with pytest.raises(EdgeRtError, match="smallest file"):
+        convert(tiny_src32, tmp_path / "x.gguf", size=1_000_000, method="rtn", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("prune", ["ffn:0.25", "2:4", "wanda:0.5"])
+def test_pruned_model_loads_and_runs(tiny_src32, tmp_path, prune):
+    from edge_rt.api import load
+    from edge_rt.converters.convert import convert
+    from edge_rt.gguf_file import GGUFFile
+    from tiny import FF
+    out = convert(tiny_src32, tmp_path / "pruned.gguf", bits=4, method="rtn", prune=prune, calib_windows=1,
+                  progress=False)
+    g = GGUFFile(out)
+    d_ff = g.meta["llama.feed_forward_length"]
+    assert d_ff == (FF * 3 // 4 // 32 * 32 if prune.startswith("ffn") else FF)
+    assert g.meta["edgert.prune"] == prune
+    m = load(out, ctx=64)
+    assert m.spec.d_ff == d_ff
+    z = m.logits(m.tokenizer.encode("The quick brown fox"))
+    assert np.isfinite(z).all()
+    if prune.startswith("ffn"):
+        full = convert(tiny_src32, tmp_path / "full.gguf", bits=4, method="rtn", progress=False)
+        assert out.stat().st_size < full.stat().st_size
+
+
+def test_two_of_four_keeps_two_in_every_four(smollm2_stats):
+    from edge_rt.converters import prune
+    src, stats = smollm2_stats
+    name = "blk.7.ffn_up.weight"
+    w = prune._unstructured(stats.matrix(name), stats.gram[name], "nm", (2, 4))
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(axis=2) <= 2).all()
+    w = prune._unstructured(stats.matrix(name), stats.gram[name], "wanda", 0.5)
+    assert ((w == 0).sum(axis=1) >= w.shape[1] // 2).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [({"bits": 1.5}, "average width"), ({"bits": 3.5, "target": "llama.cpp"},
+                                             "only --format edge-rt"), ({"prune": "half"}, "expected wanda"),
+                                            ({"prune": "3:5"}, "N:M"), ({"method": "awq"}, "not offered")])
+def test_bad_quality_options_are_refused(tiny_src32, tmp_path, kwargs, message):
+    from edge_rt.converters.convert import convert
+    from edge_rt.errors import EdgeRtError
+    with pytest.raises(EdgeRtError, match=message):
+        convert(tiny_src32, tmp_path / "x.gguf", progress=False, **kwargs)
+    assert not (tmp_path / "x.gguf").exists()
