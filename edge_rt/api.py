@@ -15,10 +15,11 @@ from .errors import EdgeRtError
 from .gguf_file import GGUFFile
 from .models import spec_from_meta
 from .models.transformer import KVCache, forward, logits
-from .plan import Plan, check, make_plan, parse_size
+from .plan import Plan, check, format_size, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
 from .tokenizer import Tokenizer
+from .verify import check_loaded
 from .weights import Weights
 
 N_BATCH = 512       # tokens per forward step while reading a prompt
@@ -48,7 +49,7 @@ class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
 
-    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048):
+    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, verify: bool = True):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -64,7 +65,7 @@ class Model:
         self.budget = parse_size(mem_budget) if mem_budget is not None else None
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
-        self.ctx, self.kv = ctx, None
+        self.ctx, self.kv, self.verify = ctx, None, verify
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
@@ -76,10 +77,20 @@ class Model:
 
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make weights and KV cache resident."""
-        check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
+        grown = metrics.rss_bytes() - self.base_bytes
+        check(plan, self.budget, psutil.virtual_memory().available + grown)
+        cgroup = memory.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
+        if cgroup is not None and (plan.total_bytes - self.base_bytes > cgroup[0] - cgroup[1] + grown
+                                   or (self.budget or 0) > cgroup[0]):
+            raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"
+                              f"{f' (--mem-budget {format_size(self.budget)})' if self.budget else ''} but the "
+                              f"memory cgroup it runs in is limited to {format_size(cgroup[0])} "
+                              f"({format_size(cgroup[1])} in use): the kernel would kill it")
         self.plan = plan
         if self.kv is None:
             self.g.populate()
+            if self.verify:  # the weights are resident now: their checksums cost ~1 ms per 2 MB a thread
+                check_loaded(self.g, self.threads)
             self.kv = KVCache(self.spec, self.ctx)
 
     # -- the forward pass under the thread limit ------------------------------------
@@ -180,7 +191,8 @@ class Model:
                 "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
 
 
-def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048) -> Model:
+def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, verify: bool = True) -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
-    against mem_budget ('2GB', or bytes) and map its weights."""
-    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
+    against mem_budget ('2GB', or bytes) and map its weights. verify: check the weights
+    against the checksums convert stored, when they are first made resident."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, verify=verify)
