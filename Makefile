@@ -6,7 +6,7 @@ export EDGE_RT_HOME ?= $(HOME)/.cache/edge-rt
 DEMO_MODEL := $(EDGE_RT_HOME)/converted/smollm2-135m-q4.gguf
 C_SOURCES  := $(shell find kernels_c -name '*.[ch]') CMakeLists.txt
 
-.PHONY: setup demo test peer cross clean
+.PHONY: setup demo test peer cross valgrind clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +35,13 @@ cross:
 	    (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null) || \
 	    echo "make cross: no aarch64 cross compiler or qemu-user; the NEON tests will skip"; }
 
-test: setup peer cross
+# valgrind for the memcheck in tests/test_sanitize.py (Debian package); the test skips without it
+valgrind:
+	@command -v valgrind >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq valgrind >/dev/null) || \
+	    echo "make valgrind: cannot install valgrind; the memcheck test will skip"; }
+
+test: setup peer cross valgrind
 	$(BIN)/python -m pytest -q tests
 
 clean:
