@@ -97,3 +97,31 @@ def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, t
     subprocess.run(args, check=True, capture_output=True, env=ENV, timeout=120)
     assert [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
     assert problems(GGUFFile(out)) == []
+
+
+def _wait_for(path_glob, proc, seconds=120):
+    t0 = time.monotonic()
+    while proc.poll() is None and not path_glob() and time.monotonic() - t0 < seconds:
+        time.sleep(0.01)
+
+
+def test_sigterm_during_convert_one_line_and_nothing_left(tiny_models, tmp_path):
+    out = tmp_path / "out.gguf"
+    p = subprocess.Popen(CLI + ["convert", str(tiny_models["src32"]), "-o", str(out), "--bits", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    _wait_for(lambda: list(tmp_path.glob(".*.part")), p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("edge-rt: terminated (SIGTERM)"), err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_run_one_line(converted):
+    p = subprocess.Popen(CLI + ["run", str(converted("smollm2-135m", 4)), "-p", "Once upon a time", "-n", "400"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.read(1)  # generating
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines() == ["edge-rt: terminated (SIGTERM); no output file was left half-written"]
