@@ -39,3 +39,24 @@ def test_two_pulls_at_once_fetch_once(tmp_path):
     assert sum("fetching" in stderr for _, _, stderr in results) == 1, results  # the second waited, then found it
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, out.with_suffix(".lock").name])
     assert sha256_file(out) == entry.sha256
+
+
+def test_a_pull_killed_outright_leaves_nothing_the_next_pull_keeps(tmp_path):
+    import signal
+    import time
+    env = os.environ | {"EDGE_RT_HOME": str(tmp_path)}
+    entry = MODELS["smollm2-135m"]
+    models = tmp_path / "models"
+    p = subprocess.Popen(CLI + ["pull", "smollm2-135m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    t0 = time.monotonic()
+    while p.poll() is None and not list(models.glob(".*.pull-*")) and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the download
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (models / entry.filename).exists()
+    r = subprocess.run(CLI + ["pull", "smollm2-135m"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in models.iterdir()) == sorted([entry.filename, entry.filename.rsplit(".", 1)[0] + ".lock"]), \
+        (r.stdout, r.stderr)
+    assert sha256_file(models / entry.filename) == entry.sha256
