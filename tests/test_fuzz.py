@@ -63,7 +63,7 @@ def test_short_coverage_guided_run(tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     for t in summary["targets"]:
         assert t["exit"] == 0, f"{t['target']}: a finding:\n{t.get('finding')}"
-        assert t["inputs"] >= 100 and t["coverage_edges"], t
+        assert t["inputs"] >= 50 and t["coverage_edges"], t  # a few thousand on an idle 2-core machine
     assert r.returncode == 0
 
 
