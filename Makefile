@@ -27,13 +27,17 @@ demo: setup $(DEMO_MODEL)
 peer: setup
 	bash scripts/peer.sh $(VENV)
 
-# aarch64 cross compiler and qemu-user for the NEON kernel tests (Debian packages); the
-# tests skip, saying why, where they cannot be installed
+# cross compilers and qemu-user for the kernel tests under qemu (Debian packages): aarch64
+# (NEON, dotprod), armv7 hard-float (arm-linux-gnueabihf, -mfpu=neon) and armv6 without NEON
+# (arm-linux-gnueabi: Debian's armel runs on an ARMv6 core); the tests skip, saying why,
+# where they cannot be installed
+CROSS_TOOLS := aarch64-linux-gnu-gcc arm-linux-gnueabihf-gcc arm-linux-gnueabi-gcc qemu-aarch64 qemu-arm
 cross:
-	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	@(for t in $(CROSS_TOOLS); do command -v $$t >/dev/null || exit 1; done) || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null) || \
-	    echo "make cross: no aarch64 cross compiler or qemu-user; the NEON tests will skip"; }
+	    (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
+	       gcc-arm-linux-gnueabi qemu-user >/dev/null) || \
+	    echo "make cross: cross compilers or qemu-user missing; the qemu kernel tests will skip"; }
 
 # valgrind for the memcheck in tests/test_sanitize.py (Debian package); the test skips without it
 valgrind:

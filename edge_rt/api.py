@@ -12,12 +12,14 @@ from threadpoolctl import threadpool_limits
 
 from . import formats, memory, metrics
 from .errors import EdgeRtError
+from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
 from .models import spec_from_meta
 from .models.transformer import KVCache, forward, logits
 from .plan import Plan, check, format_size, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
+from .layer import CLayers
 from .tokenizer import Tokenizer
 from .verify import check_loaded
 from .weights import Weights
@@ -30,6 +32,7 @@ LOGIT_ROWS = 32     # positions whose logits are scored at once by eval
 class Metrics:
     n_prompt: int = 0
     n_generated: int = 0
+    tokens: list = field(default_factory=list)  # the generated token ids
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
@@ -38,7 +41,7 @@ class Metrics:
     def as_dict(self) -> dict:
         decode_steps = max(self.n_generated - 1, 0)  # the first token comes from the prefill
         return {
-            "n_prompt": self.n_prompt, "n_generated": self.n_generated,
+            "n_prompt": self.n_prompt, "n_generated": self.n_generated, "tokens": self.tokens,
             "prefill_tokens_per_s": self.n_prompt / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": decode_steps / self.decode_s if self.decode_s else 0.0,
             "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
@@ -49,7 +52,8 @@ class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
 
-    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, verify: bool = True):
+    def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
+                 verify: bool = True):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -65,33 +69,45 @@ class Model:
         self.budget = parse_size(mem_budget) if mem_budget is not None else None
         self.weights = Weights(self.g, self.threads)  # views of the mmap: nothing is read yet
         self.spec.check_tensors(self.weights.shapes(), self.path)
-        self.ctx, self.kv, self.verify = ctx, None, verify
+        if kv_type not in KVCache.DTYPES:
+            raise EdgeRtError(f"--kv-type {kv_type}: use one of {', '.join(KVCache.DTYPES)}")
+        self.ctx, self.kv_type, self.kv, self.verify = ctx, kv_type, None, verify
+        self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
+        self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
+        self.open_peak = metrics.peak_rss_bytes()  # and what building them held at once
+        self.io_start = metrics.storage_read_bytes()  # flash_bytes_read counts from here: loading included
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
-        return make_plan(self.spec, self.weights.nbytes(), self.base_bytes, self.ctx,
-                         min(N_BATCH, max(n_prompt, 1)), min(n_prompt + n_predict, self.ctx), logit_rows, scored)
+        n = min(N_BATCH, max(n_prompt, 1))
+        return make_plan(self.spec, self.layout, self.base_bytes, self.ctx, self.kv_type, n, self.layers.scratch_bytes(n),
+                         logit_rows, scored, self.budget, self.streamed, self.open_peak)
 
     def _reserve(self, plan: Plan) -> None:
-        """Check the plan against the budget, then make weights and KV cache resident."""
+        """Check the plan against the budget, then make the resident weights and the KV
+        cache resident (and the stream pool, when the plan streams layers)."""
         grown = metrics.rss_bytes() - self.base_bytes
         check(plan, self.budget, psutil.virtual_memory().available + grown)
         cgroup = memory.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
-        if cgroup is not None and (plan.total_bytes - self.base_bytes > cgroup[0] - cgroup[1] + grown
-                                   or (self.budget or 0) > cgroup[0]):
+        if cgroup is not None and cgroup[0] + (1 << 20) < (self.budget or plan.total_bytes):  # (--enforce rounds it to pages)
             raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"
                               f"{f' (--mem-budget {format_size(self.budget)})' if self.budget else ''} but the "
-                              f"memory cgroup it runs in is limited to {format_size(cgroup[0])} "
-                              f"({format_size(cgroup[1])} in use): the kernel would kill it")
+                              f"memory cgroup it runs in is limited to {format_size(cgroup[0])}: the kernel would "
+                              f"kill it; give a --mem-budget of at most that")
         self.plan = plan
         if self.kv is None:
-            self.g.populate()
-            if self.verify:  # the weights are resident now: their checksums cost ~1 ms per 2 MB a thread
-                check_loaded(self.g, self.threads)
-            self.kv = KVCache(self.spec, self.ctx)
+            self.streamed = (plan.streamed_layers, plan.streamed_head)
+            if plan.pool_bytes:
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
+                self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx, self.kv_type)  # over the arena and pool
+            else:
+                self.g.populate()
+                if self.verify:  # the weights are resident now: their checksums cost ~1 ms per 2 MB a thread
+                    check_loaded(self.g, self.threads)
+            self.kv = KVCache(self.spec, self.ctx, self.kv_type)
 
     # -- the forward pass under the thread limit ------------------------------------
     def _forward(self, tokens: np.ndarray, keep_from: int) -> np.ndarray:
@@ -99,14 +115,17 @@ class Model:
         positions keep_from.. (the others are dropped as soon as a step is done)."""
         kept = []
         for i in range(0, len(tokens), N_BATCH):
-            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv)
+            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv, self.layers.run)
             if i + len(h) > keep_from:
                 kept.append(h[max(keep_from - i, 0):])
         return np.concatenate(kept)
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx}
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type,
+                "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
+                "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
+                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
@@ -130,23 +149,32 @@ class Model:
             h = self._forward(np.array(ids), len(ids) - 1)
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
-            pos, t1 = len(ids), time.perf_counter()
+            pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
+            in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             while tok not in self.tokenizer.eos_ids:
                 m.n_generated += 1
+                m.tokens.append(int(tok))
                 piece = decoder.push(tok)
                 if piece:
                     yield piece
                 if m.n_generated >= n:
                     break
-                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv)
-                tok = sample(logits(self.weights, h[-1:])[0])
+                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run)
+                t = time.perf_counter()
+                z = logits(self.weights, h[-1:])[0]
+                in_c += time.perf_counter() - t
+                tok = sample(z)
                 pos += 1
             m.decode_s = time.perf_counter() - t1
+            in_c += self.layers.seconds
         rest = decoder.flush()
         if rest:
             yield rest
-        m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes(),
-                                   "storage_read_bytes": metrics.storage_read_bytes() - io0}
+        io2 = metrics.storage_read_bytes()
+        m.values = self._info() | {"orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
+                                   "peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,
+                                   "flash_bytes_read": io2 - self.io_start,
+                                   "flash_bytes_per_token": (io2 - io1) / max(m.n_generated - 1, 1)}
 
     def logits(self, tokens) -> np.ndarray:
         """Logits at every position of one sequence starting at position 0."""
@@ -191,8 +219,10 @@ class Model:
                 "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
 
 
-def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, verify: bool = True) -> Model:
+def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
+         verify: bool = True) -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
-    against mem_budget ('2GB', or bytes) and map its weights. verify: check the weights
-    against the checksums convert stored, when they are first made resident."""
-    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, verify=verify)
+    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32'.
+    verify: check the weights against the checksums convert stored, when they are first
+    made resident (streamed layers are not checked yet)."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, verify=verify)

@@ -41,10 +41,25 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def _enforcement(enforce: bool, budget: int | None):
+    """--enforce: the run inside a memory cgroup set to the budget (or an RSS watchdog)."""
+    import contextlib
+    if not enforce:
+        return contextlib.nullcontext()
+    if budget is None:
+        raise EdgeRtError("--enforce needs --mem-budget")
+    from .enforce import enforce as start
+    return start(budget)
+
+
 def _threads(value):
     if value is not None and value < 1:
         raise click.BadParameter("must be at least 1")
     return value
+
+
+KV_TYPE = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+                       help="KV cache precision.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +106,7 @@ def convert(src, out, bits, group_size, target):
 @click.option("--prompt", "-p", required=True, help="The prompt text.")
 @click.option("-n", "n_predict", type=click.IntRange(1), default=128, show_default=True, help="Tokens to generate.")
 @click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
+@KV_TYPE
 @click.option("--mem-budget", type=Size(), default=None, help="Peak memory this run may use, e.g. 2GB (powers of 1024).")
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None, help="Default: all cores.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -98,20 +114,23 @@ def convert(src, out, bits, group_size, target):
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
+@click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup (page cache counts) or an RSS watchdog.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the weights against their stored checksums.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
-def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, top_p, seed, chat, no_verify, as_json):
+def run(model, prompt, n_predict, ctx, kv_type, mem_budget, threads, temperature, top_k, top_p, seed, chat, enforce,
+        no_verify, as_json):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     from .api import load
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, verify=not no_verify)
-    out = sys.stderr if as_json else sys.stdout
-    pieces = []
-    for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    r = m.metrics.as_dict() | {"text": "".join(pieces)}
+    with _enforcement(enforce, mem_budget) as held:
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, verify=not no_verify)
+        out = sys.stderr if as_json else sys.stdout
+        pieces = []
+        for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        r = m.metrics.as_dict() | {"text": "".join(pieces)} | (held.stats() if held else {})
     if as_json:
         _emit_json(r)
         return
@@ -122,24 +141,107 @@ def run(model, prompt, n_predict, ctx, mem_budget, threads, temperature, top_k, 
                f"kernel {r['kernel']}, {r['threads']} threads", err=True)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--mem-budget", type=Size(), default=None, help="Peak memory the run may use, e.g. 2GB.")
+@click.option("--ctx", type=click.IntRange(2), default=2048, show_default=True, help="Context length (KV cache).")
+@KV_TYPE
+@click.option("--prompt-tokens", type=click.IntRange(1), default=None, help="Prompt length planned for (default: --ctx).")
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def plan(model, mem_budget, ctx, kv_type, prompt_tokens, threads, as_json):
+    """The memory plan `run` would use: what stays resident, what streams, and the total."""
+    from .api import load
+    from .flash import HEAD_BUFFER, Reader, residency
+    from .plan import check
+    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+    p = m.plan_for(min(prompt_tokens or ctx, ctx), 0)
+    check(p, m.budget, 1 << 62)  # refuses an impossible budget, naming the smallest that works
+    resident, streamed = residency(m.g, p.streamed_layers, p.streamed_head)
+    reader = Reader(m.path)
+    r = p.as_dict() | {"model": str(m.path), "model_bytes": m.path.stat().st_size, "mem_budget_bytes": m.budget,
+                       "threads": m.threads, "o_direct": reader.direct, "slots": min(2, p.streamed_layers),
+                       "slot_bytes": m.layout.slot_bytes(p.streamed_layers),
+                       "resident_tensors": [t.name for t in resident], "streamed_tensors": [t.name for t in streamed]}
+    reader.close()
+    if as_json:
+        _emit_json(r)
+        return
+    layers = m.spec.n_layers
+    kept = sorted({t.name.removesuffix(".scale").removesuffix(".min") for t in resident if not t.name.startswith("blk.")})
+    click.echo(f"model      {m.path.name}: {format_size(r['model_bytes'])}, {layers} layers")
+    click.echo(f"resident   {format_size(p.weights_bytes)}: {', '.join(kept)}, norms, "
+               f"layers {p.streamed_layers}-{layers - 1}" if p.streamed_layers < layers else
+               f"resident   {format_size(p.weights_bytes)}: {', '.join(kept)}, norms")
+    if p.streamed_layers:
+        click.echo(f"streamed   layers 0-{p.streamed_layers - 1}: {format_size(p.streamed_bytes)} read from storage every "
+                   f"step into a pool of {r['slots']} x {format_size(r['slot_bytes'])} "
+                   f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
+    if p.streamed_head:
+        click.echo(f"streamed   the embedding table and output head: its rows read per token, the head read whole "
+                   f"every token in {format_size(HEAD_BUFFER)} chunks")
+    if not p.pool_bytes:
+        click.echo("streamed   nothing: the whole model is resident")
+    click.echo(f"KV cache   {format_size(p.kv_bytes)} ({p.kv_precision}, ctx {ctx})")
+    click.echo(f"buffers    {format_size(p.buffer_bytes)} (a step of {p.n_batch} tokens)")
+    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries)")
+    budget = f" of a {format_size(m.budget)} budget" if m.budget else " (no budget)"
+    click.echo(f"total      {format_size(p.total_bytes)}{budget}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--simulate", "target", default="host", show_default=True,
+              help="A targets/ profile (rpi4-2gb, rpi5-8gb, jetson-orin-nano-8gb, phone-8gen3) or host.")
+@click.option("--prompt", "-p", default="The history of the Raspberry Pi began", show_default=True)
+@click.option("-n", "n_predict", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--ctx", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None,
+              help="Default: the profile's cores, at most this host's.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, target, prompt, n_predict, ctx, threads, as_json):
+    """Run MODEL under a device profile's memory limit and storage throttle (a simulation)."""
+    from .pull import resolve
+    from .simulate import simulate
+    r = simulate(target, resolve(model), prompt, n_predict, ctx, threads)
+    if as_json:
+        _emit_json(r)
+        return
+    click.echo(f"{r['profile_name']}: {r['note']}")
+    if r["simulation"]:
+        click.echo(f"limits     memory {format_size(r['memory_limit_bytes'])} (cgroup, page cache counts), storage "
+                   f"{(r['read_bps'] or 0) / 1e6:.0f} MB/s, {r['read_iops'] or '-'} IOPS (blkio)")
+    if "error" in r:
+        click.echo(f"result     failed (exit {r['exit_status']}): {r['error']}")
+        return
+    click.echo(f"speed      decode {r['decode_tokens_per_s']:.2f} tok/s, ttft {r['ttft_s']:.2f} s, {r['threads']} threads")
+    click.echo(f"storage    {format_size(r['flash_bytes_read'])} read, {format_size(int(r['flash_bytes_per_token']))} "
+               f"per token; {r['streamed_layers']} layers streamed")
+    peak = f", cgroup peak {format_size(r['cgroup_peak_bytes'])}, failcnt {r['cgroup_failcnt']}" if "cgroup_peak_bytes" in r else ""
+    click.echo(f"memory     peak RSS {format_size(r['peak_rss_bytes'])}{peak}")
+
+
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file.")
 @click.option("--ctx", type=click.IntRange(2), default=512, show_default=True)
+@KV_TYPE
 @click.option("--windows", type=click.IntRange(1), default=None, help="Windows to score (default: all).")
 @click.option("--mem-budget", type=Size(), default=None)
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
+@click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup or an RSS watchdog.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model, text_file, ctx, windows, mem_budget, threads, as_json):
+def eval_cmd(model, text_file, ctx, kv_type, windows, mem_budget, threads, enforce, as_json):
     """Perplexity of MODEL on a text, scored as llama.cpp's llama-perplexity scores it."""
     from .api import load
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx)
     show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
-    r = m.eval_perplexity(text, ctx, windows, progress=show)
+    with _enforcement(enforce, mem_budget) as held:
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+        r = m.eval_perplexity(text, ctx, windows, progress=show) | (held.stats() if held else {})
     if as_json:
         _emit_json(r)
     else:

@@ -5,25 +5,36 @@ kernels in kernels_c/ read the same bytes; a format's `id` is its value in
 `enum ert_format` (kernels_c/include/edgert.h), and the C side agrees with
 `dequantize` bit for bit.
 
-Group-quantized formats (Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
+Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
   - each row is cut into groups of `group_size` columns (a multiple of 32; the last
     group of a row may be shorter), each with a scale d and a minimum m (float16):
         w = d * c + m,   c = clip(round((w - m) / d), 0, 2^bits - 1)
-  - codes are stored in blocks of 32 columns. The bits of a code are split into
-    sub-planes of widths PLANES[bits] (3 bits = a 2-bit plane and a 1-bit plane); a
-    sub-plane of width w holds the block's 32 fields in 4*w bytes, field i at byte
-    i % (4*w), bit offset w * (i // (4*w)). A code is sum(field_k << shift_k), shift_k
-    being the sum of the widths before plane k. A block takes 4*bits bytes.
-  - parts: "codes" uint8[rows, cols*bits/8], "scale" and "min" float16[rows, groups].
+  - parts: "codes" uint8[rows, cols*bits/8], "scale" and "min" float16[rows, groups]
+    (scale and min stay in row order; only the codes are tiled).
+  - q8 codes are stored row by row, one byte per code (the int8 dot-product kernels).
+  - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
+    of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
+    plane k; nib(r, j, k) = sum_i (bit k of code[r, 32b + 4j + i]) << i, i < 4, is the
+    index into sub-group j's 16-entry activation table (see lut_tables). The planes go
+    in pairs u = (2u, 2u+1) (an odd plane count ends with a lone plane). Inside a tile:
+    for each 32-column block b, each plane pair u:
+        pair:  for s < 4: 2h bytes, byte 2r + e = nib(r, 2s, 2u+e) | nib(r, 2s+1, 2u+e) << 4
+        lone:  for s < 2: 2h bytes, byte 2r + e = nib(r, 4s+2e, k) | nib(r, 4s+2e+1, k) << 4
+    (a row's two nibbles of a pair, or of a lone plane, side by side: after the table
+    lookups one multiply-add weighs and sums them into the row). A tile takes h*cols*bits/8
+    bytes, so "codes" keeps its shape [rows, cols*bits/8] (a byte array whose row index
+    is not a matrix row).
 """
 from __future__ import annotations
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BLOCK = 32  # columns per code block
 DEFAULT_GROUP_SIZE = 64  # columns per (scale, min) pair unless asked otherwise
-PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+BITS = (1, 2, 3, 4, 8)
+LUT_BITS = (1, 2, 3, 4)  # bit-plane layout, table-lookup kernels
+TILE = 32  # rows per tile of the bit-plane layout
 # the values of enum ert_format in kernels_c/include/edgert.h
 FORMAT_IDS = {"f32": 0, "f16": 1, "q1": 2, "q2": 3, "q3": 4, "q4": 5, "q8": 6}
 
@@ -55,8 +66,8 @@ class GroupQuant:
     """Asymmetric round-to-nearest, one (scale, min) pair per group of columns."""
 
     def __init__(self, bits: int, group_size: int = DEFAULT_GROUP_SIZE):
-        if bits not in PLANES:
-            raise ValueError(f"no {bits}-bit format (have {sorted(PLANES)})")
+        if bits not in BITS:
+            raise ValueError(f"no {bits}-bit format (have {list(BITS)})")
         if group_size <= 0 or group_size % BLOCK:
             raise ValueError(f"group size must be a positive multiple of {BLOCK}, got {group_size}")
         self.bits, self.group_size = bits, group_size
@@ -91,33 +102,26 @@ class GroupQuant:
         return {"codes": self.pack(c), "scale": d, "min": m}
 
     def pack(self, c: np.ndarray) -> np.ndarray:
-        """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in block/sub-plane order."""
+        """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in the layout above
+        (q8: the codes themselves; q1..q4: tiles of bit planes)."""
+        c = np.asarray(c, dtype=np.uint8)
         rows, cols = c.shape
-        blocks = c.reshape(rows, cols // BLOCK, BLOCK).astype(np.uint32)
-        out, shift = [], 0
-        for width in PLANES[self.bits]:
-            field = (blocks >> shift) & ((1 << width) - 1)
-            nb = 4 * width  # bytes of this sub-plane in a block
-            # field i -> byte i % nb, bit width*(i // nb)
-            f = field.reshape(rows, cols // BLOCK, BLOCK // nb, nb)
-            sh = (width * np.arange(BLOCK // nb, dtype=np.uint32))[None, None, :, None]
-            out.append(np.bitwise_or.reduce(f << sh, axis=2).astype(np.uint8))
-            shift += width
-        return np.concatenate(out, axis=2).reshape(rows, cols * self.bits // 8)
+        if self.bits == 8:
+            return np.ascontiguousarray(c)
+        full = rows - rows % TILE
+        out = [_pack_tiles(c[:full].reshape(full // TILE, TILE, cols), self.bits),
+               _pack_tiles(c[full:].reshape(1, rows - full, cols), self.bits)]
+        return np.concatenate(out).reshape(rows, cols * self.bits // 8)
 
     def unpack(self, packed: np.ndarray, cols: int) -> np.ndarray:
+        packed = np.asarray(packed).view(np.uint8)
         rows = packed.shape[0]
-        blocks = packed.reshape(rows, cols // BLOCK, 4 * self.bits).astype(np.uint32)
-        c = np.zeros((rows, cols // BLOCK, BLOCK), dtype=np.uint32)
-        pos = shift = 0
-        for width in PLANES[self.bits]:
-            nb = 4 * width
-            plane = blocks[:, :, pos:pos + nb]
-            sh = (width * np.arange(BLOCK // nb, dtype=np.uint32))[None, None, :, None]
-            field = (plane[:, :, None, :] >> sh) & ((1 << width) - 1)
-            c |= field.reshape(rows, cols // BLOCK, BLOCK) << shift
-            pos, shift = pos + nb, shift + width
-        return c.reshape(rows, cols).astype(np.uint8)
+        if self.bits == 8:
+            return np.ascontiguousarray(packed.reshape(rows, cols))
+        flat, full = packed.reshape(-1), rows - rows % TILE
+        cut = full * cols * self.bits // 8
+        return np.concatenate([_unpack_tiles(flat[:cut], TILE, cols, self.bits),
+                               _unpack_tiles(flat[cut:], rows - full, cols, self.bits)])
 
     # -- dequantize ----------------------------------------------------------------
     def dequantize(self, parts: dict[str, np.ndarray], cols: int) -> np.ndarray:
@@ -126,6 +130,46 @@ class GroupQuant:
         d = np.asarray(parts["scale"]).astype(np.float32)[:, gidx]
         m = np.asarray(parts["min"]).astype(np.float32)[:, gidx]
         return d * c + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
+
+
+def _plane_pairs(bits: int) -> list[tuple[int, int]]:
+    """(first plane, width) of each plane pair: (0, 2), (2, 2) ... and (bits-1, 1) if odd"""
+    return [(k, min(2, bits - k)) for k in range(0, bits, 2)]
+
+
+def _pack_tiles(c: np.ndarray, bits: int) -> np.ndarray:
+    """codes [ntiles, h, cols] -> the tiles' bytes, flat: [tile][block][pair u][s][row][e]."""
+    nt, h, cols = c.shape
+    nblk = cols // BLOCK
+    planes = (c[None] >> np.arange(bits, dtype=np.uint8)[:, None, None, None]) & 1  # [k, t, r, cols]
+    q = planes.reshape(bits, nt, h, nblk, 8, 4)
+    nib = (q << np.arange(4, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # [k, t, r, b, j]
+    byte = nib[..., 0::2] | (nib[..., 1::2] << 4)  # [k, t, r, b, s]
+    parts = [(byte[k:k + 2].transpose(1, 3, 4, 2, 0) if wd == 2  # [t, b, s, r, e]
+              else byte[k].reshape(nt, h, nblk, 2, 2).transpose(0, 2, 3, 1, 4)  # [t, b, s, r, e]: sub-group pair 2s+e
+              ).reshape(nt, nblk, 4 * h * wd) for k, wd in _plane_pairs(bits)]
+    return np.concatenate(parts, axis=2).reshape(-1)
+
+
+def _unpack_tiles(flat: np.ndarray, h: int, cols: int, bits: int) -> np.ndarray:
+    """The inverse of _pack_tiles: flat bytes of tiles of height h -> codes [rows, cols]."""
+    if h == 0 or flat.size == 0:
+        return np.zeros((0, cols), dtype=np.uint8)
+    nblk = cols // BLOCK
+    tiles = flat.reshape(-1, nblk, bits * 4 * h)
+    planes, pos = [], 0
+    for _, wd in _plane_pairs(bits):
+        part = tiles[:, :, pos:pos + wd * 4 * h].reshape(-1, nblk, 2 * wd, h, 2)  # [t, b, s, r, e]
+        if wd == 2:
+            planes.append(part.transpose(4, 0, 3, 1, 2))  # [e = plane, t, r, b, s]
+        else:
+            planes.append(part.transpose(0, 3, 1, 2, 4).reshape(1, -1, h, nblk, 4))  # [1, t, r, b, 2s+e]
+        pos += wd * 4 * h
+    byte = np.concatenate(planes)  # [k, t, r, b, s]
+    nib = np.stack([byte & 15, byte >> 4], axis=-1).reshape(*byte.shape[:-1], 8)  # [k, t, r, b, j]
+    bit = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1  # [k, t, r, b, j, i]
+    c = (bit << np.arange(bits, dtype=np.uint8)[:, None, None, None, None, None]).sum(axis=0, dtype=np.uint8)
+    return c.reshape(-1, cols)
 
 
 def by_name(name: str, group_size: int = DEFAULT_GROUP_SIZE):
@@ -154,22 +198,67 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32)
 
 
+def lut_tables(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LUT kernels' activation format. For each 4 columns x0..x3 (sub-group j) the
+    16 sums T[j, p] = ((s0*x0 + s1*x1) + s2*x2) + s3*x3, s_i = +1 if bit i of p else -1
+    (float32, in that order; T[j, 15-p] = -T[j, p]). Per 32-column block, with
+    amax = max over its 8 sub-groups of ((|x0| + |x1|) + |x2|) + |x3| (= max |T|):
+    int8 t = rint(T * (127/amax)) and the table scale ls = amax/127 (float32).
+    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., k/32]."""
+    x = np.asarray(x, dtype=np.float32)
+    xs = x.reshape(*x.shape[:-1], -1, 4)
+    sign = (np.arange(16)[:, None] >> np.arange(4)) & 1  # [p, i]
+    v = np.where(sign.astype(bool), xs[..., None, :], -xs[..., None, :])  # [..., j, p, i]
+    T = ((v[..., 0] + v[..., 1]) + v[..., 2]) + v[..., 3]
+    a = np.abs(xs)
+    amax = (((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]).reshape(*x.shape[:-1], -1, 8).max(axis=-1)
+    inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)
+    t = np.rint(T * np.repeat(inv, 8, axis=-1)[..., None]).astype(np.int8)
+    return t, (amax / np.float32(127.0)).astype(np.float32)
+
+
+def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
+    """Bound on |LUT result - x . dequantize(W)^T| from the int8 tables alone, [n, rows]:
+    each table entry is off by at most ls/2, a 4-column dot sum_k 2^(k-1) T[p_k] by at
+    most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls."""
+    _, ls = lut_tables(np.atleast_2d(x))
+    gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
+    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64) @ d.T)
+
+
 def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
-    """The numpy twin of the C kernels: y[n, rows] = x[n, cols] . W^T, with the same
-    arithmetic (float weights for f32/f16; int8 activations and integer block dot
-    products, combined per block as da * (d * sum(s*qa) + (m + d*2^(bits-1)) * sum(qa))
-    with s = c - 2^(bits-1), for the group formats). Accumulates in float64."""
+    """The numpy twin of the C kernels: y[n, rows] = x[n, cols] . W^T with the same
+    integer arithmetic, accumulated in float64 (the C kernels sum in float32).
+      f32/f16: float weights.
+      q8 (int8 dot products): int8 activations (quantize_activations), per block
+        da * (d * sum(s*qa) + (m + 128*d) * sum(qa)), s = c - 128.
+      q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
+        sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
+        y = sum_b d * ls_b/2 * I_b + sum_g (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
+        I_b = sum_k 2^k sum_{j in b} t[j, p_kj] exact integers (|I_b| <= 8*127*(2^bits-1))."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if not isinstance(fmt, GroupQuant):
         return (x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)).astype(np.float32)
     rows, nblk = parts["codes"].shape[0], cols // BLOCK
-    s = fmt.unpack(np.asarray(parts["codes"]).view(np.uint8), cols).astype(np.int64) - (1 << (fmt.bits - 1))
-    s = s.reshape(rows, nblk, BLOCK)
-    qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
-    dot = np.einsum("rbi,nbi->nrb", s, qa.astype(np.int64))  # exact integers
-    sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
+    c = fmt.unpack(parts["codes"], cols)
     gidx = (np.arange(nblk) * BLOCK) // fmt.group_size
-    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]
-    m = np.asarray(parts["min"]).astype(np.float64)[:, gidx] + d * (1 << (fmt.bits - 1))
-    y = da.astype(np.float64)[:, None, :] * (d[None] * dot + m[None] * sq[:, None, :])
+    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    m = np.asarray(parts["min"]).astype(np.float64)[:, gidx]
+    if fmt.bits == 8:
+        s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - 128
+        qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
+        dot = np.einsum("rbi,nbi->nrb", s, qa.astype(np.int64))  # exact integers
+        sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
+        y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
+        return y.sum(axis=-1).astype(np.float32)
+    t, ls = lut_tables(x)  # [n, J, 16], [n, nblk]
+    quad = c.reshape(rows, nblk, 8, 4)
+    I = np.zeros((x.shape[0], rows, nblk), dtype=np.int32)  # |I| <= 8*127*15
+    for k in range(fmt.bits):
+        nib = (((quad >> k) & 1) << np.arange(4, dtype=np.uint8)).sum(axis=-1)  # [rows, nblk, 8]
+        for q in range(8):  # sub-group q of every block: table j = 8b + q
+            I += (1 << k) * t[:, q::8][:, np.arange(nblk)[None, :], nib[:, :, q]].astype(np.int32)
+    xsum = x.astype(np.float64).reshape(x.shape[0], nblk, BLOCK).sum(axis=-1)  # per block; groups are whole blocks
+    y = (d[None] * ls.astype(np.float64)[:, None, :] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
     return y.sum(axis=-1).astype(np.float32)

@@ -1,12 +1,15 @@
 """The memory plan: every byte a run will hold, added up before anything is loaded,
-and checked against the budget. Nothing streams yet (that comes with flash loading),
-so the whole model is resident."""
+and checked against the budget. When the whole model does not fit, layers 0..m-1
+stream from storage through a pool of min(2, m) slots (flash.py) and the rest stays
+resident, with the smallest m that fits: the output head and embedding table, norms
+and the last layers stay in memory."""
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
 
 from .errors import EdgeRtError
+from .flash import Layout
 from .models.spec import Spec
 from .models.transformer import KVCache
 
@@ -34,35 +37,48 @@ def format_size(n: int) -> str:
 class Plan:
     base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
                          # (+ CALL_BYTES: what the first call allocates beyond its arrays)
-    weights_bytes: int   # every tensor, mapped from the file and resident
-    kv_bytes: int        # the KV cache for ctx positions
+    weights_bytes: int   # resident tensors: the mapped file, or (streaming) an arena read once
+    kv_bytes: int        # the KV cache for ctx positions (float16 or float32)
     buffer_bytes: int    # activations, attention scores and logits of the largest step
     ctx: int
     n_batch: int
+    streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
+    streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
+    pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
+    streamed_head: bool = False    # the embedding table and output head read from storage too (last resort)
+    open_peak_bytes: int = 0       # VmHWM once the model was opened (the tokenizer's build is transient but
+                                   # can pass everything else when most weights stream: Gemma-3's 262k vocabulary)
+    kv_precision: str = "f16"
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.weights_bytes + self.kv_bytes + self.buffer_bytes
+        return max(self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes,
+                   self.open_peak_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
     def describe(self) -> str:
-        return (f"weights {format_size(self.weights_bytes)} + KV cache {format_size(self.kv_bytes)} (ctx {self.ctx}) + "
-                f"buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}")
+        what = f"{self.streamed_layers} layers" + (" and the output head" if self.streamed_head else "")
+        stream = (f" + stream pool {format_size(self.pool_bytes)} ({what}, "
+                  f"{format_size(self.streamed_bytes)}, streamed)") if self.pool_bytes else ""
+        opening = (f"; opening the model alone peaked at {format_size(self.open_peak_bytes)}"
+                   if self.open_peak_bytes == self.total_bytes else "")
+        return (f"weights {format_size(self.weights_bytes)}{stream} + KV cache {format_size(self.kv_bytes)} "
+                f"(ctx {self.ctx}) + buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}"
+                f"{opening}")
 
 
-def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bool) -> int:
-    """The largest set of arrays alive at once in one forward step of n tokens that
-    attend over `positions` positions, then logit_rows rows of logits (scored: with
-    their float64 log-softmax). Derived from models/transformer.py, line by line."""
-    d, hq, hkv, ff = spec.d_model, spec.n_heads * spec.head_dim, spec.kv_dim(), spec.d_ff
-    stream = 4 * n * (2 * d + 2 * hq + 2 * hkv)            # x, h, q, k, v, attention output
-    attn = spec.n_heads * n * positions * (4 * 2 + 1)       # scores, exp(scores), mask
-    ffn = 4 * n * ff * (4 if spec.act == "gelu_tanh" else 3)  # gate, up and the activation's temporaries
-    scratch = n * max(ff, d) * 2                            # the kernels' int8 activations and scales
+def buffer_bytes(spec: Spec, n: int, layer_scratch: int, logit_rows: int, scored: bool) -> int:
+    """The largest set of arrays alive at once in one forward step of n tokens, then
+    logit_rows rows of logits (scored: with their float64 log-softmax). layer_scratch
+    is what the C layer asks for (ert_layer_scratch_bytes: every activation of the
+    layer and a row of attention scores per thread)."""
+    d, ff = spec.d_model, spec.d_ff
+    stream = 4 * n * d * 4                     # embeddings, x, the final norm's temporaries
+    kernels = n * max(ff, d) * 2               # ert_matmul's int8 activations and scales
     logits = logit_rows * spec.n_vocab * (4 + (16 if scored else 0))
-    return stream + max(attn, ffn) + scratch + logits
+    return stream + layer_scratch + kernels + logits
 
 
 # Resident memory a call adds beyond the arrays counted here (lazy imports, thread-pool
@@ -70,10 +86,21 @@ def buffer_bytes(spec: Spec, n: int, positions: int, logit_rows: int, scored: bo
 CALL_BYTES = 4 << 20
 
 
-def make_plan(spec: Spec, weights_bytes: int, base_bytes: int, ctx: int, n: int, positions: int,
-              logit_rows: int = 1, scored: bool = False) -> Plan:
-    return Plan(base_bytes + CALL_BYTES, weights_bytes, KVCache.nbytes(spec, ctx),
-                buffer_bytes(spec, n, positions, logit_rows, scored), ctx, n)
+def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, kv_type: str, n: int, layer_scratch: int,
+              logit_rows: int = 1, scored: bool = False, budget: int | None = None,
+              streamed: tuple[int, bool] | None = None, open_peak: int = 0) -> Plan:
+    """The plan streaming `streamed` = (layers, head); by default the least streaming
+    that fits the budget: layers first, the output head (read whole every token) last.
+    When nothing fits, everything streams and check() refuses it, naming its total."""
+    def with_streamed(m: int, head: bool) -> Plan:
+        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head), KVCache.nbytes(spec, ctx, kv_type),
+                    buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n,
+                    m, layout.streamed_bytes(m, head), layout.pool_bytes(m, head), head, open_peak, kv_type)
+    if streamed is not None:
+        return with_streamed(*streamed)
+    n_layers = len(layout.layer_bytes)
+    plans = [with_streamed(m, False) for m in range(n_layers + 1)] + [with_streamed(n_layers, True)]
+    return next((p for p in plans if budget is None or p.total_bytes <= budget), plans[-1])
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

@@ -15,23 +15,25 @@ from .gguf_file import GGUFFile
 FMT_KEY = "edgert.format."  # + tensor name -> "q4:64": a group-quantized tensor of ours
 
 
-def tensor_format(g: GGUFFile, name: str):
-    """(format, parts, rows, cols) of a 2-D weight the kernels can multiply by."""
+def tensor_format(g: GGUFFile, name: str, array=None):
+    """(format, parts, rows, cols) of a 2-D weight the kernels can multiply by; its
+    arrays from array(name) (default: views of the file's mmap)."""
+    array = array or g.array
     spec = g.meta.get(FMT_KEY + name)
     t = g.tensors[name]
     if spec is not None:
         try:
             kind, group = str(spec).split(":")
             fmt = formats.by_name(kind, int(group))
-            codes = g.array(name).view(np.uint8)
-            parts = {"codes": codes, "scale": g.array(name + ".scale"), "min": g.array(name + ".min")}
+            codes = array(name).view(np.uint8)
+            parts = {"codes": codes, "scale": array(name + ".scale"), "min": array(name + ".min")}
         except (ValueError, KeyError) as e:  # a hostile or damaged file: name what is wrong
             raise EdgeRtError(f"{g.path}: tensor {name} ({FMT_KEY}{name} = {str(spec)[:40]!r}) is not a valid "
                               f"group-quantized tensor: {e}") from None
         return fmt, parts, codes.shape[0], codes.shape[1] * 8 // fmt.bits
     if t.ggml_type in (T.F32, T.F16) and len(t.shape) == 2:
         fmt = formats.F32() if t.ggml_type == T.F32 else formats.F16()
-        return fmt, {"": g.array(name)}, t.shape[0], t.shape[1]
+        return fmt, {"": array(name)}, t.shape[0], t.shape[1]
     raise EdgeRtError(f"{g.path}: tensor {name} is {t.type_name}, which edge-rt does not run directly; "
                       f"convert the file first: edge-rt convert {g.path} -o OUT --bits 4")
 
@@ -72,16 +74,23 @@ class ReferenceWeights:
     def embed(self, tokens) -> np.ndarray:
         return self.matrix("token_embd.weight")[np.asarray(tokens)]
 
+    def begin_layer(self, i: int) -> None:
+        """Every tensor is resident: nothing to read."""
+
 
 class Weights:
-    """The runtime's weights: views of the mapped file, multiplied by the C kernels."""
+    """The runtime's weights: views of the mapped file (or of the arrays array(name)
+    gives: flash.StreamedWeights), multiplied by the C kernels."""
 
-    def __init__(self, g: GGUFFile, threads: int = 1):
+    streamed = 0  # layers 0..streamed-1 are read from storage by begin_layer (flash.StreamedWeights)
+
+    def __init__(self, g: GGUFFile, threads: int = 1, array=None):
         self.g, self.threads = g, threads
+        array = array or g.array
         self.matrices = {}
         for name in g.tensors:
             if is_matrix(g, name):
-                fmt, parts, rows, cols = tensor_format(g, name)
+                fmt, parts, rows, cols = tensor_format(g, name, array)
                 try:
                     self.matrices[name] = kernels.Weight(fmt, rows, cols, parts)
                 except (ValueError, TypeError, kernels.KernelError) as e:  # parts that do not fit together
@@ -92,13 +101,17 @@ class Weights:
                 continue
             if t.ggml_type not in (T.F32, T.F16):
                 raise EdgeRtError(f"{g.path}: tensor {name} is {t.type_name}; norms, biases and factors must be F32 or F16")
-            self.vectors[name] = g.array(name)
+            self.vectors[name] = array(name)
 
     def has(self, name: str) -> bool:
         return name in self.matrices or name in self.vectors
 
     def vec(self, name: str) -> np.ndarray:
         return self.vectors[name]
+
+    def begin_layer(self, i: int) -> None:
+        """Layer i is about to run: its matrices must point at resident bytes. Here they
+        always do (the mapped file, made resident by populate)."""
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         return kernels.matmul(self.matrices[name], x, self.threads)

@@ -3,9 +3,12 @@
  * dequantization is d*c + m with a separately rounded add, exactly like numpy.
  *
  * Arithmetic (formats.matmul_reference):
- *   activations, per 32-block: amax = max|x|, q = rint(x * 127/amax), da = amax/127
- *   codes c -> s = c - 2^(bits-1); per block isum = sum(s*q), qsum = sum(q)
- *   y += da * (d*isum + (m + d*2^(bits-1)) * qsum)
+ *   q1..q4, table lookups: per 4 columns a 16-entry int8 table t of the +-1 sums of
+ *   the activations, scale ls per 32-block (formats.lut_tables); per block
+ *   I = sum_k 2^k sum_j t[j][nibble of plane k]; per group
+ *   y += d/2 * sum_b ls_b * I_b + (m + d*(2^bits-1)/2) * sum(x)
+ *   q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
+ *   s = c - 128; y += da * (d*sum(s*q) + (m + 128*d) * sum(q))
  */
 #define ERT_BUILDING
 #include "edgert.h"
@@ -15,24 +18,23 @@
 
 /* ---- code unpacking ------------------------------------------------------------- */
 
-/* sub-plane widths of a bits-bit code (formats.PLANES) */
-static int planes(int bits, int width[2]) {
-    if (bits == 3) { width[0] = 2; width[1] = 1; return 2; }
-    width[0] = bits;
-    return 1;
-}
-
-/* the 32 codes of one block (4*bits bytes at p) */
-static void unpack_block(int bits, const uint8_t *p, uint8_t c[ERT_BLOCK]) {
-    int width[2], np = planes(bits, width), shift = 0;
-    memset(c, 0, ERT_BLOCK);
-    for (int k = 0; k < np; k++) {
-        int wdt = width[k], nb = 4 * wdt, mask = (1 << wdt) - 1;
-        for (int i = 0; i < ERT_BLOCK; i++)
-            c[i] |= (uint8_t)(((p[i % nb] >> (wdt * (i / nb))) & mask) << shift);
-        p += nb;
-        shift += wdt;
+/* the 32 codes of block b of row r: q8 one byte per code, q1..q4 from the bit planes
+ * of the tile layout (formats.py) */
+static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[ERT_BLOCK]) {
+    const uint8_t *data = (const uint8_t *)w->data;
+    if (bits == 8) {
+        memcpy(c, data + (size_t)r * w->cols + (size_t)b * ERT_BLOCK, ERT_BLOCK);
+        return;
     }
+    memset(c, 0, ERT_BLOCK);
+    for (int k = 0; k < bits; k++)
+        for (int s = 0; s < 4; s++) {
+            const uint8_t v = data[ert_lut_offset(w, bits, r, b, k, s)];
+            for (int i = 0; i < 4; i++) {
+                c[8 * s + i] |= (uint8_t)(((v >> i) & 1) << k);
+                c[8 * s + 4 + i] |= (uint8_t)(((v >> (4 + i)) & 1) << k);
+            }
+        }
 }
 
 /* ---- activations ------------------------------------------------------------------ */
@@ -57,6 +59,34 @@ void ert_quant_act_ref(const float *x, int n, int cols, int8_t *q, float *da, in
             }
             da[(size_t)j * nblk + b] = amax / 127.0f;
             qsum[(size_t)j * nblk + b] = s;
+        }
+    }
+}
+
+/* tables of formats.lut_tables, in the same float32 order (this file is compiled with
+ * -ffp-contract=off), and the group sums of x */
+void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+    for (int j = 0; j < n; j++) {
+        const float *xj = x + (size_t)j * cols;
+        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const float *xb = xj + (size_t)b * ERT_BLOCK;
+            const float amax = ert_lut_amax(xb);
+            float bsum = 0.0f;
+            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            for (int q = 0; q < 8; q++) {
+                const float *v = xb + 4 * q;
+                int8_t *t = lut + ((size_t)j * cols / 4 + (size_t)b * 8 + q) * 16;
+                for (int p = 0; p < 16; p++) {
+                    float e = (((p & 1) ? v[0] : -v[0]) + ((p & 2) ? v[1] : -v[1])) + ((p & 4) ? v[2] : -v[2]);
+                    e = e + ((p & 8) ? v[3] : -v[3]);
+                    t[p] = (int8_t)rintf(e * inv);
+                }
+            }
+            for (int i = 0; i < ERT_BLOCK; i++) bsum += xb[i];
+            ls[(size_t)j * nblk + b] = amax / 127.0f;
+            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += bsum;
         }
     }
 }
@@ -123,18 +153,17 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 #define CHUNK 64 /* blocks unpacked at a time (2048 columns) */
 
+/* q8: integer dot products of int8 activations and s = c - 128 */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, bpb = 4 * bits, off = 1 << (bits - 1);
-    const size_t rowbytes = (size_t)nblk * bpb;
+    const int nblk = a->nblk, ng = a->ngroups, off = 1 << (bits - 1);
     int8_t s[CHUNK * ERT_BLOCK];
     for (int r = r0; r < r1; r++) {
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
         for (int j = 0; j < a->n; j++) y[(size_t)j * w->rows + r] = 0.0f;
         for (int b0 = 0; b0 < nblk; b0 += CHUNK) {
             int nb = nblk - b0 < CHUNK ? nblk - b0 : CHUNK;
             for (int b = 0; b < nb; b++) {
                 uint8_t c[ERT_BLOCK];
-                unpack_block(bits, codes + (size_t)(b0 + b) * bpb, c);
+                unpack_block(w, bits, r, b0 + b, c);
                 for (int i = 0; i < ERT_BLOCK; i++) s[b * ERT_BLOCK + i] = (int8_t)(c[i] - off);
             }
             for (int j = 0; j < a->n; j++) {
@@ -156,19 +185,49 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
     }
 }
 
+/* q1..q4: y = sum_g d/2 * sum_{b in g} ls_b * I_b + (m + d*(2^bits-1)/2) * xsum_g,
+ * I_b = sum_k 2^k sum_{j in b} lut[j][nibble of plane k] (formats.matmul_reference) */
+void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
+    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
+    const float off = 0.5f * (float)((1 << bits) - 1);
+    for (int r = r0; r < r1; r++)
+        for (int j = 0; j < a->n; j++) {
+            const int8_t *lut = a->lut + (size_t)j * a->cols / 4 * 16;
+            const float *ls = a->ls + (size_t)j * nblk;
+            float acc = 0.0f;
+            for (int g = 0; g < ng; g++) {
+                const float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
+                const float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+                const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+                float fsum = 0.0f;
+                for (int b = g * bpg; b < b1; b++) {
+                    int32_t isum = 0;
+                    for (int k = 0; k < bits; k++)
+                        for (int s = 0; s < 4; s++) {
+                            const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
+                            const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
+                            isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
+                        }
+                    fsum += ls[b] * (float)isum;
+                }
+                acc += 0.5f * d * fsum + (m + d * off) * a->xsum[(size_t)j * ng + g];
+            }
+            y[(size_t)j * w->rows + r] = acc;
+        }
+}
+
 static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, int bits) {
-    const int cols = w->cols, nblk = cols / ERT_BLOCK, bpb = 4 * bits;
+    const int cols = w->cols, nblk = cols / ERT_BLOCK;
     const int ng = (cols + w->group_size - 1) / w->group_size;
     for (int i = 0; i < k; i++) {
         int64_t r = rows ? rows[i] : row0 + i;
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * nblk * bpb;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
             int g = b * ERT_BLOCK / w->group_size;
             float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
             float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
             uint8_t c[ERT_BLOCK];
-            unpack_block(bits, codes + (size_t)b * bpb, c);
+            unpack_block(w, bits, (int)r, b, c);
             for (int t = 0; t < ERT_BLOCK; t++) o[b * ERT_BLOCK + t] = d * (float)c[t] + m;
         }
     }
@@ -176,7 +235,10 @@ static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, in
 
 #define GROUP_KERNELS(name, bits)                                                                  \
     void ert_##name##_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { \
-        group_matmul(w, a, r0, r1, y, bits);                                                       \
+        if (bits == 8)                                                                             \
+            group_matmul(w, a, r0, r1, y, bits);                                                   \
+        else                                                                                       \
+            ert_lut_matmul_ref(w, a, r0, r1, y, bits);                                             \
     }                                                                                              \
     void ert_##name##_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         group_dequant(w, rows, row0, k, out, bits);                                                \

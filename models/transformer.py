@@ -50,17 +50,21 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndar
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0..ctx-1, float32."""
+    """Keys and values of every layer for positions 0..ctx-1: float16 (as llama.cpp
+    keeps them by default; rounded to nearest even) or float32."""
 
-    def __init__(self, spec: Spec, ctx: int):
+    DTYPES = {"f16": np.float16, "f32": np.float32}
+
+    def __init__(self, spec: Spec, ctx: int, dtype: str = "f16"):
         shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim)
-        self.k, self.v, self.ctx = np.empty(shape, np.float32), np.empty(shape, np.float32), ctx
+        self.dtype, self.ctx = dtype, ctx
+        self.k, self.v = np.empty(shape, self.DTYPES[dtype]), np.empty(shape, self.DTYPES[dtype])
         self.k.fill(0)  # written now, so the whole cache is resident from the start
         self.v.fill(0)
 
-    @staticmethod
-    def nbytes(spec: Spec, ctx: int) -> int:
-        return 2 * 4 * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
+    @classmethod
+    def nbytes(cls, spec: Spec, ctx: int, dtype: str = "f16") -> int:
+        return 2 * np.dtype(cls.DTYPES[dtype]).itemsize * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
 
 
 def attention(q, k, v, pos, first, window, scale):
@@ -83,48 +87,59 @@ def attention(q, k, v, pos, first, window, scale):
     return out.transpose(2, 0, 1, 3).reshape(n, H * d)
 
 
-def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
-    """Run tokens (at positions pos0, pos0+1, ...) through the model, filling the KV
-    cache; returns the final-normed hidden states [n, d_model]."""
-    n, eps = len(tokens), spec.norm_eps
+def rope_base_scale(spec: Spec, layer: int) -> tuple[float, float]:
+    """RoPE base and position scale of a layer (local layers have their own base)."""
+    local = spec.is_local(layer)
+    return (spec.rope_base_local if local and spec.rope_base_local else spec.rope_base,
+            1.0 if local else spec.rope_scale)
+
+
+def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+    """Layer i on x[n, d_model] (tokens at positions pos0, pos0+1, ...), filling its part
+    of the KV cache; returns the new x."""
+    n, eps, p = len(x), spec.norm_eps, f"blk.{i}."
     H, KV, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
     pos = pos0 + np.arange(n)
-    act = ACTIVATIONS[spec.act]
+    # attention
+    h = rmsnorm(x, W.vec(p + "attn_norm.weight"), eps)
+    q, k, v = W.linear(p + "attn_q.weight", h), W.linear(p + "attn_k.weight", h), W.linear(p + "attn_v.weight", h)
+    if spec.qkv_bias:
+        q, k, v = q + W.vec(p + "attn_q.bias"), k + W.vec(p + "attn_k.bias"), v + W.vec(p + "attn_v.bias")
+    q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, hd)
+    if spec.qk_norm:
+        q, k = rmsnorm(q, W.vec(p + "attn_q_norm.weight"), eps), rmsnorm(k, W.vec(p + "attn_k_norm.weight"), eps)
     factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
-    tables = {}  # (base, scale) -> cos, sin: one pair for local layers, one for global
+    base, scale = rope_base_scale(spec, i)
+    cos, sin = rope_tables(pos, base, spec.rope_dim, scale, factors)
+    q, k = rope(q, cos, sin, spec.rope_style), rope(k, cos, sin, spec.rope_style)
+    kv.k[i, pos0:pos0 + n], kv.v[i, pos0:pos0 + n] = k, v
+    window = spec.sliding_window if spec.is_local(i) else 0
+    first = max(0, pos0 - window + 1) if window else 0
+    keys, values = kv.k[i, first:pos0 + n].astype(np.float32), kv.v[i, first:pos0 + n].astype(np.float32)
+    a = attention(q, keys, values, pos, first, window,
+                  spec.attn_scale or 1.0 / np.sqrt(hd))
+    a = W.linear(p + "attn_output.weight", a)
+    if spec.post_norms:
+        a = rmsnorm(a, W.vec(p + "post_attention_norm.weight"), eps)
+    x = x + a
+    # feed-forward
+    h = rmsnorm(x, W.vec(p + "ffn_norm.weight"), eps)
+    act = ACTIVATIONS[spec.act]
+    f = W.linear(p + "ffn_down.weight", act(W.linear(p + "ffn_gate.weight", h)) * W.linear(p + "ffn_up.weight", h))
+    if spec.post_norms:
+        f = rmsnorm(f, W.vec(p + "post_ffw_norm.weight"), eps)
+    return x + f
+
+
+def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer=layer) -> np.ndarray:
+    """Run tokens (at positions pos0, pos0+1, ...) through the model, filling the KV
+    cache; returns the final-normed hidden states [n, d_model]. run_layer is `layer`
+    above, or the runtime's one C call per layer (edge_rt/layer.py)."""
     x = W.embed(tokens) * np.float32(spec.embed_scale)
-    for layer in range(spec.n_layers):
-        p = f"blk.{layer}."
-        # attention
-        h = rmsnorm(x, W.vec(p + "attn_norm.weight"), eps)
-        q, k, v = W.linear(p + "attn_q.weight", h), W.linear(p + "attn_k.weight", h), W.linear(p + "attn_v.weight", h)
-        if spec.qkv_bias:
-            q, k, v = q + W.vec(p + "attn_q.bias"), k + W.vec(p + "attn_k.bias"), v + W.vec(p + "attn_v.bias")
-        q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, hd)
-        if spec.qk_norm:
-            q, k = rmsnorm(q, W.vec(p + "attn_q_norm.weight"), eps), rmsnorm(k, W.vec(p + "attn_k_norm.weight"), eps)
-        local = spec.is_local(layer)
-        base = spec.rope_base_local if local and spec.rope_base_local else spec.rope_base
-        scale = 1.0 if local else spec.rope_scale
-        if (base, scale) not in tables:
-            tables[base, scale] = rope_tables(pos, base, spec.rope_dim, scale, factors)
-        q, k = rope(q, *tables[base, scale], spec.rope_style), rope(k, *tables[base, scale], spec.rope_style)
-        kv.k[layer, pos0:pos0 + n], kv.v[layer, pos0:pos0 + n] = k, v
-        window = spec.sliding_window if local else 0
-        first = max(0, pos0 - window + 1) if window else 0
-        a = attention(q, kv.k[layer, first:pos0 + n], kv.v[layer, first:pos0 + n], pos, first, window,
-                      spec.attn_scale or 1.0 / np.sqrt(hd))
-        a = W.linear(p + "attn_output.weight", a)
-        if spec.post_norms:
-            a = rmsnorm(a, W.vec(p + "post_attention_norm.weight"), eps)
-        x = x + a
-        # feed-forward
-        h = rmsnorm(x, W.vec(p + "ffn_norm.weight"), eps)
-        f = W.linear(p + "ffn_down.weight", act(W.linear(p + "ffn_gate.weight", h)) * W.linear(p + "ffn_up.weight", h))
-        if spec.post_norms:
-            f = rmsnorm(f, W.vec(p + "post_ffw_norm.weight"), eps)
-        x = x + f
-    return rmsnorm(x, W.vec("output_norm.weight"), eps)
+    for i in range(spec.n_layers):
+        W.begin_layer(i)  # layer i's matrices now point at resident bytes (edge_rt/flash.py streams them)
+        x = run_layer(spec, W, i, x, pos0, kv)
+    return rmsnorm(x, W.vec("output_norm.weight"), spec.norm_eps)
 
 
 def output_name(W) -> str:

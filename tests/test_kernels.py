@@ -1,8 +1,10 @@
 """The C kernels (libedgert via edge_rt.kernels) against the numpy definitions in
-edge_rt/formats.py: matmul vs formats.matmul_reference (tight tolerance), row
-dequantization bit-exact with fmt.dequantize, SIMD vs forced scalar reference,
-thread-count independence, and (when a cross compiler and qemu are installed) the
-aarch64 NEON / NEON-dotprod kernels under qemu."""
+edge_rt/formats.py: matmul vs formats.matmul_reference (the same integer table / dot
+arithmetic; the C kernels differ only by float32 summation order: TOL), the table
+approximation against the float product (formats.lut_error_bound), the bit-plane tile
+layout, row dequantization bit-exact with fmt.dequantize, SIMD vs forced scalar
+reference, thread-count and batch independence, and (when a cross compiler and qemu
+are installed) the aarch64 NEON / NEON-dotprod kernels under qemu."""
 from __future__ import annotations
 
 import os
@@ -18,11 +20,12 @@ from edge_rt import kernels as K
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP_BITS = [1, 2, 3, 4, 8]
-# (rows, cols): one row, the minimum width, odd row counts (not multiples of 8/16/32),
-# and cols=192 / 96 which leave a ragged last group for g=128 / g=64
-SHAPES = [(1, 32), (37, 192), (67, 256), (33, 96), (130, 576)]
+# (rows, cols): one row, the minimum width, odd row counts (not multiples of the 32-row
+# tile: a last tile of 5, 3, 1, 2 rows), whole tiles, and cols=192 / 96 which leave a
+# ragged last group for g=128 / g=64
+SHAPES = [(1, 32), (37, 192), (67, 256), (33, 96), (130, 576), (64, 160)]
 NS = [1, 3, 17]
-TOL = 1e-5  # of the output's scale (max |y|)
+TOL = 1e-5  # C vs matmul_reference, of the output's scale (max |y|): float32 summation order
 
 
 def fmt_cases():
@@ -88,7 +91,8 @@ def test_matmul_matches_reference(fmt):
 
 @pytest.mark.parametrize("bits", GROUP_BITS)
 def test_matmul_larger_threads_prefill(bits):
-    """Big enough for the threaded path; n=37 exercises the 4-row blocks and the tail."""
+    """Big enough for the threaded path; n=37 exercises the token groups, the 4-token
+    chunks and the tail, each token's rows equal to the token alone."""
     rng = np.random.default_rng(bits)
     rows, cols, n = 300, 1536, 37
     fmt = formats.GroupQuant(bits, 64)
@@ -101,6 +105,9 @@ def test_matmul_larger_threads_prefill(bits):
     y0 = K.matmul(w, x, threads=0)  # the OpenMP default
     assert close(y1, ref)[0], close(y1, ref)[1]
     assert np.array_equal(y1, y2) and np.array_equal(y1, y0)
+    # 37 tokens go in groups of 20 (tables of 20 tokens kept in cache) and chunks of 4
+    for j in (0, 19, 20, 36):
+        assert np.array_equal(K.matmul(w, x[j]), y1[j]), j
 
 
 @pytest.mark.parametrize("isa", ["auto", "ref"])
@@ -121,23 +128,31 @@ def test_matmul_batch_invariant(isa):
 
 
 def test_matmul_integer_parts_exact():
-    """With power-of-two scales everything is exact in float32: the kernels must then
-    agree with the reference to the last bit (catches any off-by-one in the codes)."""
+    """With power-of-two scales and activations whose int8 form is exact (q8: amax = 127
+    in every block, so q == x; q1..q4: integer x with a 4-column |sum| of 127 in every
+    block, so the tables are the exact sums and ls == 1), everything is exact in float32:
+    the kernels must agree with the reference to the last bit (catches any off-by-one in
+    the codes, the layout or the tables)."""
     rng = np.random.default_rng(7)
     for bits in GROUP_BITS:
         fmt = formats.GroupQuant(bits, 64)
-        rows, cols = 20, 192
-        parts = fmt.quantize(rand_weight(rng, rows, cols))
-        ng = fmt.groups(cols)
-        parts["scale"] = np.full((rows, ng), 2.0**-6, np.float16)
-        parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
-        x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
-        x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
-        w = K.Weight(fmt, rows, cols, parts)
-        ref = formats.matmul_reference(fmt, parts, cols, x)
-        for isa in ("auto", "ref"):
-            K.force_isa(isa)
-            assert np.array_equal(K.matmul(w, x), ref), (bits, isa)
+        for rows in (20, 70):
+            cols = 192
+            parts = fmt.quantize(rand_weight(rng, rows, cols))
+            ng = fmt.groups(cols)
+            parts["scale"] = np.full((rows, ng), 2.0**-6, np.float16)
+            parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
+            if bits == 8:
+                x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
+                x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
+            else:
+                x = rng.integers(-31, 32, (3, cols)).astype(np.float32)  # 4-column |sums| <= 124
+                x[:, 0::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 31.0, -32.0, 32.0, 32.0  # amax = 127
+            w = K.Weight(fmt, rows, cols, parts)
+            ref = formats.matmul_reference(fmt, parts, cols, x)
+            for isa in ("auto", "ref"):
+                K.force_isa(isa)
+                assert np.array_equal(K.matmul(w, x), ref), (bits, rows, isa)
 
 
 def test_matmul_vector_and_out():
@@ -163,6 +178,111 @@ def test_matmul_vector_and_out():
     # non-contiguous / float64 activations are converted
     xt = np.asfortranarray(x.astype(np.float64))
     np.testing.assert_array_equal(K.matmul(w, xt), K.matmul(w, x))
+
+
+# --------------------------------------------------------------------------- layout, table approximation
+
+@pytest.mark.parametrize("bits", GROUP_BITS)
+def test_pack_layout(bits):
+    """pack/unpack are inverse for any row count, keep the [rows, cols*bits/8] shape, and
+    q1..q4 put row r's plane-k nibble of sub-group j where the kernels read it."""
+    rng = np.random.default_rng(bits)
+    fmt = formats.GroupQuant(bits, 64)
+    for rows in (1, 5, 31, 32, 33, 64, 77):
+        c = rng.integers(0, 1 << bits, (rows, 96)).astype(np.uint8)
+        p = fmt.pack(c)
+        assert p.shape == (rows, 96 * bits // 8) and p.dtype == np.uint8
+        assert np.array_equal(fmt.unpack(p, 96), c)
+    if bits == 8:
+        return
+    rows, cols = 45, 64  # a full tile and a tile of 13 rows
+    c = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
+    flat = fmt.pack(c).reshape(-1)
+    for r, b, k, j in [(0, 0, 0, 0), (31, 1, bits - 1, 7), (32, 0, 0, 3), (44, 1, bits - 1, 6), (40, 1, 0, 5)]:
+        t0 = r - r % formats.TILE
+        h = min(formats.TILE, rows - t0)
+        u, wu = k // 2, min(2, bits - k // 2 * 2)
+        s, e = (j // 2, k % 2) if wu == 2 else (j // 4, j // 2 % 2)  # 2h bytes per s, byte 2r + e
+        byte = flat[t0 * cols * bits // 8 + (b * bits + 2 * u) * 4 * h + 2 * h * s + 2 * (r - t0) + e]
+        nib = (byte >> (4 * (j % 2))) & 15
+        want = sum(((int(c[r, 32 * b + 4 * j + i]) >> k) & 1) << i for i in range(4))
+        assert nib == want, (r, b, k, j)
+
+
+def test_lut_tables():
+    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the block's
+    largest |sum|, which maps to +-127."""
+    rng = np.random.default_rng(4)
+    x = rand_act(rng, 2, 64)
+    t, ls = formats.lut_tables(x)
+    assert t.shape == (2, 16, 16) and ls.shape == (2, 2)
+    assert np.array_equal(t[..., ::-1], -t)
+    sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
+    exact = x.reshape(2, 16, 4) @ sign.T  # [n, j, p]
+    scale = np.repeat(ls, 8, axis=1)[..., None]
+    assert np.abs(t * scale - exact).max() <= 0.5 * scale.max() * (1 + 1e-5)
+    assert np.abs(t).reshape(2, 2, -1).max(axis=-1).min() == 127 or not ls.all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lut_within_bound_of_float_product(bits):
+    """The only approximation of the LUT path is the int8 rounding of the tables:
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_b per
+    row; float32 rounding is far below it). Also reports how tight the bound is."""
+    rng = np.random.default_rng(bits + 40)
+    for g in (32, 64, 128):
+        fmt = formats.GroupQuant(bits, g)
+        rows, cols = 70, 576
+        parts = fmt.quantize(rand_weight(rng, rows, cols))
+        x = rand_act(rng, 3, cols)
+        y = K.matmul(K.Weight(fmt, rows, cols, parts), x).astype(np.float64)
+        exact = x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)
+        bound = formats.lut_error_bound(fmt, parts, cols, x)
+        slack = 1e-5 * np.abs(exact).max()
+        assert np.all(np.abs(y - exact) <= bound + slack), (g, float((np.abs(y - exact) / bound).max()))
+        assert np.abs(y - exact).max() < 0.5 * bound.max()  # the bound is a worst case, not the typical error
+
+
+@pytest.mark.parametrize("bits", GROUP_BITS)
+def test_real_weights(smollm2_gguf, bits):
+    """SmolLM2-135M matrices (ffn_down 576x1536, attn_k 192x576), quantized, every group
+    size, against the numpy twin and (q1..q4) within the table bound of the float product."""
+    from edge_rt.converters.readers import open_source
+    src = open_source(smollm2_gguf)
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((5, 1536)) * np.exp(rng.standard_normal(1536))).astype(np.float32)
+    for name in ("blk.3.ffn_down.weight", "blk.5.attn_k.weight"):
+        w32 = src.load(name)
+        rows, cols = w32.shape
+        for g in (32, 64, 128):
+            fmt = formats.GroupQuant(bits, g)
+            parts = fmt.quantize(w32)
+            w = K.Weight(fmt, rows, cols, parts)
+            xs = x[:, :cols]
+            ref = formats.matmul_reference(fmt, parts, cols, xs).astype(np.float64)
+            for isa in ("auto", "ref"):
+                K.force_isa(isa)
+                y = K.matmul(w, xs, threads=2)
+                assert close(y, ref)[0], (name, g, isa, close(y, ref)[1])
+            K.force_isa("auto")
+            if bits <= 4:
+                exact = xs.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)
+                bound = formats.lut_error_bound(fmt, parts, cols, xs)
+                assert np.all(np.abs(ref - exact) <= bound + 1e-5 * np.abs(exact).max()), (name, g)
+
+
+def test_old_layout_refused(tmp_path, smollm2_gguf, monkeypatch):
+    """A file of layout version 1 (codes row by row, before the bit-plane tiles) is
+    refused with a message saying to convert again."""
+    from tiny import write_tiny
+    from edge_rt import api
+    from edge_rt.errors import EdgeRtError
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 1)
+    old = write_tiny("llama", smollm2_gguf, tmp_path / "v1.gguf", bits=4)
+    monkeypatch.undo()
+    assert formats.FORMAT_VERSION == 2
+    with pytest.raises(EdgeRtError, match="layout version 1.*version 2: convert the source model again"):
+        api.Model(old)
 
 
 # --------------------------------------------------------------------------- dequantize
@@ -302,15 +422,24 @@ def arm_build(tmp_path_factory):
     tests/arm/kernel_check.c driver linked against it."""
     tools, sysroot = _arm_tools()
     build = tmp_path_factory.mktemp("arm")
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)  # noqa: E731
-    run(tools["cmake"], "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux",
-        "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_C_COMPILER={tools['aarch64-linux-gnu-gcc']}",
-        "-DCMAKE_BUILD_TYPE=Release")
-    run(tools["cmake"], "--build", str(build), "-j", str(os.cpu_count() or 2))
-    exe = build / "kernel_check"
-    run(tools["aarch64-linux-gnu-gcc"], "-O2", f"-I{REPO / 'kernels_c/include'}", str(REPO / "tests/arm/kernel_check.c"),
-        "-o", str(exe), f"-L{build}", "-ledgert", "-lm")
+    exe = cross_build(build, tools["cmake"], tools["aarch64-linux-gnu-gcc"], "aarch64")
     return tools["qemu-aarch64"], sysroot, build, exe
+
+
+def cross_build(build: Path, cmake: str, cc: str, processor: str, cflags: str = "") -> Path:
+    """Cross-build libedgert.so into `build` with the project's CMakeLists.txt and link the
+    tests/arm/kernel_check.c driver against it (tests/test_cross_arm32.py uses this too)."""
+    def run(*cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+    run(cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux",
+        f"-DCMAKE_SYSTEM_PROCESSOR={processor}", f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_C_FLAGS={cflags}",
+        "-DCMAKE_BUILD_TYPE=Release")
+    run(cmake, "--build", str(build), "-j", str(os.cpu_count() or 2))
+    exe = build / "kernel_check"
+    run(cc, "-O2", *cflags.split(), f"-I{REPO / 'kernels_c/include'}", str(REPO / "tests/arm/kernel_check.c"),
+        "-o", str(exe), f"-L{build}", "-ledgert", "-lm")
+    return exe
 
 
 def _qemu(arm_build, cpu):
@@ -323,8 +452,9 @@ def test_arm_neon_dotprod_qemu(arm_build):
     r = _qemu(arm_build, "cortex-a76")  # ARMv8.2 with the dot product extension
     assert r.returncode == 0, r.stdout + r.stderr
     assert "features: neon dotprod" in r.stdout
-    for name in ("q1", "q2", "q3", "q4", "q8"):
-        assert f"kernel: {name}:neon-dotprod" in r.stdout, r.stdout
+    for name in ("q1", "q2", "q3", "q4"):  # table lookups: no dot products to use
+        assert f"kernel: {name}:neon\n" in r.stdout, r.stdout
+    assert "kernel: q8:neon-dotprod" in r.stdout, r.stdout
     assert "kernel: f32:neon" in r.stdout and "kernel: f16:neon" in r.stdout
     assert "checked: neon\n" in r.stdout and "checked: neon-dotprod" in r.stdout and "PASSED" in r.stdout
 

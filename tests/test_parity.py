@@ -165,7 +165,7 @@ def parity(request, wikitext_test):
         pytest.skip("llama_cpp (llama-cpp-python, the peer) is not importable: run scripts/peer.sh")
     name, ctx = request.param
     path = request.getfixturevalue(MODELS[name][1])
-    model = api.load(path, threads=THREADS, ctx=ctx)
+    model = api.load(path, threads=THREADS, ctx=ctx, kv_type="f32")  # as peer.LOGITS_CONFIG
     ids = _wikitext_ids(model.tokenizer, wikitext_test, N_POSITIONS)
     seqs = _sequences(ids, ctx, model.tokenizer)
     assert sum(map(len, seqs)) == N_POSITIONS and max(map(len, seqs)) <= ctx

@@ -1,15 +1,15 @@
 /* AArch64 NEON kernels. This file is compiled twice (see CMakeLists.txt):
- *   ERT_NEON_DOTPROD=0 (armv8-a):               ert_*_neon: everything, integer dots
- *                                               with vmull_s8 / vmlal_high_s8 / vpadalq_s16
- *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):     ert_q*_matmul_neon_dotprod: vdotq_s32
+ *   ERT_NEON_DOTPROD=0 (armv8-a):            ert_*_neon: everything; q1..q4 by table
+ *                                            lookups (vqtbl1q_s8), q8 by int8 dots with
+ *                                            vmull_s8 / vmlal_high_s8 / vpadalq_s16
+ *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):  ert_q8_matmul_neon_dotprod: vdotq_s32
+ *                                            (the table lookups do not use dot products)
  * dispatch.c picks the dotprod build only when getauxval(AT_HWCAP) has HWCAP_ASIMDDP.
- *
- * Same arithmetic as ref.c / avx2.c: s = c - 2^(bits-1) as int8, exact int32 block
- * dots with the int8 activations (|s*q| <= 16256, so a pair fits int16), scaled by
- * d*da in float; the min term per group from the prepared sums of da*qsum.
+ * Same arithmetic as ref.c / avx2.c (formats.matmul_reference).
  */
 #define ERT_BUILDING
 #include "edgert.h"
+#include "tiles.h"
 
 #include <arm_neon.h>
 #include <string.h>
@@ -27,62 +27,18 @@
 #define SFX(name) CAT(name, _neon)
 #endif
 
-/* ---- code unpacking: a block's 32 unsigned codes as two 16-byte halves --------------------- */
-
-typedef struct {
-    uint8x16_t lo, hi; /* codes 0..15, 16..31 */
-} codes32;
-
-INLINE codes32 unpack_codes(const uint8_t *p, const int bits) {
-    codes32 c;
-    switch (bits) {
-    case 1: { /* 4 bytes; code i = bit i/4 of byte i%4 */
-        uint32_t u;
-        memcpy(&u, p, 4);
-        uint8x16_t v = vreinterpretq_u8_u32(vdupq_n_u32(u));
-        static const int8_t sh_lo[16] = {0, 0, 0, 0, -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3};
-        static const int8_t sh_hi[16] = {-4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7};
-        const uint8x16_t one = vdupq_n_u8(1);
-        c.lo = vandq_u8(vshlq_u8(v, vld1q_s8(sh_lo)), one);
-        c.hi = vandq_u8(vshlq_u8(v, vld1q_s8(sh_hi)), one);
-        return c;
-    }
-    case 2: { /* 8 bytes; code i = bits 2*(i/8).. of byte i%8 */
-        uint8x8_t v = vld1_u8(p);
-        const uint8x8_t three = vdup_n_u8(3);
-        c.lo = vcombine_u8(vand_u8(v, three), vand_u8(vshr_n_u8(v, 2), three));
-        c.hi = vcombine_u8(vand_u8(vshr_n_u8(v, 4), three), vshr_n_u8(v, 6));
-        return c;
-    }
-    case 3: { /* 2-bit plane (8 bytes) | 1-bit plane (4 bytes) << 2 */
-        codes32 lo = unpack_codes(p, 2), hi = unpack_codes(p + 8, 1);
-        c.lo = vorrq_u8(lo.lo, vshlq_n_u8(hi.lo, 2));
-        c.hi = vorrq_u8(lo.hi, vshlq_n_u8(hi.hi, 2));
-        return c;
-    }
-    case 4: { /* 16 bytes; low nibbles then high nibbles */
-        uint8x16_t v = vld1q_u8(p);
-        c.lo = vandq_u8(v, vdupq_n_u8(0x0F));
-        c.hi = vshrq_n_u8(v, 4);
-        return c;
-    }
-    default: /* 8 */
-        c.lo = vld1q_u8(p);
-        c.hi = vld1q_u8(p + 16);
-        return c;
-    }
-}
+/* ---- q8: int8 dot products ------------------------------------------------------------------ */
 
 typedef struct {
     int8x16_t lo, hi;
 } signed32;
 
-INLINE signed32 unpack_signed(const uint8_t *p, const int bits) {
-    codes32 c = unpack_codes(p, bits);
-    const uint8x16_t off = vdupq_n_u8((uint8_t)(1 << (bits - 1)));
+/* s = c - 128 of a block's 32 codes */
+INLINE signed32 load_signed(const uint8_t *p) {
+    const uint8x16_t off = vdupq_n_u8(128);
     signed32 s;
-    s.lo = vreinterpretq_s8_u8(vsubq_u8(c.lo, off));
-    s.hi = vreinterpretq_s8_u8(vsubq_u8(c.hi, off));
+    s.lo = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off));
+    s.hi = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p + 16), off));
     return s;
 }
 
@@ -103,20 +59,15 @@ INLINE float half1(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(v), 0);
 }
 
-/* ---- group-format matmul ------------------------------------------------------------------- */
-
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
 /* Rows r0..r1-1 times activation rows j0..j0+NR-1 (NR <= 4):
- *  - the min term sum_g (m + d*2^(bits-1)) * gsum[g] (scalar, per group);
+ *  - the min term sum_g (m + 128*d) * gsum[g] (scalar, per group);
  *  - per chunk of blocks the block scales scl[k][b] = d[group of b] * da[k][b];
  *  - a flat loop over pairs of blocks, even blocks into acc, odd ones into acc2 (two
  *    FMA chains), whatever NR: an activation row's result does not depend on its batch. */
-INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR,
-                       const int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7, bpb = 4 * bits;
-    const size_t rowbytes = (size_t)nblk * bpb;
-    const float off = (float)(1 << (bits - 1));
+INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR) {
+    const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7;
     const int8_t *q[4];
     const float *da[4], *gsum[4];
     float scl[4][CHUNK];
@@ -126,7 +77,7 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
         gsum[k] = a->gsum + (size_t)(j0 + k) * ngp;
     }
     for (int r = r0; r < r1; r++) {
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * w->cols;
         const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
         float32x4_t acc[4], acc2[4];
         float accm[4];
@@ -135,7 +86,7 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
             accm[k] = 0.0f;
         }
         for (int g = 0; g < ng; g++) {
-            const float mb = half1(mn[g]) + half1(sc[g]) * off;
+            const float mb = half1(mn[g]) + half1(sc[g]) * 128.0f;
             for (int k = 0; k < NR; k++) accm[k] += mb * gsum[k][g];
         }
         for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
@@ -147,10 +98,10 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
                 if (g != gprev) d = half1(sc[g]), gprev = g;
                 for (int k = 0; k < NR; k++) scl[k][i] = d * da[k][c0 + i];
             }
-            const uint8_t *cp = codes + (size_t)c0 * bpb;
+            const uint8_t *cp = codes + (size_t)c0 * ERT_BLOCK;
             int i = 0;
             for (; i + 2 <= nb; i += 2) {
-                const signed32 sa = unpack_signed(cp + (size_t)i * bpb, bits), sb = unpack_signed(cp + (size_t)(i + 1) * bpb, bits);
+                const signed32 sa = load_signed(cp + (size_t)i * ERT_BLOCK), sb = load_signed(cp + (size_t)(i + 1) * ERT_BLOCK);
                 const size_t b = (size_t)c0 + i;
                 for (int k = 0; k < NR; k++) {
                     int32x4_t pa = block_dot(sa, q[k] + b * ERT_BLOCK), pb = block_dot(sb, q[k] + (b + 1) * ERT_BLOCK);
@@ -159,7 +110,7 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
                 }
             }
             if (i < nb) {
-                const signed32 s = unpack_signed(cp + (size_t)i * bpb, bits);
+                const signed32 s = load_signed(cp + (size_t)i * ERT_BLOCK);
                 const size_t b = (size_t)c0 + i;
                 for (int k = 0; k < NR; k++)
                     acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(block_dot(s, q[k] + b * ERT_BLOCK)), scl[k][i]);
@@ -170,32 +121,11 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-#define ROWS_PER_TILE 16
+#define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
 
-INLINE void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int bits) {
-    for (int rt = r0; rt < r1; rt += ROWS_PER_TILE) {
-        const int re = rt + ROWS_PER_TILE < r1 ? rt + ROWS_PER_TILE : r1;
-        int j = 0;
-        for (; j + 4 <= a->n; j += 4) group_rows(w, a, rt, re, j, y, 4, bits);
-        switch (a->n - j) {
-        case 3: group_rows(w, a, rt, re, j, y, 3, bits); break;
-        case 2: group_rows(w, a, rt, re, j, y, 2, bits); break;
-        case 1: group_rows(w, a, rt, re, j, y, 1, bits); break;
-        default: break;
-        }
-    }
+void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
+    ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
 }
-
-#define GROUP_MATMUL(name, bits)                                                                     \
-    void SFX(ert_##name##_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { \
-        group_matmul(w, a, r0, r1, y, bits);                                                         \
-    }
-
-GROUP_MATMUL(q1, 1)
-GROUP_MATMUL(q2, 2)
-GROUP_MATMUL(q3, 3)
-GROUP_MATMUL(q4, 4)
-GROUP_MATMUL(q8, 8)
 
 #if !ERT_NEON_DOTPROD
 /* ---- what does not depend on dotprod: built once, in the plain NEON object ------------------- */
@@ -240,34 +170,177 @@ INLINE void store_deq(float *o, uint8x16_t c, float32x4_t d, float32x4_t m) {
     vst1q_f32(o + 12, vfmaq_f32(m, d, vcvtq_f32_u32(vmovl_high_u16(h))));
 }
 
-INLINE void group_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, const int bits) {
-    const int cols = w->cols, nblk = cols / ERT_BLOCK, bpb = 4 * bits, gs = w->group_size;
+void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
+    const int cols = w->cols, nblk = cols / ERT_BLOCK, gs = w->group_size;
     const int ng = (cols + gs - 1) / gs;
     for (int i = 0; i < k; i++) {
         const int64_t r = rows ? rows[i] : row0 + i;
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * nblk * bpb;
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
             const int g = b * ERT_BLOCK / gs;
             const float32x4_t d = vdupq_n_f32(half1(w->scale[(size_t)r * ng + g]));
             const float32x4_t m = vdupq_n_f32(half1(w->min[(size_t)r * ng + g]));
-            codes32 c = unpack_codes(codes + (size_t)b * bpb, bits);
-            store_deq(o + (size_t)b * ERT_BLOCK, c.lo, d, m);
-            store_deq(o + (size_t)b * ERT_BLOCK + 16, c.hi, d, m);
+            store_deq(o + (size_t)b * ERT_BLOCK, vld1q_u8(codes + (size_t)b * ERT_BLOCK), d, m);
+            store_deq(o + (size_t)b * ERT_BLOCK + 16, vld1q_u8(codes + (size_t)b * ERT_BLOCK + 16), d, m);
         }
     }
 }
 
-#define GROUP_DEQUANT(name, bits)                                                                        \
+/* ---- q1..q4: table lookups -------------------------------------------------------------------
+ *
+ * A tile of 32 rows (formats.py layout), 16 bytes = 8 rows at a time. One vqtbl1q_s8 looks
+ * up 16 nibbles in a sub-group's 16-entry int8 table:
+ *   plane pair (2u, 2u+1): a row's two planes in adjacent bytes: vpaddlq_s8 (both) plus
+ *     the odd byte again (vshrq_n_s16 by 8) gives plane 2u + 2 * plane 2u+1, in int16;
+ *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
+ *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
+ * The sums are weighted by 2^(2u) (vmlaq_n_s16); |block sum| <= 8*127*15 fits int16.
+ * Per block the sums are converted and scaled by the table scale ls; per group by d/2
+ * (per row) and the min term (m + d*(2^bits-1)/2) * xsum is added. */
+
+#define GCHUNK 32 /* groups whose scales are converted at a time */
+
+/* acc[k][h]: int16 sums I_b of rows 8h..8h+7 for token k, block b */
+INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, int16x8_t (*acc)[4], const int NR,
+                      const int bits) {
+    static const uint8_t ODD16[16] = {0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16};
+    const uint8x16_t nib = vdupq_n_u8(0x0F), odd = vld1q_u8(ODD16);
+    for (int k = 0; k < NR; k++)
+        for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
+    for (int p = 0; p < bits; p += 2) {
+        const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
+        const int16_t wgt = (int16_t)(1 << p);
+        if (bits - p >= 2) {
+            for (int s = 0; s < 4; s++)
+                for (int h = 0; h < 4; h++) {
+                    const uint8x16_t v = vld1q_u8(vu + (size_t)s * 2 * ERT_TILE + 16 * h);
+                    const uint8x16_t lo = vandq_u8(v, nib), hi = vshrq_n_u8(v, 4);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
+                        const int8x16_t r1 = vqtbl1q_s8(vld1q_s8(t), lo), r2 = vqtbl1q_s8(vld1q_s8(t + 16), hi);
+                        const int16x8_t both = vpadalq_s8(vpaddlq_s8(r1), r2);
+                        const int16x8_t odd2 = vaddq_s16(vshrq_n_s16(vreinterpretq_s16_s8(r1), 8), vshrq_n_s16(vreinterpretq_s16_s8(r2), 8));
+                        acc[k][h] = vmlaq_n_s16(acc[k][h], vaddq_s16(both, odd2), wgt);
+                    }
+                }
+        } else { /* the lone last plane: byte 2i + e = row 8h + i, sub-groups 4s + 2e (+1) */
+            for (int s = 0; s < 2; s++)
+                for (int h = 0; h < 4; h++) {
+                    const uint8x16_t v = vld1q_u8(vu + (size_t)s * 2 * ERT_TILE + 16 * h);
+                    const uint8x16_t lo = vorrq_u8(vandq_u8(v, nib), odd), hi = vorrq_u8(vshrq_n_u8(v, 4), odd);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 4 * s) * 16;
+                        const int8x16x2_t ta = {{vld1q_s8(t), vld1q_s8(t + 32)}}, tb = {{vld1q_s8(t + 16), vld1q_s8(t + 48)}};
+                        const int16x8_t sum = vpadalq_s8(vpaddlq_s8(vqtbl2q_s8(ta, lo)), vqtbl2q_s8(tb, hi));
+                        acc[k][h] = vmlaq_n_s16(acc[k][h], sum, wgt);
+                    }
+                }
+        }
+    }
+}
+
+/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
+    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
+    const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
+    const float off = 0.5f * (float)((1 << bits) - 1);
+    const int8_t *lut[4];
+    for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
+    float dh[GCHUNK][ERT_TILE], mb[GCHUNK][ERT_TILE];
+    float32x4_t yacc[4][8];
+    for (int k = 0; k < NR; k++)
+        for (int q = 0; q < 8; q++) yacc[k][q] = vdupq_n_f32(0.0f);
+    for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
+        const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
+        for (int r = 0; r < ERT_TILE; r++) {
+            const uint16_t *sc = w->scale + (size_t)(t0 + r) * ng + g0, *mn = w->min + (size_t)(t0 + r) * ng + g0;
+            for (int g = 0; g < gn; g++) {
+                const float d = half1(sc[g]);
+                dh[g][r] = 0.5f * d;
+                mb[g][r] = half1(mn[g]) + d * off;
+            }
+        }
+        for (int g = g0; g < g0 + gn; g++) {
+            float32x4_t facc[4][8];
+            for (int k = 0; k < NR; k++)
+                for (int q = 0; q < 8; q++) facc[k][q] = vdupq_n_f32(0.0f);
+            const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+            for (int b = g * bpg; b < b1; b++) {
+                int16x8_t acc[4][4];
+                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+                for (int k = 0; k < NR; k++) {
+                    const float ls = a->ls[(size_t)(j0 + k) * nblk + b];
+                    for (int h = 0; h < 4; h++) {
+                        facc[k][2 * h] = vfmaq_n_f32(facc[k][2 * h], vcvtq_f32_s32(vmovl_s16(vget_low_s16(acc[k][h]))), ls);
+                        facc[k][2 * h + 1] = vfmaq_n_f32(facc[k][2 * h + 1], vcvtq_f32_s32(vmovl_high_s16(acc[k][h])), ls);
+                    }
+                }
+            }
+            for (int k = 0; k < NR; k++) {
+                const float xs = a->xsum[(size_t)(j0 + k) * ng + g];
+                for (int q = 0; q < 8; q++) {
+                    yacc[k][q] = vfmaq_f32(yacc[k][q], facc[k][q], vld1q_f32(dh[g - g0] + 4 * q));
+                    yacc[k][q] = vfmaq_n_f32(yacc[k][q], vld1q_f32(mb[g - g0] + 4 * q), xs);
+                }
+            }
+        }
+    }
+    for (int k = 0; k < NR; k++)
+        for (int q = 0; q < 8; q++) vst1q_f32(y + (size_t)(j0 + k) * w->rows + t0 + 4 * q, yacc[k][q]);
+}
+
+#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
+#define LUT_KERNELS(name, bits)                                                                          \
+    void ert_##name##_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
+        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
+    }                                                                                                    \
     void ert_##name##_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
-        group_dequant(w, rows, row0, k, out, bits);                                                      \
+        ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
     }
 
-GROUP_DEQUANT(q1, 1)
-GROUP_DEQUANT(q2, 2)
-GROUP_DEQUANT(q3, 3)
-GROUP_DEQUANT(q4, 4)
-GROUP_DEQUANT(q8, 8)
+LUT_KERNELS(q1, 1)
+LUT_KERNELS(q2, 2)
+LUT_KERNELS(q3, 3)
+LUT_KERNELS(q4, 4)
+
+/* The tables of formats.lut_tables, bit-exact with ert_lut_act_ref: per 4-column
+ * sub-group the entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, as two vectors (the
+ * sign flips are exact, and a + (-b) == a - b), rounded to nearest even like rintf;
+ * entries 8..15 are the negated mirror (t[15-p] = -t[p]). */
+void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+    static const uint32_t S0[4] = {0x80000000u, 0, 0x80000000u, 0}, S1[4] = {0x80000000u, 0x80000000u, 0, 0};
+    const uint32x4_t s0 = vld1q_u32(S0), s1 = vld1q_u32(S1);
+    for (int j = 0; j < n; j++) {
+        const float *xj = x + (size_t)j * cols;
+        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const float *xb = xj + (size_t)b * ERT_BLOCK;
+            const float amax = ert_lut_amax(xb);
+            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
+            for (int q = 0; q < 8; q++) {
+                const float *v = xb + 4 * q;
+                const float32x4_t u = vaddq_f32(vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[0])), s0)),
+                                                vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[1])), s1)));
+                const float32x4_t e0 = vsubq_f32(vsubq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 0..3 */
+                const float32x4_t e1 = vsubq_f32(vaddq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 4..7 */
+                const int16x8_t h = vcombine_s16(vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e0, inv))),
+                                                 vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e1, inv))));
+                const int8x8_t lo = vmovn_s16(h);
+                vst1q_s8(tb + 16 * q, vcombine_s8(lo, vneg_s8(vrev64_s8(lo))));
+            }
+            const float32x4_t sum = vaddq_f32(vaddq_f32(vaddq_f32(vld1q_f32(xb), vld1q_f32(xb + 4)), vaddq_f32(vld1q_f32(xb + 8), vld1q_f32(xb + 12))),
+                                              vaddq_f32(vaddq_f32(vld1q_f32(xb + 16), vld1q_f32(xb + 20)), vaddq_f32(vld1q_f32(xb + 24), vld1q_f32(xb + 28))));
+            ls[(size_t)j * nblk + b] = amax / 127.0f;
+            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += vaddvq_f32(sum);
+        }
+    }
+}
 
 /* ---- f32 / f16 ----------------------------------------------------------------------------------- */
 
@@ -306,26 +379,15 @@ INLINE void float_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-INLINE void float_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int half) {
-    for (int rt = r0; rt < r1; rt += ROWS_PER_TILE) {
-        const int re = rt + ROWS_PER_TILE < r1 ? rt + ROWS_PER_TILE : r1;
-        int j = 0;
-        for (; j + 4 <= a->n; j += 4) float_rows(w, a, rt, re, j, y, 4, half);
-        switch (a->n - j) {
-        case 3: float_rows(w, a, rt, re, j, y, 3, half); break;
-        case 2: float_rows(w, a, rt, re, j, y, 2, half); break;
-        case 1: float_rows(w, a, rt, re, j, y, 1, half); break;
-        default: break;
-        }
-    }
-}
+#define F32_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
+#define F16_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
 
 void ert_f32_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    float_matmul(w, a, r0, r1, y, 0);
+    ERT_FOR_TILES(r0, r1, a->n, F32_ROWS)
 }
 
 void ert_f16_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    float_matmul(w, a, r0, r1, y, 1);
+    ERT_FOR_TILES(r0, r1, a->n, F16_ROWS)
 }
 
 void ert_f32_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {

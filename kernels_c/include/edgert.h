@@ -68,6 +68,38 @@ typedef struct {
  * output alone or in a batch). Returns ERT_OK or < 0. */
 ERT_API int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads);
 
+/* One transformer layer (kernels_c/layer.c; the numpy twin is models/transformer.py
+ * `layer`): the sizes and switches of the family's Spec, this layer's weights. */
+enum ert_activation { ERT_ACT_SILU = 0, ERT_ACT_GELU_TANH = 1 };
+
+typedef struct {
+    int d_model, n_heads, n_kv_heads, head_dim, d_ff;
+    float norm_eps;
+    float attn_scale;          /* scores = q.k * attn_scale */
+    int window;                /* 0, or each position sees only the last `window` positions */
+    int rope_dim;              /* features rotated per head (even, <= head_dim) */
+    int rope_neox;             /* 0: pairs (x[2i], x[2i+1]); 1: pairs (x[i], x[i + rope_dim/2]) */
+    float rope_base, rope_scale; /* angle = pos / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i] */
+    const float *rope_factors; /* NULL, or [rope_dim/2] */
+    int act;                   /* enum ert_activation: FFN gate activation */
+    int kv_f16;                /* KV cache elements: 0 float32, 1 IEEE half (rounded to nearest even) */
+    /* float32 vectors; NULL where the family has none (norms of the attention and FFN inputs are required) */
+    const float *attn_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *post_attn_norm;
+    const float *ffn_norm, *post_ffn_norm;
+    ert_weight wq, wk, wv, wo, gate, up, down;
+} ert_layer;
+
+/* Scratch a call of ert_layer_forward needs (float aligned), for n tokens and a KV
+ * cache of ctx positions. */
+ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads);
+
+/* Runs n tokens at positions pos0.. through the layer: x[n][d_model] is updated in
+ * place; their keys and values are written to k_cache, v_cache ([ctx][n_kv_heads]
+ * [head_dim] of float32 or half, this layer's) at pos0.., and attention reads
+ * positions up to each token's own. Returns ERT_OK or < 0. */
+ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
+                              float *scratch, int threads);
+
 /* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
 ERT_API int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out);
 
@@ -92,7 +124,7 @@ ERT_API int ert_force_isa(const char *isa);
 /* Bytes of W as stored (codes + scales + mins), for bandwidth figures. */
 ERT_API size_t ert_weight_nbytes(const ert_weight *w);
 
-/* OpenMP threads available (1 when built without OpenMP). */
+/* Threads a call may use: the processors online. */
 ERT_API int ert_max_threads(void);
 
 ERT_API int ert_version(void);
@@ -103,17 +135,27 @@ ERT_API int ert_version(void);
  * ---------------------------------------------------------------------------- */
 #ifdef ERT_BUILDING
 
+/* pool.c: runs fn(ctx, i, nth) for i < nth on a persistent pool of threads (the
+ * caller is thread 0) and returns when all are done; nth is capped at the processors
+ * online. Called from inside a region, runs serially. */
+typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
+void ert_parallel(ert_task_fn fn, void *ctx, int nth);
+
+#define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
+
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
     int n, cols;
     const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
-    /* group formats only: */
+    /* q1..q4 (table lookups; formats.lut_tables): */
+    const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
+    const float *ls;    /* [n][nblk] table scale of each 32-column block */
+    const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
+    /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
     const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
     const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
     const int32_t *qsum;/* [n][nblk]  sum of the block's q */
-    const int32_t *qoff;/* [n][nblk][8]  2^(bits-1) * (sum of q[4i..4i+3]) for lane i < 8
-                           of each block: the offset of the codes, per 4 columns */
     const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
                            sum over the group's blocks of da*qsum */
     const int32_t *bgroup; /* [nblk + 8] group of each block (the padding repeats the last) */
@@ -126,6 +168,34 @@ typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
 typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
+/* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
+ * (float32, any summation order) of x[n][cols]. */
+typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* The table scale's amax of a 32-column block (formats.lut_tables): the largest
+ * ((|x0| + |x1|) + |x2|) + |x3| over its 8 sub-groups; every table builder uses this. */
+static inline float ert_lut_amax(const float *xb) {
+    float amax = 0.0f;
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        const float a = ((__builtin_fabsf(v[0]) + __builtin_fabsf(v[1])) + __builtin_fabsf(v[2])) + __builtin_fabsf(v[3]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+/* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
+ * path for the last tile when it has fewer than ERT_TILE rows). */
+void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
+/* Offset of the byte holding row r's plane-k nibbles of sub-groups 2s, 2s+1 of block b
+ * in a q1..q4 code array (formats.py: tiles of 32 rows; per block, plane pairs (2u,
+ * 2u+1) with a row's two planes side by side, an odd plane count ending with a lone
+ * plane whose sub-group pairs 2s', 2s'+1 sit side by side). */
+static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b, int k, int s) {
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE, u = k >> 1;
+    const int wu = bits - 2 * u >= 2 ? 2 : 1; /* planes in pair u */
+    return (size_t)t0 * w->cols * bits / 8 + ((size_t)b * bits + 2 * u) * 4 * h + 2 * (size_t)h * (wu == 2 ? s : s >> 1) +
+           2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
+}
 
 typedef struct {
     ert_matmul_fn matmul;
@@ -180,7 +250,8 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q3_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
-    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);
+    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
+    void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, float *);
 
 ERT_DECLARE_KERNELS(ref)
 ERT_DECLARE_KERNELS(avx2)

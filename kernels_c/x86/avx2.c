@@ -1,21 +1,16 @@
 /* AVX2 + FMA + F16C kernels (x86-64). Compiled with -mavx2 -mfma -mf16c; only
  * called after dispatch.c has checked the CPU has them.
- *
- * Group formats, per weight row (see group_rows):
- *   - each 32-code block is unpacked once (broadcast + per-lane variable shift + mask)
- *     and dotted with up to 4 activation rows: exact int32 lane sums of s*q with
- *     s = c - 2^(bits-1) (block_dot: maddubs on the unsigned codes minus a per-lane
- *     offset for bits <= 4; the sign trick for 8 bits);
- *   - the lanes are converted to float and accumulated with the block scale d*da
- *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
- *   - the min term sum_g (m + d*2^(bits-1)) * sum_{b in g} da*qsum is added per group.
+ *   q1..q4: table lookups over the bit-plane tiles (lut_tile below);
+ *   q8: int8 dot products (q8_rows); f32/f16: FMA (float_rows).
  * Rows are independent, and an activation row's result does not depend on n or on
  * the thread count.
  */
 #define ERT_BUILDING
 #include "edgert.h"
+#include "tiles.h"
 
 #include <immintrin.h>
+#include <stdint.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -66,57 +61,6 @@ void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, i
     }
 }
 
-/* ---- code unpacking: 32 unsigned codes of one block, in order, one per byte ------------- */
-
-INLINE __m256i unpack_codes(const uint8_t *p, const int bits) {
-    switch (bits) {
-    case 1: { /* 4 bytes; code i = bit i/4 of byte i%4 */
-        uint32_t u;
-        memcpy(&u, p, 4);
-        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)u), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        return _mm256_and_si256(v, _mm256_set1_epi8(1));
-    }
-    case 2: { /* 8 bytes; code i = bits 2*(i/8).. of byte i%8 */
-        uint64_t u;
-        memcpy(&u, p, 8);
-        __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)u), _mm256_setr_epi64x(0, 2, 4, 6));
-        return _mm256_and_si256(v, _mm256_set1_epi8(3));
-    }
-    case 3: { /* a 2-bit plane (8 bytes), then a 1-bit plane (4 bytes) shifted by 2 */
-        uint64_t u;
-        uint32_t h;
-        memcpy(&u, p, 8);
-        memcpy(&h, p + 8, 4);
-        __m256i lo = _mm256_srlv_epi64(_mm256_set1_epi64x((long long)u), _mm256_setr_epi64x(0, 2, 4, 6));
-        __m256i hi = _mm256_sllv_epi32(_mm256_set1_epi32((int)h), _mm256_setr_epi32(2, 1, 0, 0, 0, 0, 0, 0));
-        hi = _mm256_srlv_epi32(hi, _mm256_setr_epi32(0, 0, 0, 1, 2, 3, 4, 5));
-        return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(3)), _mm256_and_si256(hi, _mm256_set1_epi8(4)));
-    }
-    case 4: { /* 16 bytes; codes 0..15 = low nibbles, 16..31 = high nibbles */
-        __m128i x = _mm_loadu_si128((const __m128i *)p);
-        __m256i v = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
-        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    }
-    default: /* 8: 32 bytes */
-        return _mm256_loadu_si256((const __m256i *)p);
-    }
-}
-
-/* 8 int32 partial sums of the block dot s.q, s = c - 2^(bits-1), exact; lane i holds
- * columns 4i..4i+3 (so the lanes are centered sums, not large values that cancel):
- *   bits <= 4: maddubs(c, q) (c unsigned, pairs <= 2*15*127), then minus the
- *              activation's 2^(bits-1) * sum(q[4i..4i+3]) (qoff, prepared per call)
- *   bits == 8: s = c ^ 0x80 and the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512) */
-INLINE __m256i block_dot(__m256i c, const int8_t *q, const int32_t *qoff, const int bits) {
-    const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
-    if (bits == 8) {
-        const __m256i s = _mm256_xor_si256(c, _mm256_set1_epi8((char)0x80));
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
-    }
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, qv), ones);
-    return _mm256_sub_epi32(p, _mm256_loadu_si256((const __m256i *)qoff));
-}
-
 /* 8 float16 at p as float; only cnt (1..8) are wanted. Reads 8 unless that could run
  * past the end of the array (safe == 0): then copies. */
 INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
@@ -124,6 +68,236 @@ INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
     uint16_t t[8] = {0};
     memcpy(t, p, sizeof(uint16_t) * (size_t)cnt);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+/* v[i][j] <-> v[j][i] */
+INLINE void transpose8(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* The tables of formats.lut_tables, bit-exact with ert_lut_act_ref: per 4-column
+ * sub-group the 8 entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, one vector (the
+ * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
+ * 8..15 are the negated mirror (t[15-p] = -t[p]). Four sub-groups are packed and
+ * stored at a time. */
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+    const __m256 s0 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN, 0, 0));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, 0, 0, 0, 0));
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i rev = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 15,
+                                         14, 13, 12, 11, 10, 9, 8);
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int j = 0; j < n; j++) {
+        const float *xj = x + (size_t)j * cols;
+        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
+        for (int b = 0; b < nblk; b++) {
+            const float *xb = xj + (size_t)b * ERT_BLOCK;
+            const float amax = ert_lut_amax(xb);
+            const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+            __m256i e[8];
+            for (int q = 0; q < 8; q++) {
+                const float *v = xb + 4 * q;
+                __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
+                t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
+                t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
+                e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
+            }
+            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
+            for (int q = 0; q < 8; q += 4) {
+                /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
+                __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
+                lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
+                const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
+                const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
+                _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
+                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
+            }
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                             _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+            ls[(size_t)j * nblk + b] = amax / 127.0f;
+            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += hsum(sum);
+        }
+    }
+}
+
+/* ---- q1..q4: table lookups ------------------------------------------------------------------
+ *
+ * A tile of 32 rows (formats.py layout). A sub-group's 16-entry int8 table, broadcast to
+ * both 128-bit lanes, is indexed by 32 nibbles with one _mm256_shuffle_epi8.
+ *   plane pair (2u, 2u+1): a 32-byte vector holds 16 rows x 2 planes (a row's planes in
+ *     adjacent bytes) for sub-groups 2s (low nibbles) and 2s+1 (high): after the lookup,
+ *     maddubs with the unsigned weights (2^2u, 2^(2u+1)) sums a row's two planes into
+ *     int16 (widening and weighing in one instruction);
+ *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
+ *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
+ *     keeps each byte's own and sums a row's two into int16.
+ * |block sum| <= 8*127*(2^bits-1) fits int16. Per block the int16 sums of the 32 rows
+ * (rows in order) are converted and scaled by the table scale ls; per group by d/2 (per
+ * row), and the min term (m + d*(2^bits-1)/2) * xsum is added. */
+
+#define GCHUNK 32 /* groups whose scales are converted at a time */
+
+/* dh[g][r] = d/2 and mb[g][r] = m + d*off of groups g0..g0+gn-1 of the tile's 32 rows:
+ * per 8 rows, 8 groups at a time are converted (one F16C instruction per row) and
+ * transposed 8x8. */
+INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, float (*dh)[ERT_TILE],
+                        float (*mb)[ERT_TILE]) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    const __m256 half = _mm256_set1_ps(0.5f), vo = _mm256_set1_ps(off);
+    for (int q = 0; q < 4; q++)
+        for (int g = 0; g < gn; g += 8) {
+            const int cnt = gn - g < 8 ? gn - g : 8;
+            __m256 d[8], m[8];
+            for (int i = 0; i < 8; i++) {
+                const int r = t0 + 8 * q + i;
+                const size_t at = (size_t)r * ng + g0 + g;
+                const int safe = (size_t)(w->rows - 1 - r) * ng + (ng - g0 - g) >= 8;
+                d[i] = load8_half(w->scale + at, cnt, safe);
+                m[i] = load8_half(w->min + at, cnt, safe);
+            }
+            transpose8(d);
+            transpose8(m);
+            for (int i = 0; i < cnt; i++) {
+                _mm256_store_ps(dh[g + i] + 8 * q, _mm256_mul_ps(d[i], half));
+                _mm256_store_ps(mb[g + i] + 8 * q, _mm256_fmadd_ps(d[i], vo, m[i]));
+            }
+        }
+}
+
+INLINE __m256i bcast_table(const int8_t *t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)); }
+
+/* the low and high nibbles of 32 bytes at p */
+INLINE void nibbles(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), nib = _mm256_set1_epi8(0x0F);
+    *lo = _mm256_and_si256(v, nib);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+}
+
+/* acc[k][h]: the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
+INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i (*acc)[2], const int NR,
+                      const int bits) {
+    for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
+    for (int p = 0; p < bits; p += 2) {
+        const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
+        if (bits - p >= 2) {
+            const __m256i wp = _mm256_set1_epi16((short)((1 << p) | (2 << p) << 8));
+            for (int s = 0; s < 4; s++)
+                for (int h = 0; h < 2; h++) {
+                    __m256i lo, hi;
+                    nibbles(vu + (size_t)(2 * s + h) * ERT_TILE, &lo, &hi);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
+                        const __m256i r1 = _mm256_shuffle_epi8(bcast_table(t), lo), r2 = _mm256_shuffle_epi8(bcast_table(t + 16), hi);
+                        acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(_mm256_maddubs_epi16(wp, r1), _mm256_maddubs_epi16(wp, r2)));
+                    }
+                }
+        } else { /* the lone last plane: byte 2i + e of a vector = row 16h + i, sub-groups 4s + 2e (+1) */
+            const __m256i we = _mm256_set1_epi16((short)(1 << p)), wo = _mm256_set1_epi16((short)(1 << (p + 8)));
+            for (int s = 0; s < 2; s++)
+                for (int h = 0; h < 2; h++) {
+                    __m256i lo, hi;
+                    nibbles(vu + (size_t)(2 * s + h) * ERT_TILE, &lo, &hi);
+                    for (int k = 0; k < NR; k++) {
+                        const int8_t *t = lut[k] + (size_t)(8 * b + 4 * s) * 16;
+                        const __m256i e0 = _mm256_add_epi16(_mm256_maddubs_epi16(we, _mm256_shuffle_epi8(bcast_table(t), lo)),
+                                                            _mm256_maddubs_epi16(we, _mm256_shuffle_epi8(bcast_table(t + 16), hi)));
+                        const __m256i e1 = _mm256_add_epi16(_mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 32), lo)),
+                                                            _mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 48), hi)));
+                        acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(e0, e1));
+                    }
+                }
+        }
+    }
+}
+
+/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
+    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
+    const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
+    const float off = 0.5f * (float)((1 << bits) - 1);
+    const int8_t *lut[4];
+    for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
+    float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
+    float yacc[4][ERT_TILE] __attribute__((aligned(32))); /* in memory: updated once per group */
+    memset(yacc, 0, sizeof yacc);
+    for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
+        const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
+        tile_scales(w, t0, g0, gn, off, dh, mb);
+        for (int g = g0; g < g0 + gn; g++) {
+            __m256 facc[4][4];
+            for (int k = 0; k < NR; k++)
+                for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
+            const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+            for (int b = g * bpg; b < b1; b++) {
+                __m256i acc[4][2];
+                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+                for (int k = 0; k < NR; k++) {
+                    const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * nblk + b]);
+                    const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
+                                             _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
+                    for (int q = 0; q < 4; q++)
+                        facc[k][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[q])), ls, facc[k][q]);
+                }
+            }
+            for (int k = 0; k < NR; k++) {
+                const __m256 xs = _mm256_set1_ps(a->xsum[(size_t)(j0 + k) * ng + g]);
+                for (int q = 0; q < 4; q++) {
+                    __m256 acc = _mm256_fmadd_ps(facc[k][q], _mm256_load_ps(dh[g - g0] + 8 * q), _mm256_load_ps(yacc[k] + 8 * q));
+                    _mm256_store_ps(yacc[k] + 8 * q, _mm256_fmadd_ps(_mm256_load_ps(mb[g - g0] + 8 * q), xs, acc));
+                }
+            }
+        }
+    }
+    for (int k = 0; k < NR; k++) memcpy(y + (size_t)(j0 + k) * w->rows + t0, yacc[k], sizeof yacc[k]);
+}
+
+#define LUT_KERNELS(name, bits)                                                                          \
+    void ert_##name##_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
+        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
+    }                                                                                                    \
+    void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
+        ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
+    }
+#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
+
+LUT_KERNELS(q1, 1)
+LUT_KERNELS(q2, 2)
+LUT_KERNELS(q3, 3)
+LUT_KERNELS(q4, 4)
+
+/* ---- q8: int8 dot products -------------------------------------------------------------------
+ *   - each 32-code block (s = c - 128 = c ^ 0x80) is dotted with up to 4 activation rows:
+ *     exact int32 lane sums with the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512);
+ *   - the lanes are converted to float and accumulated with the block scale d*da
+ *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
+ *   - the min term sum_g (m + 128*d) * sum_{b in g} da*qsum is added per group. */
+
+/* 8 int32 partial sums of the block dot s.q; lane i holds columns 4i..4i+3 */
+INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q) {
+    const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
+    const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)codes), _mm256_set1_epi8((char)0x80));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
 }
 
 static const int32_t LANE_IDX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -140,7 +314,6 @@ INLINE __m256 lane_mask(int cnt) {
 typedef struct {
     const int8_t *q[4];
     const float *da[4], *gsum[4];
-    const int32_t *qoff[4];
 } act_rows;
 
 /* scl[k][i] = d[group of block c0+i] * da[k][c0+i], i < nb, for weight row r: 8 blocks
@@ -162,38 +335,34 @@ INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *
  * Even blocks go to acc, odd ones to acc2 (two independent FMA chains), whatever NR:
  * an activation row gets the same result whatever the batch it is in. */
 INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb, float (*scl)[CHUNK], __m256 *acc,
-                       __m256 *acc2, const int NR, const int bits) {
-    const int bpb = 4 * bits;
-    const uint8_t *cp = codes + (size_t)c0 * bpb;
+                       __m256 *acc2, const int NR) {
+    const uint8_t *cp = codes + (size_t)c0 * ERT_BLOCK;
     int i = 0;
     for (; i + 2 <= nb; i += 2) {
-        const __m256i ca = unpack_codes(cp + (size_t)i * bpb, bits), cb = unpack_codes(cp + (size_t)(i + 1) * bpb, bits);
         const size_t b = (size_t)c0 + i;
         for (int k = 0; k < NR; k++) {
-            __m256i pa = block_dot(ca, ar->q[k] + b * ERT_BLOCK, ar->qoff[k] + b * 8, bits);
-            __m256i pb = block_dot(cb, ar->q[k] + (b + 1) * ERT_BLOCK, ar->qoff[k] + (b + 1) * 8, bits);
+            __m256i pa = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
+            __m256i pb = block_dot(cp + (size_t)(i + 1) * ERT_BLOCK, ar->q[k] + (b + 1) * ERT_BLOCK);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_broadcast_ss(scl[k] + i), acc[k]);
             acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_broadcast_ss(scl[k] + i + 1), acc2[k]);
         }
     }
     if (i < nb) {
-        const __m256i c = unpack_codes(cp + (size_t)i * bpb, bits);
         const size_t b = (size_t)c0 + i;
         for (int k = 0; k < NR; k++) {
-            __m256i p = block_dot(c, ar->q[k] + b * ERT_BLOCK, ar->qoff[k] + b * 8, bits);
+            __m256i p = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[k] + i), acc[k]);
         }
     }
 }
 
-/* acc[k] += the min term of row r: sum_g (m + d*2^(bits-1)) * gsum[k][g], 8 groups per
+/* acc[k] += the min term of row r: sum_g (m + 128*d) * gsum[k][g], 8 groups per
  * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
-INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR,
-                      const int bits) {
+INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR) {
     const int ng = a->ngroups;
     const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
     const int safe = (size_t)(w->rows - 1 - r) * ng >= 8;
-    const __m256 off = _mm256_set1_ps((float)(1 << (bits - 1)));
+    const __m256 off = _mm256_set1_ps(128.0f);
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const int cnt = ng - g0 < 8 ? ng - g0 : 8;
         __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), off, load8_half(mn + g0, cnt, safe));
@@ -205,15 +374,13 @@ INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar,
 /* Rows r0..r1-1 times activation rows j0..j0+NR-1 (NR <= 4): y = block part + min part.
  * When a row fits one chunk, the block scales of row r+1 are prepared before the blocks
  * of row r are summed (double buffer: the stores are long done when read back). */
-INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR,
-                       const int bits) {
+INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
-    const size_t rowbytes = (size_t)nblk * 4 * bits;
+    const size_t rowbytes = (size_t)w->cols;
     act_rows ar;
     for (int k = 0; k < NR; k++) {
         ar.q[k] = a->q + (size_t)(j0 + k) * a->cols;
         ar.da[k] = a->da + (size_t)(j0 + k) * nblk;
-        ar.qoff[k] = a->qoff + (size_t)(j0 + k) * nblk * 8;
         ar.gsum[k] = a->gsum + (size_t)(j0 + k) * ngp;
     }
     float scl[2][4][CHUNK] __attribute__((aligned(32)));
@@ -223,74 +390,46 @@ INLINE void group_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
         const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
         __m256 acc[4], acc2[4];
         for (int k = 0; k < NR; k++) acc[k] = acc2[k] = _mm256_setzero_ps();
-        min_terms(w, a, &ar, r, acc2, NR, bits);
+        min_terms(w, a, &ar, r, acc2, NR);
         if (one_chunk) {
             if (r + 1 < r1) block_scales(w, a, &ar, r + 1, 0, nblk, scl[(r + 1 - r0) & 1], NR);
-            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR, bits);
+            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR);
         } else {
             for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
                 const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
                 block_scales(w, a, &ar, r, c0, nb, scl[0], NR);
-                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR, bits);
+                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR);
             }
         }
         for (int k = 0; k < NR; k++) y[(size_t)(j0 + k) * w->rows + r] = hsum(_mm256_add_ps(acc[k], acc2[k]));
     }
 }
 
-#define ROWS_PER_TILE 16
+#define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
 
-INLINE void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int bits) {
-    for (int rt = r0; rt < r1; rt += ROWS_PER_TILE) {
-        const int re = rt + ROWS_PER_TILE < r1 ? rt + ROWS_PER_TILE : r1;
-        int j = 0;
-        for (; j + 4 <= a->n; j += 4) group_rows(w, a, rt, re, j, y, 4, bits);
-        switch (a->n - j) {
-        case 3: group_rows(w, a, rt, re, j, y, 3, bits); break;
-        case 2: group_rows(w, a, rt, re, j, y, 2, bits); break;
-        case 1: group_rows(w, a, rt, re, j, y, 1, bits); break;
-        default: break;
-        }
-    }
+void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
+    ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
 }
 
-/* ---- group-format dequantization (bit-exact: d*c is exact, so fma(d, c, m) = d*c + m) ---- */
-
-INLINE void group_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, const int bits) {
-    const int cols = w->cols, nblk = cols / ERT_BLOCK, bpb = 4 * bits, gs = w->group_size;
+/* dequantization (bit-exact: d*c is exact, so fma(d, c, m) = d*c + m) */
+void ert_q8_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
+    const int cols = w->cols, nblk = cols / ERT_BLOCK, gs = w->group_size;
     const int ng = (cols + gs - 1) / gs;
     for (int i = 0; i < k; i++) {
         const int64_t r = rows ? rows[i] : row0 + i;
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * nblk * bpb;
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
             const int g = b * ERT_BLOCK / gs;
             const __m256 d = _mm256_set1_ps(half1(w->scale[(size_t)r * ng + g]));
             const __m256 m = _mm256_set1_ps(half1(w->min[(size_t)r * ng + g]));
-            __m256i c = unpack_codes(codes + (size_t)b * bpb, bits);
-            __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-            float *ob = o + (size_t)b * ERT_BLOCK;
-            _mm256_storeu_ps(ob, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m));
-            _mm256_storeu_ps(ob + 8, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m));
-            _mm256_storeu_ps(ob + 16, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m));
-            _mm256_storeu_ps(ob + 24, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m));
+            for (int t = 0; t < ERT_BLOCK; t += 8) {
+                const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + (size_t)b * ERT_BLOCK + t)));
+                _mm256_storeu_ps(o + (size_t)b * ERT_BLOCK + t, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(c), m));
+            }
         }
     }
 }
-
-#define GROUP_KERNELS(name, bits)                                                                        \
-    void ert_##name##_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
-        group_matmul(w, a, r0, r1, y, bits);                                                             \
-    }                                                                                                    \
-    void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
-        group_dequant(w, rows, row0, k, out, bits);                                                      \
-    }
-
-GROUP_KERNELS(q1, 1)
-GROUP_KERNELS(q2, 2)
-GROUP_KERNELS(q3, 3)
-GROUP_KERNELS(q4, 4)
-GROUP_KERNELS(q8, 8)
 
 /* ---- f32 / f16 ------------------------------------------------------------------------------ */
 
@@ -333,26 +472,15 @@ INLINE void float_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-INLINE void float_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int half) {
-    for (int rt = r0; rt < r1; rt += ROWS_PER_TILE) {
-        const int re = rt + ROWS_PER_TILE < r1 ? rt + ROWS_PER_TILE : r1;
-        int j = 0;
-        for (; j + 4 <= a->n; j += 4) float_rows(w, a, rt, re, j, y, 4, half);
-        switch (a->n - j) {
-        case 3: float_rows(w, a, rt, re, j, y, 3, half); break;
-        case 2: float_rows(w, a, rt, re, j, y, 2, half); break;
-        case 1: float_rows(w, a, rt, re, j, y, 1, half); break;
-        default: break;
-        }
-    }
-}
+#define F32_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
+#define F16_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
 
 void ert_f32_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    float_matmul(w, a, r0, r1, y, 0);
+    ERT_FOR_TILES(r0, r1, a->n, F32_ROWS)
 }
 
 void ert_f16_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    float_matmul(w, a, r0, r1, y, 1);
+    ERT_FOR_TILES(r0, r1, a->n, F16_ROWS)
 }
 
 void ert_f32_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {

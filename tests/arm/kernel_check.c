@@ -5,6 +5,12 @@
  *                           for every ISA this CPU has (avx2 / neon / neon-dotprod)
  *                           compares ert_matmul and ert_dequantize_rows with "ref"
  *                           on deterministic random inputs of every format.
+ *   kernel_check --ref-digest
+ *                           prints a hash of the reference (ref) outputs of every case
+ *                           instead (and checks that 3 threads give the same bits as one):
+ *                           builds for different CPUs must print the same lines
+ *                           (tests/test_cross_arm32.py: the scalar path of a 32-bit ARM
+ *                           build against the native one).
  * Exit status 0 when all agree: dequantization bit for bit, matmul within 1e-5 of
  * the output's scale, and a batch's rows equal (bit for bit) the rows computed alone. Output lines: "features: ...", "kernel: q4:neon-dotprod", ...
  */
@@ -24,8 +30,13 @@ static uint32_t next(void) {
 }
 static float uni(void) { return (float)(next() % 2000001) / 1000000.0f - 1.0f; } /* [-1, 1] */
 
-/* a normal float16 with the given sign and exponent field, random mantissa */
-static uint16_t half(int neg, int exp) { return (uint16_t)((neg ? 0x8000 : 0) | (exp << 10) | (next() & 0x3FF)); }
+/* a normal float16: random sign (when asked), exponent field exp0 + [0, nexp), random
+   mantissa; one next() per statement, so every compiler draws the same sequence */
+static uint16_t half(int random_sign, int exp0, int nexp) {
+    uint16_t h = random_sign && (next() & 1) ? 0x8000 : 0;
+    h |= (uint16_t)((exp0 + (int)(next() % nexp)) << 10);
+    return (uint16_t)(h | (next() & 0x3FF));
+}
 
 static int bits_of(int fmt) {
     switch (fmt) {
@@ -44,6 +55,12 @@ typedef struct {
 } shape;
 
 static int failures;
+static int digest_only; /* --ref-digest */
+
+static uint64_t fnv1a(const void *p, size_t n, uint64_t h) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const uint8_t *)p)[i]) * 0x100000001B3ull;
+    return h;
+}
 
 static void run_case(int fmt, shape s, const char *isa) {
     const int bits = bits_of(fmt), ng = (s.cols + s.gs - 1) / s.gs;
@@ -57,16 +74,17 @@ static void run_case(int fmt, shape s, const char *isa) {
         for (size_t i = 0; i < (size_t)s.rows * s.cols; i++) ((float *)data)[i] = uni();
     else if (fmt == ERT_F16)
         for (size_t i = 0; i < (size_t)s.rows * s.cols; i++)
-            ((uint16_t *)data)[i] = (i % 97 == 5) ? (uint16_t)(next() & 0x83FF) /* subnormal */ : half(next() & 1, 8 + next() % 8);
+            ((uint16_t *)data)[i] = (i % 97 == 5) ? (uint16_t)(next() & 0x83FF) /* subnormal */ : half(1, 8, 8);
     else
         for (size_t i = 0; i < nbytes; i++) data[i] = (uint8_t)next();
     for (size_t i = 0; i < (size_t)s.rows * ng; i++) {
-        sc[i] = (i % 13 == 7) ? 0 : half(0, 5 + next() % 8);
-        mn[i] = half(next() & 1, 8 + next() % 8);
+        sc[i] = (i % 13 == 7) ? 0 : half(0, 5, 8);
+        mn[i] = half(1, 8, 8);
     }
     for (int j = 0; j < s.n; j++)
         for (int c = 0; c < s.cols; c++) {
-            float v = uni() * (float)(1 << (next() % 6));
+            float v = uni();
+            v *= (float)(1 << (next() % 6));
             if (c / 32 == 1 && j % 2 == 0) v = 0.0f; /* an all-zero block: amax == 0 */
             if (c % 53 == 3) v = 0.5f * (float)(int)(v * 4); /* some exact values */
             x[(size_t)j * s.cols + c] = v;
@@ -76,6 +94,16 @@ static void run_case(int fmt, shape s, const char *isa) {
     int rc = ert_force_isa("ref");
     rc |= ert_matmul(&w, x, s.n, y0, 1);
     rc |= ert_dequantize_rows(&w, 0, s.rows, d0);
+    if (digest_only) {
+        uint64_t h = fnv1a(y0, 4 * (size_t)s.n * s.rows, 0xCBF29CE484222325ull);
+        printf("digest: fmt=%d rows=%d cols=%d g=%d n=%d rc=%d %016llx\n", fmt, s.rows, s.cols, s.gs, s.n, rc,
+               (unsigned long long)fnv1a(d0, 4 * (size_t)s.rows * s.cols, h));
+        rc |= ert_matmul(&w, x, s.n, y1, 3); /* through the thread pool: the same bits as one thread */
+        if (memcmp(y0, y1, 4 * (size_t)s.n * s.rows)) printf("FAIL threads=3 differs: fmt=%d rows=%d\n", fmt, s.rows);
+        failures += rc != 0 || memcmp(y0, y1, 4 * (size_t)s.n * s.rows) != 0;
+        free(data), free(sc), free(mn), free(x), free(y0), free(y1), free(d0), free(d1);
+        return;
+    }
     rc |= ert_force_isa(isa);
     rc |= ert_matmul(&w, x, s.n, y1, 1);
     rc |= ert_dequantize_rows(&w, 0, s.rows, d1);
@@ -106,15 +134,16 @@ static void run_case(int fmt, shape s, const char *isa) {
     free(data), free(sc), free(mn), free(x), free(y0), free(y1), free(d0), free(d1);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     static const shape shapes[] = {{1, 32, 32, 1},    {37, 192, 128, 3}, {64, 256, 64, 17}, {5, 576, 64, 1},
                                    {33, 96, 32, 5},   {16, 2048, 128, 2}, {19, 320, 96, 4}, {3, 8192, 256, 1}};
     static const shape fshapes[] = {{7, 45, 32, 3}, {1, 1, 32, 1}, {40, 100, 32, 5}, {9, 576, 32, 17}};
     printf("features: %s\n", ert_cpu_features());
+    digest_only = argc > 1 && !strcmp(argv[1], "--ref-digest");
     for (int f = 0; f < ERT_NFORMATS; f++) printf("kernel: %s\n", ert_kernel_name(f));
-    static const char *isas[] = {"avx2", "neon", "neon-dotprod"};
+    static const char *isas[] = {"avx2", "neon", "neon-dotprod", "ref"};
     int checked = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = digest_only ? 3 : 0; i < (digest_only ? 4 : 3); i++) {
         if (ert_force_isa(isas[i]) != 0) continue;
         ert_force_isa("auto");
         checked++;

@@ -1,0 +1,327 @@
+"""Weights the budget cannot keep resident, read from storage layer by layer.
+
+The plan (plan.py) streams layers 0..m-1 and keeps the rest resident. Streamed layers'
+matrices are read with pread (O_DIRECT where the filesystem allows, else buffered reads
+whose pages are dropped at once with POSIX_FADV_DONTNEED) into ONE preallocated pool
+of min(2, m) slots; a background thread reads the next streamed layer into the free
+slot while the current one computes. Streamed weights are never mmapped, so the page
+cache does not grow behind the budget. Everything else (embedding/output head, norms,
+resident layers) is read once into an anonymous arena, so after loading nothing of the
+file is touched through the mmap, and a file truncated or replaced while streaming
+ends in one EdgeRtError instead of a SIGBUS.
+
+The forward pass calls `W.begin_layer(i)` at the start of layer i; from then on the
+kernels.Weight objects of layer i point at its bytes in the pool (their C descriptors
+are rewritten in place, so code that kept the Weight objects, or their descriptor
+addresses, sees the change)."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import kernels
+from .errors import EdgeRtError
+from .gguf_file import GGUFFile, os_message, short
+from .weights import Weights, is_matrix, tensor_format
+
+ALIGN = 4096            # O_DIRECT: file offset, length and buffer address are multiples of this
+CHUNK = 4 << 20         # buffered reads go in chunks, each dropped from the page cache after
+ARENA_ALIGN = 64        # resident tensors start on a cache line in the arena
+HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read this many bytes at a time
+THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O thread's stack and malloc
+                        # arena, the slots' descriptors (measured ~0.5 MiB on SmolLM2)
+_LAYER = re.compile(r"blk\.(\d+)\.")
+_DTYPES = {T.F32: np.float32, T.F16: np.float16, T.I8: np.int8, T.I16: np.int16, T.I32: np.int32}
+
+
+def _down(x: int) -> int:
+    return x // ALIGN * ALIGN
+
+
+def _up(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
+
+
+# -- which bytes stream ------------------------------------------------------------
+def streamable(g: GGUFFile, name: str) -> int | None:
+    """The layer whose matrix (with its .scale/.min) this tensor belongs to, else None:
+    norms and biases are a few KiB and always stay resident."""
+    m = _LAYER.match(name)
+    if not m:
+        return None
+    base = name.removesuffix(".scale").removesuffix(".min")
+    return int(m.group(1)) if base in g.tensors and is_matrix(g, base) else None
+
+
+HEAD = ("token_embd.weight", "output.weight")  # the embedding table and the output head (or the tied table)
+
+
+def is_head(name: str) -> bool:
+    return name.removesuffix(".scale").removesuffix(".min") in HEAD
+
+
+def residency(g: GGUFFile, streamed: int, head: bool = False) -> tuple[list, list]:
+    """(resident, streamed) tensors, in file order, when layers 0..streamed-1 stream
+    (and, with head, the embedding table and output head)."""
+    names = sorted(g.tensors.values(), key=lambda t: t.offset)
+    out = [t for t in names if (head and is_head(t.name)) or
+           ((i := streamable(g, t.name)) is not None and i < streamed)]
+    return [t for t in names if t not in out], out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte counts the planner needs: per layer, its streamable bytes and the aligned
+    file span one read of them covers; everything else."""
+    layer_bytes: tuple[int, ...]
+    span: tuple[tuple[int, int], ...]   # aligned [start, end) in the file, per layer
+    head_bytes: int                     # the embedding table and output head
+    total_bytes: int
+
+    @classmethod
+    def of(cls, g: GGUFFile, n_layers: int) -> "Layout":
+        nbytes = [0] * n_layers
+        lo, hi = [g.size] * n_layers, [0] * n_layers
+        for t in g.tensors.values():
+            i = streamable(g, t.name)
+            if i is None or i >= n_layers:
+                continue
+            nbytes[i] += t.nbytes
+            lo[i], hi[i] = min(lo[i], t.offset), max(hi[i], t.offset + t.nbytes)
+        head = sum(t.nbytes for t in g.tensors.values() if is_head(t.name))
+        total = sum(t.nbytes for t in g.tensors.values())
+        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total)
+
+    def slot_bytes(self, streamed: int) -> int:
+        return max((b - a for a, b in self.span[:streamed]), default=0)
+
+    def pool_bytes(self, streamed: int, head: bool = False) -> int:
+        return (min(2, streamed) * self.slot_bytes(streamed) + (HEAD_BUFFER if head else 0)
+                + (THREAD_BYTES if streamed or head else 0))
+
+    def streamed_bytes(self, streamed: int, head: bool = False) -> int:
+        return sum(self.layer_bytes[:streamed]) + (self.head_bytes if head else 0)
+
+    def resident_bytes(self, streamed: int, head: bool = False) -> int:
+        return self.total_bytes - self.streamed_bytes(streamed, head)
+
+
+# -- reading -----------------------------------------------------------------------
+class Reader:
+    """pread of a GGUF file that survives short reads and EINTR, prefers O_DIRECT, and
+    notices the file being truncated, rewritten or replaced."""
+
+    def __init__(self, path, max_read: int | None = None):
+        self.path, self.max_read = path, max_read  # max_read: cap each syscall (tests)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: it would cache pages past each read
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.direct_fd = self._open_direct()
+        self.bytes_read = 0
+
+    def _open_direct(self) -> int | None:
+        """An O_DIRECT descriptor if this filesystem honours one (tmpfs does not)."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | flag)
+        except OSError:
+            return None
+        probe = mmap.mmap(-1, ALIGN)
+        try:
+            os.preadv(fd, [memoryview(probe)], 0)
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+        finally:
+            probe.close()
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd is not None
+
+    def check_unchanged(self) -> None:
+        try:
+            st, now = os.fstat(self.fd), os.stat(self.path)
+        except OSError as e:
+            raise EdgeRtError(f"{short(self.path)}: model file vanished while streaming weights: {os_message(e)}") from None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.identity or (now.st_dev, now.st_ino) != self.identity[:2]:
+            raise EdgeRtError(f"{short(self.path)}: model file was truncated, rewritten or replaced while streaming "
+                              f"weights; run again")
+
+    def read(self, view: memoryview, offset: int, need: int) -> None:
+        """Fill view (at least its first `need` bytes) from file byte `offset`."""
+        self.check_unchanged()
+        done = 0
+        while done < need:
+            pos = offset + done
+            direct = self.direct and pos % ALIGN == 0 and (len(view) - done) % ALIGN == 0 and \
+                ctypes.addressof(ctypes.c_char.from_buffer(view, done)) % ALIGN == 0
+            size = len(view) - done if direct else min(CHUNK, need - done)
+            if self.max_read:
+                size = min(size, self.max_read)
+            try:
+                n = os.preadv(self.direct_fd if direct else self.fd, [view[done:done + size]], pos)
+            except InterruptedError:  # Python retries EINTR itself (PEP 475); a handler's exception lands here
+                continue
+            except OSError as e:
+                raise EdgeRtError(f"{short(self.path)}: cannot read weights at byte {pos}: {os_message(e)}") from None
+            if n == 0:
+                raise EdgeRtError(f"{short(self.path)}: model file ends at byte {pos}, expected {offset + need}: "
+                                  f"truncated while streaming weights")
+            if not direct:
+                os.posix_fadvise(self.fd, pos, n, os.POSIX_FADV_DONTNEED)
+            done += n
+        self.bytes_read += done
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
+
+
+def _anonymous(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory, every page written now (resident from the start,
+    as the plan counts it)."""
+    m = mmap.mmap(-1, max(nbytes, 1))
+    np.frombuffer(m, np.uint8)[::mmap.PAGESIZE] = 0
+    return m
+
+
+def _retarget(w: kernels.Weight, src: kernels.Weight) -> None:
+    """Point w's C descriptor (and its arrays) where src's point: same object, new bytes."""
+    ctypes.memmove(w._ref, src._ref, ctypes.sizeof(w._c))
+    w.parts, w._arrays = src.parts, src._arrays
+
+
+class StreamedWeights(Weights):
+    """Weights with layers 0..streamed-1 read from storage into a pool at begin_layer;
+    with head, the embedding table's rows are read on demand and the output head in
+    chunks of HEAD_BUFFER bytes at every product."""
+
+    def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, head: bool = False,
+                 reader: Reader | None = None):
+        self.layout, self.streamed, self.head = layout, streamed, head
+        self.reader = reader or Reader(g.path)
+        resident_names, streamed_names = residency(g, streamed, head)
+        # the arena: every resident tensor, read once
+        where, size = {}, 0
+        for t in resident_names:
+            where[t.name] = size
+            size += -(-t.nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        self.arena = _anonymous(size)
+        for t in resident_names:
+            self.reader.read(memoryview(self.arena)[where[t.name]:where[t.name] + t.nbytes], t.offset, t.nbytes)
+        # the pool: slot s holds one streamed layer's span
+        self.slot_bytes = layout.slot_bytes(streamed)
+        self.n_slots = min(2, streamed)
+        self.pool = _anonymous(self.n_slots * self.slot_bytes)
+        self.head_buffer = _anonymous(HEAD_BUFFER if head else 0)
+
+        def view(buf, offset, t):
+            dtype = _DTYPES[t.ggml_type]
+            return np.frombuffer(buf, dtype, t.nbytes // np.dtype(dtype).itemsize, offset).reshape(t.shape)
+
+        def array(name, slot=0):
+            t = g.tensors[name]
+            if name in where:
+                return view(self.arena, where[name], t)
+            if is_head(name):  # never read through the map: embed and linear read it with the reader
+                return g.array(name)
+            i = streamable(g, name)
+            return view(self.pool, slot * self.slot_bytes + t.offset - layout.span[i][0], t)
+
+        super().__init__(g, threads, array)
+        # per streamed layer and slot, Weight objects over that slot; begin_layer copies
+        # their descriptors into the layer's own Weight objects
+        self.slot_views = {}
+        for t in streamed_names:
+            if t.name in self.matrices and not is_head(t.name):
+                for s in range(self.n_slots):
+                    fmt, parts, rows, cols = tensor_format(g, t.name, lambda n: array(n, s))
+                    self.slot_views[streamable(g, t.name), s, t.name] = kernels.Weight(fmt, rows, cols, parts)
+        self.layer_names = {i: [n for (j, s, n) in self.slot_views if j == i and s == 0] for i in range(streamed)}
+        self.in_slot = [None] * self.n_slots     # layer held by each slot
+        self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
+        self.pending: tuple[int, int, Future] | None = None
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
+
+    def _load(self, layer: int, slot: int) -> None:
+        a, b = self.layout.span[layer]
+        need = min(b, self.g.size) - a
+        self.reader.read(memoryview(self.pool)[slot * self.slot_bytes:slot * self.slot_bytes + (b - a)], a, need)
+
+    def _finish_pending(self) -> None:
+        if self.pending:
+            layer, slot, fut = self.pending
+            self.pending = None
+            fut.result()  # re-raises the reader's EdgeRtError here, in the forward pass
+            self.in_slot[slot] = layer
+
+    # -- the streamed head ------------------------------------------------------------
+    def _head_rows(self, name: str, r0: int, r1: int) -> kernels.Weight:
+        """Rows r0..r1-1 of a head matrix, read into the head buffer."""
+        w, at, parts = self.matrices[name], 0, {}
+        for key in w.parts:
+            t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+            row = t.nbytes // t.shape[0]
+            n = (r1 - r0) * row
+            self.reader.read(memoryview(self.head_buffer)[at:at + n], t.offset + r0 * row, n)
+            dtype = _DTYPES[t.ggml_type]
+            parts[key] = np.frombuffer(self.head_buffer, dtype, n // np.dtype(dtype).itemsize, at).reshape(r1 - r0, -1)
+            at += -(-n // ARENA_ALIGN) * ARENA_ALIGN
+        return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
+
+    def _head_chunk(self, name: str) -> int:
+        """Rows of a head matrix that fit the head buffer at once."""
+        row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
+                  for k in self.matrices[name].parts) // self.matrices[name].rows
+        return max(1, (HEAD_BUFFER - 3 * ARENA_ALIGN) // row)
+
+    def embed(self, tokens) -> np.ndarray:
+        if not self.head:
+            return super().embed(tokens)
+        rows = np.asarray(tokens).reshape(-1)
+        return np.concatenate([kernels.dequantize_rows(self._head_rows("token_embd.weight", r, r + 1), [0])
+                               for r in rows]).reshape(*np.shape(tokens), -1)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        if not (self.head and is_head(name)):
+            return super().linear(name, x)
+        w, step = self.matrices[name], self._head_chunk(name)
+        return np.concatenate([kernels.matmul(self._head_rows(name, r, min(r + step, w.rows)), x, self.threads)
+                               for r in range(0, w.rows, step)], axis=-1)
+
+    def begin_layer(self, i: int) -> None:
+        if i >= self.streamed:
+            return
+        if self.pending and self.pending[0] == i:
+            self._finish_pending()
+        if i not in self.in_slot:
+            self._finish_pending()
+            slot = (self.current + 1) % self.n_slots
+            self.in_slot[slot] = None
+            self._load(i, slot)
+            self.in_slot[slot] = i
+        self.current = self.in_slot.index(i)
+        for name in self.layer_names[i]:
+            _retarget(self.matrices[name], self.slot_views[i, self.current, name])
+        nxt = (i + 1) % self.streamed  # after the last streamed layer: the first, for the next token
+        if nxt != i and nxt not in self.in_slot and not self.pending:
+            slot = (self.current + 1) % self.n_slots
+            self.in_slot[slot] = None
+            self.pending = (nxt, slot, self.io.submit(self._load, nxt, slot))

@@ -1,0 +1,108 @@
+"""The runtime's layer: one C call (kernels_c/layer.c) per transformer layer, the twin
+of models/transformer.py `layer`. The Spec's switches become the fields of the C
+struct; weights are the kernels' descriptors of the mapped file (no copies)."""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+from . import kernels
+from .models.spec import Spec
+from .models.transformer import KVCache, rope_base_scale
+
+_F = ctypes.POINTER(ctypes.c_float)
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # enum ert_activation
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = ([(k, ctypes.c_int) for k in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")]
+                + [("norm_eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("window", ctypes.c_int),
+                   ("rope_dim", ctypes.c_int), ("rope_neox", ctypes.c_int), ("rope_base", ctypes.c_float),
+                   ("rope_scale", ctypes.c_float), ("rope_factors", _F), ("act", ctypes.c_int), ("kv_f16", ctypes.c_int)]
+                + [(k, _F) for k in ("attn_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "post_attn_norm",
+                                     "ffn_norm", "post_ffn_norm")]
+                + [(k, kernels._CWeight) for k in ("wq", "wk", "wv", "wo", "gate", "up", "down")])
+
+
+VECTORS = {"attn_norm": "attn_norm.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias",
+           "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+           "post_attn_norm": "post_attention_norm.weight", "ffn_norm": "ffn_norm.weight",
+           "post_ffn_norm": "post_ffw_norm.weight"}
+MATRICES = {"wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight", "wo": "attn_output.weight",
+            "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight"}
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class CLayers:
+    """`run(spec, W, i, x, pos0, kv)` has the signature of transformer.layer; the C
+    structs are built once per layer, the scratch grows to the largest step seen."""
+
+    def __init__(self, spec: Spec, W, threads: int, ctx: int, kv_type: str = "f16"):
+        self.lib, self.threads, self.ctx, self.kv_type = kernels._load(), int(threads), ctx, kv_type
+        self._keep = []  # the float32 vectors the structs point at
+        factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
+        self.layers = [self._struct(spec, W, i, factors) for i in range(spec.n_layers)]
+        vp, ci = ctypes.c_void_p, ctypes.c_int
+        self.lib.ert_layer_scratch_bytes.argtypes = [vp, ci, ci, ci]
+        self.lib.ert_layer_scratch_bytes.restype = ctypes.c_size_t
+        self.lib.ert_layer_forward.argtypes = [vp, vp, ci, ci, ci, vp, vp, vp, ci]
+        self.lib.ert_layer_forward.restype = ci
+        self.scratch, self._kv = None, (None, [])  # the KV cache and its per-layer addresses
+        self.seconds = 0.0  # wall time inside ert_layer_forward (for the orchestrator's share)
+
+    def _vec(self, a) -> _F:
+        a = _f32(a)
+        self._keep.append(a)
+        return a.ctypes.data_as(_F)
+
+    def _struct(self, spec: Spec, W, i: int, factors) -> _CLayer:
+        p = f"blk.{i}."
+        base, scale = rope_base_scale(spec, i)
+        c = _CLayer(d_model=spec.d_model, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
+                    d_ff=spec.d_ff, norm_eps=spec.norm_eps, attn_scale=spec.attn_scale or 1.0 / np.sqrt(spec.head_dim),
+                    window=spec.sliding_window if spec.is_local(i) else 0, rope_dim=spec.rope_dim,
+                    rope_neox=int(spec.rope_style == "neox"), rope_base=base, rope_scale=scale,
+                    act=ACTIVATIONS[spec.act], kv_f16=int(self.kv_type == "f16"))
+        if factors is not None:
+            c.rope_factors = self._vec(factors)
+        for field, name in VECTORS.items():
+            if W.has(p + name):
+                setattr(c, field, self._vec(W.vec(p + name)))
+        self._bind(c, W, i)
+        return c
+
+    @staticmethod
+    def _bind(c: _CLayer, W, i: int) -> None:
+        """Copy layer i's matrix descriptors into its struct."""
+        for field, name in MATRICES.items():
+            setattr(c, field, W.matrices[f"blk.{i}." + name]._c)
+
+    def scratch_bytes(self, n: int) -> int:
+        return int(self.lib.ert_layer_scratch_bytes(ctypes.addressof(self.layers[0]), n, self.ctx, self.threads))
+
+    def run(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        if self.scratch is None or self.scratch.nbytes < self.scratch_bytes(n):
+            self.scratch = None  # freed before the larger one is made
+            self.scratch = np.empty(self.scratch_bytes(n) // 4, np.float32)
+        if self._kv[0] is not kv:
+            if (kv.ctx, kv.dtype) != (self.ctx, self.kv_type):
+                raise ValueError(f"a {kv.dtype} KV cache of {kv.ctx} positions; the layers were set up for "
+                                 f"{self.kv_type}, {self.ctx}")
+            self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
+        k, v = self._kv[1][i]
+        if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
+            self._bind(self.layers[i], W, i)
+        t0 = time.perf_counter()
+        rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), x.ctypes.data, n, pos0, self.ctx, k, v,
+                                        self.scratch.ctypes.data, self.threads)
+        self.seconds += time.perf_counter() - t0
+        if rc:
+            kernels._check(rc, f"ert_layer_forward (layer {i})")
+        return x

@@ -1,0 +1,43 @@
+/* The tile driver the SIMD kernel files share (internal; include after edgert.h).
+ *
+ * Rows r0..r1-1 go in tiles of ERT_TILE rows; for each tile the activation rows go in
+ * chunks of 4, so a tile's weights are read from memory once and reused from cache
+ * for every 4 tokens (the batched path of prefill). The tokens go in groups whose
+ * activations (tables: 4 bytes per column) stay in about 128 KB of cache while every
+ * tile is run for them. ROWS(t0, t1, j0, NR) computes rows t0..t1-1 for activation rows
+ * j0..j0+NR-1; NR is a constant 1..4 in each expansion. Kernels must compute an
+ * activation row the same way whatever NR (batch invariance).
+ */
+#ifndef ERT_TILES_H
+#define ERT_TILES_H
+
+/* tokens per group; ERT_FOR_TILES reads w->cols */
+#define ERT_TOKEN_GROUP(cols) ((131072 / (4 * (cols))) / 4 * 4 > 4 ? (131072 / (4 * (cols))) / 4 * 4 : 4)
+
+#define ERT_FOR_TILES(r0, r1, n, ROWS)                                                   \
+    for (int jg_ = 0, jb_ = ERT_TOKEN_GROUP(w->cols); jg_ < (n); jg_ += jb_) {            \
+        const int je_ = jg_ + jb_ < (n) ? jg_ + jb_ : (n);                               \
+        for (int rt_ = (r0); rt_ < (r1); rt_ += ERT_TILE) {                              \
+            const int re_ = rt_ + ERT_TILE < (r1) ? rt_ + ERT_TILE : (r1);               \
+            (void)re_; /* ROWS may not need the end of a whole tile */                   \
+            int j_ = jg_;                                                                \
+            for (; j_ + 4 <= je_; j_ += 4) ROWS(rt_, re_, j_, 4);                        \
+            switch (je_ - j_) {                                                          \
+            case 3: ROWS(rt_, re_, j_, 3); break;                                        \
+            case 2: ROWS(rt_, re_, j_, 2); break;                                        \
+            case 1: ROWS(rt_, re_, j_, 1); break;                                        \
+            default: break;                                                              \
+            }                                                                            \
+        }                                                                                \
+    }
+
+/* The q1..q4 kernels (in a function with w, a and y in scope): whole tiles by ROWS, a
+ * last tile of fewer than ERT_TILE rows (rows % 32 != 0) by the scalar reference. */
+#define ERT_LUT_MATMUL(r0, r1, ROWS, bits)                                   \
+    do {                                                                     \
+        const int rf_ = (r0) + ((r1) - (r0)) / ERT_TILE * ERT_TILE;          \
+        ERT_FOR_TILES(r0, rf_, a->n, ROWS)                                   \
+        if (rf_ < (r1)) ert_lut_matmul_ref(w, a, rf_, r1, y, bits);          \
+    } while (0);
+
+#endif /* ERT_TILES_H */

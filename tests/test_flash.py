@@ -1,0 +1,135 @@
+"""Streaming weights (edge_rt/flash.py): a budget that holds only part of the model
+gives the resident run's outputs bit for bit, the reader survives short reads and
+EINTR, and a model file changed under a streaming run ends in one clear error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_rt.api import load
+from edge_rt.errors import EdgeRtError
+from edge_rt.flash import Reader
+
+CLI = [sys.executable, "-m", "edge_rt.cli"]
+PROMPT = "The capital of France is"
+TOKENS = np.array([1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 1345, 282, 3575, 314])
+
+
+def edge_rt(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def weights_budget(model, fraction: float, ctx: int = 256) -> int:
+    """A budget leaving `fraction` of the model's tensor bytes for weights (resident
+    part plus the stream pool), after what the run needs besides weights (measured
+    by `plan` in its own process, +3% for the next process's interpreter)."""
+    p = last_json(edge_rt("plan", model, "--ctx", ctx, "--prompt-tokens", 8, "--json"))
+    return int((p["total_bytes"] - p["weights_bytes"]) * 1.03 + fraction * p["weights_bytes"])
+
+
+@pytest.fixture(scope="module", params=[8, 16], ids=["q8", "f16"])
+def model(request, converted):
+    return converted("smollm2-135m", request.param)
+
+
+@pytest.fixture(scope="module")
+def resident(model):
+    r = last_json(edge_rt("run", model, "-p", PROMPT, "-n", 12, "--ctx", 256, "--threads", 1, "--json"))
+    assert r["streamed_layers"] == 0
+    return r
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.4])
+def test_streamed_run_generates_the_resident_runs_tokens(model, resident, fraction):
+    budget = weights_budget(model, fraction)
+    r = last_json(edge_rt("run", model, "-p", PROMPT, "-n", 12, "--ctx", 256, "--threads", 1, "--json",
+                          "--mem-budget", budget))
+    assert r["tokens"] == resident["tokens"] and len(r["tokens"]) == 12
+    assert r["streamed_layers"] > 0
+    assert r["resident_weight_bytes"] + r["pool_bytes"] <= (fraction + 0.05) * resident["resident_weight_bytes"]
+    assert r["peak_rss_bytes"] <= budget
+    # every decode step reads the streamed layers from storage (page cache bypassed or dropped)
+    assert r["flash_bytes_per_token"] >= 0.9 * r["streamed_weight_bytes"], r
+
+
+# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output head too
+@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True)])
+def test_streamed_logits_are_bit_identical(model, streamed):
+    resident = load(model, ctx=64, threads=1)
+    full, short = resident.logits(TOKENS), resident.logits(TOKENS[:5])
+    m = load(model, ctx=64, threads=1)
+    m.streamed = streamed  # the layout by hand: layers 0..streamed[0]-1 stream (and the head)
+    assert np.array_equal(m.logits(TOKENS), full)
+    assert np.array_equal(m.logits(TOKENS[:5]), short)  # again: the slots now hold other layers
+    assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
+
+
+def test_reader_survives_short_reads(model):
+    """Every pread capped at an odd size: the reader loops until the span is full."""
+    want = open(model, "rb").read()[4096:4096 + 300_000]
+    for cap in (1, 4095, 65537):
+        r = Reader(model, max_read=cap)
+        buf = bytearray(300_000 if cap > 1 else 5000)
+        r.read(memoryview(buf), 4096, len(buf))
+        assert bytes(buf) == want[:len(buf)]
+        r.close()
+
+
+def test_reader_survives_eintr(model):
+    """A signal handler firing every 200 us while every layer streams: same logits."""
+    full = load(model, ctx=64, threads=1).logits(TOKENS)
+    m = load(model, ctx=64, threads=1)
+    m.streamed = (m.spec.n_layers, False)
+    hits = []
+    old = signal.signal(signal.SIGALRM, lambda *a: hits.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        got = m.logits(TOKENS)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(hits) > 10 and np.array_equal(got, full)
+
+
+@pytest.mark.parametrize("change", ["truncate", "replace"])
+def test_model_file_changed_while_streaming(model, tmp_path, change):
+    path = tmp_path / "m.gguf"
+    shutil.copy(model, path)
+    m = load(path, ctx=64, threads=1)
+    m.streamed = (m.spec.n_layers, False)
+    m.logits(TOKENS[:4])
+    if change == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        shutil.copy(model, tmp_path / "new.gguf")
+        os.replace(tmp_path / "new.gguf", path)
+    with pytest.raises(EdgeRtError, match="truncated, rewritten or replaced while streaming"):
+        m.logits(TOKENS[:4])
+
+
+def test_truncated_while_streaming_through_the_cli(model, tmp_path):
+    """One line on stderr, exit 1, no traceback, no crash (a mapped file would SIGBUS)."""
+    path = tmp_path / "m.gguf"
+    shutil.copy(model, path)
+    budget = weights_budget(path, 0.4, ctx=1024)
+    proc = subprocess.Popen([*CLI, "run", str(path), "-p", PROMPT, "-n", "1000", "--ctx", "1024", "--threads", "1",
+                             "--mem-budget", str(budget)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(1)  # generation has started
+    assert first
+    os.truncate(path, path.stat().st_size // 2)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    assert err.strip().startswith("edge-rt: error:") and len(err.strip().splitlines()) == 1, err
+    assert "truncated" in err
