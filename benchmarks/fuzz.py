@@ -222,8 +222,7 @@ def fuzz_one_target(args) -> None:
     """In the child process: run libFuzzer on one target."""
     import atheris
     warnings.simplefilter("ignore")  # numpy's overflow warnings on hostile weights are not findings
-    work = Path(tempfile.mkdtemp(prefix="ert-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    h = Harness(work)
+    h = Harness(Path(args.work))
     target = getattr(h, args.target)
     seeds = sorted((CORPUS / args.target).iterdir())
     for s in seeds:  # warm up: every lazy import, thread pool and cache the targets use
@@ -238,10 +237,7 @@ def fuzz_one_target(args) -> None:
     if args.max_time:
         argv.insert(2, f"-max_total_time={args.max_time}")
     atheris.Setup(argv, target, custom_mutator=mutate_gguf if args.target == "gguf" else None)
-    try:
-        atheris.Fuzz()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    atheris.Fuzz()
 
 
 def run_target(target: str, runs: int, args) -> dict:
@@ -251,9 +247,10 @@ def run_target(target: str, runs: int, args) -> dict:
            "--work-corpus", str(Path(args.work_corpus) / target)]
     if args.max_time:
         cmd += ["--max-time", str(args.max_time)]
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.monotonic() - t0
+    with tempfile.TemporaryDirectory(prefix="ert-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as work:
+        t0 = time.monotonic()
+        p = subprocess.run(cmd + ["--work", work], capture_output=True, text=True)  # libFuzzer ends it with exit()
+        seconds = time.monotonic() - t0
     log = p.stdout + p.stderr
     done = re.findall(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", log)
     stat = dict(re.findall(r"stat::(\w+):\s+(\d+)", log))
@@ -286,6 +283,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--make-seeds", action="store_true")
     ap.add_argument("--child", dest="target", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_seeds:
         make_seeds()
