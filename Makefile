@@ -6,7 +6,7 @@ export EDGE_RT_HOME ?= $(HOME)/.cache/edge-rt
 DEMO_MODEL := $(EDGE_RT_HOME)/converted/smollm2-135m-q4.gguf
 C_SOURCES  := $(shell find kernels_c -name '*.[ch]') CMakeLists.txt
 
-.PHONY: setup demo test peer cross clean
+.PHONY: setup demo test peer cross valgrind clean
 
 setup: $(VENV)/.installed
 
@@ -39,7 +39,13 @@ cross:
 	       gcc-arm-linux-gnueabi qemu-user >/dev/null) || \
 	    echo "make cross: cross compilers or qemu-user missing; the qemu kernel tests will skip"; }
 
-test: setup peer cross
+# valgrind for the memcheck in tests/test_sanitize.py (Debian package); the test skips without it
+valgrind:
+	@command -v valgrind >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq valgrind >/dev/null) || \
+	    echo "make valgrind: cannot install valgrind; the memcheck test will skip"; }
+
+test: setup peer cross valgrind
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -17,6 +17,7 @@ checkpoints (*.bin, *.pt) can run code when loaded, and are refused.
 from __future__ import annotations
 
 import json
+import os
 import math
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +28,7 @@ import numpy as np
 from gguf import Keys
 
 from edge_rt.errors import EdgeRtError
+from edge_rt.gguf_file import os_message, short
 
 # HF class -> (GGUF architecture, HF model_type)
 SUPPORTED = {"LlamaForCausalLM": ("llama", "llama"), "Qwen2ForCausalLM": ("qwen2", "qwen2"),
@@ -216,13 +218,27 @@ def _write_safetensors(path: Path, tensors: Mapping, names: list[str], hf_dtype:
 
 
 # --- config ---------------------------------------------------------------------------
+MAX_TEXT = 256 << 20  # bytes of a JSON or template file (Gemma 3's tokenizer.json: 33 MB)
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 file of at most MAX_TEXT bytes: a hostile size is refused before it is read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_TEXT:
+                raise EdgeRtError(f"{path}: {size} bytes is more than a model's text files hold ({MAX_TEXT >> 20} MiB)")
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeRtError(f"{path}: not UTF-8 ({e})") from None
+    except OSError as e:
+        raise EdgeRtError(f"{short(path)}: {os_message(e)}") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise EdgeRtError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
         raise EdgeRtError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise EdgeRtError(f"{path}: expected a JSON object")
@@ -513,15 +529,12 @@ def _tokenizer_meta(folder: Path, c: _Config, d: _Dims) -> tuple[dict[str, Any],
     if not tj_path.is_file():
         extra = " (a tokenizer.model alone is not supported)" if (folder / "tokenizer.model").is_file() else ""
         raise EdgeRtError(f"{folder}: no tokenizer.json{extra}")
-    try:
-        text = tj_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EdgeRtError(f"{tj_path}: not UTF-8 ({e})") from None
+    text = _read_text(tj_path)
     tcfg_path = folder / "tokenizer_config.json"
     tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else None
     jinja = folder / "chat_template.jinja"
     if jinja.is_file() and not (tcfg and tcfg.get("chat_template")):
-        tcfg = {**(tcfg or {}), "chat_template": jinja.read_text(encoding="utf-8")}
+        tcfg = {**(tcfg or {}), "chat_template": _read_text(jinja)}
     try:
         tok = Tokenizer.from_hf_json(text, tcfg)
         meta = dict(tok.gguf_meta())

@@ -2,6 +2,7 @@
 own ggml types. Both stream one tensor at a time into a temporary file, then rename."""
 from __future__ import annotations
 
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from tqdm import tqdm
 
 from edge_rt import __version__, formats
 from edge_rt.atomic import atomic_output
+from edge_rt.gguf_file import GGUFFile
+from edge_rt.verify import CHECKSUM_KEY, crc32
 from edge_rt.weights import FMT_KEY
 
 from .quantize import LLAMA_CPP_TYPES, is_weight_matrix
@@ -69,20 +72,38 @@ def typed_meta(meta: dict, types: dict, skip: tuple = SKIP_KEYS) -> dict:
 def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool | None = None,
                alignment: int | None = ALIGNMENT) -> None:
     """alignment None: GGUF's default (32) and no general.alignment key, as llama.cpp's
-    own tools write and expect (llama-quantize copies the key but lays data out at 32)."""
+    own tools write and expect (llama-quantize copies the key but lays data out at 32).
+    Every tensor's CRC-32 goes in `edgert.checksum.<name>`: written as 0 in the header,
+    computed while the data streams out, patched in before the rename."""
+    names = [info[0] for item in items for info in item.infos]
+    checksums = {CHECKSUM_KEY + name: 0 for name in names}
     with atomic_output(out) as tmp:
         w = _write_header(tmp, src, items, extra, alignment)
         for item in tqdm(items, desc="convert", unit="tensor", disable=None if progress is None else not progress):
-            for arr in item.produce():
+            for (name, *_), arr in zip(item.infos, item.produce()):
+                arr = np.ascontiguousarray(arr)
+                checksums[CHECKSUM_KEY + name] = crc32(arr)
                 w.write_tensor_data(arr)
         w.close()
+        _patch_u32(tmp, checksums)
+
+
+def _patch_u32(path, values: dict[str, int]) -> None:
+    """Overwrite the values of uint32 metadata keys in place."""
+    offsets = GGUFFile(path).value_offsets
+    with open(path, "r+b") as f:
+        for key, val in values.items():
+            f.seek(offsets[key] + 4)  # past the value type
+            f.write(struct.pack("<I", val))
 
 
 def _write_header(path, src: Source, items: list[Item], extra: dict, alignment: int | None) -> GGUFWriter:
+    """Metadata (with a 0 for every tensor's CRC-32, patched in once known) and tensor infos."""
     w = GGUFWriter(path, src.meta["general.architecture"])
     if alignment is not None:
         w.add_custom_alignment(alignment)
-    _add_meta(w, typed_meta(src.meta, src.types) | typed_meta(extra, {}, skip=()))
+    checksums = {CHECKSUM_KEY + info[0]: 0 for item in items for info in item.infos}
+    _add_meta(w, typed_meta(src.meta, src.types) | typed_meta(extra | checksums, {}, skip=()))
     for item in items:
         for name, shape, dtype, raw, nbytes in item.infos:
             w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)

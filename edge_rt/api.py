@@ -16,11 +16,12 @@ from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
 from .models import spec_from_meta
 from .models.transformer import KVCache, forward, logits
-from .plan import Plan, check, make_plan, parse_size
+from .plan import Plan, check, format_size, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
 from .layer import CLayers
 from .tokenizer import Tokenizer
+from .verify import check_loaded
 from .weights import Weights
 
 N_BATCH = 512       # tokens per forward step while reading a prompt
@@ -54,7 +55,7 @@ class Model:
     weights and the KV cache are made resident by the first call that passes the plan."""
 
     def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
-                 kv_policy: str = "stop"):
+                 kv_policy: str = "stop", verify: bool = True):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -77,7 +78,7 @@ class Model:
         if kv_policy == "sink-window" and ctx < 4 * SINK_TOKENS:
             raise EdgeRtError(f"--kv-policy sink-window needs --ctx {4 * SINK_TOKENS} or more")
         self.kv_policy = kv_policy
-        self.ctx, self.kv_type, self.kv = ctx, kv_type, None
+        self.ctx, self.kv_type, self.kv, self.verify = ctx, kv_type, None, verify
         self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
@@ -95,7 +96,14 @@ class Model:
     def _reserve(self, plan: Plan) -> None:
         """Check the plan against the budget, then make the resident weights and the KV
         cache resident (and the stream pool, when the plan streams layers)."""
-        check(plan, self.budget, psutil.virtual_memory().available + metrics.rss_bytes() - self.base_bytes)
+        grown = metrics.rss_bytes() - self.base_bytes
+        check(plan, self.budget, psutil.virtual_memory().available + grown)
+        cgroup = memory.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
+        if cgroup is not None and cgroup[0] + (1 << 20) < (self.budget or plan.total_bytes):  # (--enforce rounds it to pages)
+            raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"
+                              f"{f' (--mem-budget {format_size(self.budget)})' if self.budget else ''} but the "
+                              f"memory cgroup it runs in is limited to {format_size(cgroup[0])}: the kernel would "
+                              f"kill it; give a --mem-budget of at most that")
         self.plan = plan
         if self.kv is None:
             self.streamed = (plan.streamed_layers, plan.streamed_head)
@@ -104,6 +112,8 @@ class Model:
                 self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx, self.kv_type)  # over the arena and pool
             else:
                 self.g.populate()
+                if self.verify:  # the weights are resident now: their checksums cost ~1 ms per 2 MB a thread
+                    check_loaded(self.g, self.threads)
             self.kv = KVCache(self.spec, self.ctx, self.kv_type)
 
     # -- the forward pass under the thread limit ------------------------------------
@@ -264,9 +274,12 @@ class Model:
 
 
 def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
-         kv_policy: str = "stop") -> Model:
+         kv_policy: str = "stop", verify: bool = True) -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
     against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32';
     kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
-    positions and the most recent ones, and go on)."""
-    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy)
+    positions and the most recent ones, and go on). verify: check the weights against the
+    checksums convert stored, when they are first made resident (streamed layers are not
+    checked yet)."""
+    return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
+                 verify=verify)

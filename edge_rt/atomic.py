@@ -1,8 +1,11 @@
 """Write a file so that OUT is either absent or complete: write a temporary file
-beside it, fsync, rename. Interrupted or failed writes leave nothing behind."""
+beside it, fsync, rename. Interrupted or failed writes leave nothing behind; a writer
+killed outright (SIGKILL, power loss) leaves its temporary file, named with its pid,
+and the next write of OUT removes it."""
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import tempfile
 from contextlib import contextmanager
@@ -19,7 +22,8 @@ def atomic_output(path: str | os.PathLike):
         raise EdgeRtError(f"{out}: is a folder; give a file name for the output")
     if not out.parent.is_dir():
         raise EdgeRtError(f"{out.parent}: no such folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    _remove_stale(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".part", dir=out.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -41,3 +45,24 @@ def atomic_output(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary files of OUT left by writers that no longer run."""
+    for part in out.parent.glob(f".{glob.escape(out.name)}.*.part"):
+        pid = part.name[len(out.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                part.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +14,15 @@ from .errors import EdgeRtError
 from .formats import DEFAULT_GROUP_SIZE
 from .plan import format_size
 
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
 
 
 def _emit_json(obj: dict) -> None:
@@ -125,13 +134,15 @@ def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_
 @click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's own chat template.")
 @click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup (page cache counts) or an RSS watchdog.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the weights against their stored checksums.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
 def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, temperature, top_k, top_p, seed, chat,
-        enforce, as_json):
+        enforce, no_verify, as_json):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     from .api import load
     with _enforcement(enforce, mem_budget) as held:
-        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy)
+        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
+                 verify=not no_verify)
         out = sys.stderr if as_json else sys.stdout
         pieces = []
         for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
@@ -276,6 +287,23 @@ def inspect(model, as_json):
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None, help="Default: all cores.")
+def verify(model, threads):
+    """Check every tensor of MODEL against the checksum convert stored: one line per problem."""
+    from .gguf_file import GGUFFile
+    from .pull import resolve
+    from .verify import problems
+    g = GGUFFile(resolve(model))
+    bad = problems(g, threads or os.cpu_count() or 1)
+    for line in bad:
+        click.echo(f"{g.path}: {line}", err=True)
+    if bad:
+        sys.exit(EXIT_ERROR)
+    click.echo(f"{g.path}: {len(g.tensors)} tensors, every checksum matches")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def info(as_json):
     """The CPU features found and the kernel chosen for each weight format."""
@@ -292,6 +320,7 @@ def info(as_json):
 
 def main(argv=None) -> None:
     """Entry point: a user error is one line on stderr and exit status 1, never a traceback."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="edge-rt", standalone_mode=False)
     except click.exceptions.Abort:
@@ -306,6 +335,9 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("edge-rt: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        click.echo("edge-rt: terminated (SIGTERM); no output file was left half-written", err=True)
+        sys.exit(EXIT_TERMINATED)
     except MemoryError:
         click.echo("edge-rt: error: out of memory (try a smaller --ctx, or see `edge-rt run --mem-budget`)", err=True)
         sys.exit(EXIT_ERROR)

@@ -137,8 +137,10 @@ class GGUFFile:
             c.fail(f"{n_tensors} tensors and {n_kv} keys cannot fit in {self.size} bytes")
         self.meta: dict[str, Any] = {}
         self.types: dict[str, tuple[int, int | None]] = {}  # key -> (value type, array element type)
+        self.value_offsets: dict[str, int] = {}  # key -> byte offset of its value type (writers patch values)
         for _ in range(n_kv):
             key = c.string()
+            self.value_offsets[key] = c.pos
             self.meta[key], self.types[key] = c.typed_value()
         infos = []
         for _ in range(n_tensors):

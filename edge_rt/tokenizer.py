@@ -52,6 +52,7 @@ from __future__ import annotations
 import codecs
 import datetime
 import json
+import os
 import re
 import sys
 import threading
@@ -490,8 +491,8 @@ class Tokenizer:
                 pass
 
     @classmethod
-    def from_hf_json(cls, tokenizer_json: str, config: dict | None = None) -> "Tokenizer":
-        """From an HF folder's tokenizer.json (its text, or a path to it), plus
+    def from_hf_json(cls, tokenizer_json: str | os.PathLike, config: dict | None = None) -> "Tokenizer":
+        """From an HF folder's tokenizer.json (its text as a str, or a Path to it), plus
         tokenizer_config.json values (bos_token, eos_token, add_bos_token, add_eos_token,
         add_prefix_space, chat_template) if given. The tokenizer is converted to GGUF
         metadata first, so it encodes exactly as llama.cpp will encode the converted file."""
@@ -689,14 +690,14 @@ def _looks_special(s: str) -> bool:
             or (s.startswith("<｜") and s.endswith("｜>")) or (s.startswith("<unused") and s.endswith(">")))
 
 
-def _hf_json_to_meta(tokenizer_json: str, config: dict) -> dict:
+def _hf_json_to_meta(tokenizer_json: str | os.PathLike, config: dict) -> dict:
     text = tokenizer_json
-    if not text.lstrip().startswith("{"):
+    if isinstance(text, os.PathLike):  # only a Path is opened: a text that is not JSON is refused, never taken for a file name
         try:
             with open(text, encoding="utf-8") as f:
                 text = f.read()
-        except OSError as e:
-            raise EdgeRtError(f"{tokenizer_json}: cannot read ({e.strerror})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeRtError(f"{tokenizer_json}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
         tj = json.loads(text)
     except ValueError as e:

@@ -22,10 +22,14 @@ def tensor_format(g: GGUFFile, name: str, array=None):
     spec = g.meta.get(FMT_KEY + name)
     t = g.tensors[name]
     if spec is not None:
-        kind, group = spec.split(":")
-        fmt = formats.by_name(kind, int(group))
-        codes = array(name).view(np.uint8)
-        parts = {"codes": codes, "scale": array(name + ".scale"), "min": array(name + ".min")}
+        try:
+            kind, group = str(spec).split(":")
+            fmt = formats.by_name(kind, int(group))
+            codes = array(name).view(np.uint8)
+            parts = {"codes": codes, "scale": array(name + ".scale"), "min": array(name + ".min")}
+        except (ValueError, KeyError) as e:  # a hostile or damaged file: name what is wrong
+            raise EdgeRtError(f"{g.path}: tensor {name} ({FMT_KEY}{name} = {str(spec)[:40]!r}) is not a valid "
+                              f"group-quantized tensor: {e}") from None
         return fmt, parts, codes.shape[0], codes.shape[1] * 8 // fmt.bits
     if t.ggml_type in (T.F32, T.F16) and len(t.shape) == 2:
         fmt = formats.F32() if t.ggml_type == T.F32 else formats.F16()
@@ -87,7 +91,10 @@ class Weights:
         for name in g.tensors:
             if is_matrix(g, name):
                 fmt, parts, rows, cols = tensor_format(g, name, array)
-                self.matrices[name] = kernels.Weight(fmt, rows, cols, parts)
+                try:
+                    self.matrices[name] = kernels.Weight(fmt, rows, cols, parts)
+                except (ValueError, TypeError, kernels.KernelError) as e:  # parts that do not fit together
+                    raise EdgeRtError(f"{g.path}: tensor {name}: {e}") from None
         self.vectors = {}
         for name, t in g.tensors.items():
             if name in self.matrices or name.endswith((".scale", ".min")):

@@ -436,7 +436,7 @@ def test_hf_json_round_trip(name, models, text, tmp_path):
     p = tmp_path / "tokenizer.json"
     p.write_text(js, encoding="utf-8")
     if name == "smol":
-        assert Tokenizer.from_hf_json(str(p), _config(tok)).encode(part) == want
+        assert Tokenizer.from_hf_json(p, _config(tok)).encode(part) == want
 
 
 @pytest.mark.parametrize("name", ["smol", "gemma"])
