@@ -75,8 +75,7 @@ def write_gguf(out, src: Source, items: list[Item], extra: dict, progress: bool 
     own tools write and expect (llama-quantize copies the key but lays data out at 32).
     Every tensor's CRC-32 goes in `edgert.checksum.<name>`: written as 0 in the header,
     computed while the data streams out, patched in before the rename."""
-    names = [info[0] for item in items for info in item.infos]
-    checksums = {CHECKSUM_KEY + name: 0 for name in names}
+    checksums = {}
     with atomic_output(out) as tmp:
         w = _write_header(tmp, src, items, extra, alignment)
         for item in tqdm(items, desc="convert", unit="tensor", disable=None if progress is None else not progress):
