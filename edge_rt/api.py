@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 from threadpoolctl import threadpool_limits
 
-from . import formats, memory, metrics
+from . import enforce, formats, memory, metrics
 from .errors import EdgeRtError
 from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
@@ -98,7 +98,7 @@ class Model:
         cache resident (and the stream pool, when the plan streams layers)."""
         grown = metrics.rss_bytes() - self.base_bytes
         check(plan, self.budget, psutil.virtual_memory().available + grown)
-        cgroup = memory.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
+        cgroup = enforce.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
         if cgroup is not None and cgroup[0] + (1 << 20) < (self.budget or plan.total_bytes):  # (--enforce rounds it to pages)
             raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"
                               f"{f' (--mem-budget {format_size(self.budget)})' if self.budget else ''} but the "

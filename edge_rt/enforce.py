@@ -40,6 +40,22 @@ def own_cgroup(controller: str) -> tuple[Path, int] | None:
     return None
 
 
+def cgroup_limit() -> tuple[int, int] | None:
+    """(limit, usage) in bytes of the memory cgroup this process is in (v2 or v1), or
+    None when there is no limit. The kernel kills a process of a cgroup over its
+    limit outright, with no chance to say why: so the plan is checked against it."""
+    found = own_cgroup("memory")
+    if found is None:
+        return None
+    folder, version = found
+    names = ("memory.max", "memory.current") if version == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    try:
+        limit, usage = ((folder / name).read_text().strip() for name in names)
+    except OSError:
+        return None
+    return (int(limit), int(usage)) if limit.isdigit() and int(limit) < 1 << 62 else None  # v2 "max", v1 huge
+
+
 class ChildCgroup:
     """A cgroup made under this process's own, with `settings` (file -> value) written
     before `pids` move in. close() moves them back and removes it."""

@@ -22,29 +22,3 @@ def return_freed_memory() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):  # not glibc: musl and others return memory already
         pass
-
-
-def cgroup_limit() -> tuple[int, int] | None:
-    """(limit, usage) in bytes of the memory cgroup this process is in (v2 or v1), or
-    None when there is no limit. The kernel kills a process of a cgroup over its
-    limit outright, with no chance to say why: so the plan is checked against it."""
-    try:
-        lines = open("/proc/self/cgroup").read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2
-            files = f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current"
-        elif "memory" in controllers.split(","):  # v1
-            files = (f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
-                     f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
-        else:
-            continue
-        try:
-            limit, usage = (open(f).read().strip() for f in files)
-        except OSError:
-            continue
-        if limit.isdigit() and int(limit) < 1 << 62:  # v2 says "max", v1 a huge number
-            return int(limit), int(usage)
-    return None
