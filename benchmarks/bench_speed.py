@@ -169,7 +169,8 @@ def prepare_models(ours=("f32", "q8", "q4"), peers=("F32", "Q8_0", "Q4_0"),
     out = {}
     for key in ours:
         bits = OURS_BITS[key]
-        gs = [] if bits == 32 else ["--group-size", str(group_size)]
+        # speed does not depend on how codes were chosen: round-to-nearest converts in seconds (gptq: minutes)
+        gs = [] if bits == 32 else ["--group-size", str(group_size), "--method", "rtn"]
         path = d / f"{model}-edge-rt-{key}{'' if bits == 32 else f'-g{group_size}'}-v{v}.gguf"
         cmd = [*edge_rt_exe(), "convert", f32, "-o", path, "--bits", str(bits), *gs]
         if _stale(path, f32):
