@@ -41,7 +41,7 @@ What it does (see benchmarks/README.md for what each number means):
    bandwidth, with bytes per token = every weight tensor's bytes except the token
    embedding (one row of it is read), plus the whole token embedding when the output head
    is tied to it (both models), plus the K and V read at the mean decode depth (576
-   positions; f32 in edge-rt, f16 in llama.cpp). Then issue 3's targets: each variant's
+   positions; float16 in both: edge-rt's default --kv-type). Then issue 3's targets: each variant's
    decode and prefill as a ratio to llama.cpp Q4_0 (Q8_0 for 8-bit) of the same model and
    rep, against the target ratio. With --json the last line on stdout is one JSON object.
 
@@ -487,7 +487,7 @@ def main(argv=None):
                     rs = [r["ours"] for r in runs if r["model_name"] == mn and r["threads"] == T and r["variant"] == key]
                 else:
                     rs = list(peer_results(mn, T, key).values())
-                bpt = f["weight_bytes_per_token"] + f["kv_bytes_per_position"] * (4 if ours else 2) * kv_depth
+                bpt = f["weight_bytes_per_token"] + f["kv_bytes_per_position"] * 2 * kv_depth  # float16 K and V in both
                 dec = [r.get("decode_tps") for r in rs]
                 pre = [r.get("prefill_tps") for r in rs]
                 row = {
@@ -581,8 +581,8 @@ def main(argv=None):
     bw_desc = ", ".join(f"{T} thread{'s' if T > 1 else ''} {bandwidth[str(T)] / 1e9:.1f} GB/s" for T in threads_list)
     w(f"- read bandwidth ({describe_bandwidth(bw0)}; best of 5 at start and end): {bw_desc}")
     w(f"- BW limit = bandwidth / bytes per token (weights touched: all but the embedding table, plus the tied "
-      f"output head = the whole embedding table, plus K+V at mean depth {kv_depth:.0f}: f32 in edge-rt, f16 in "
-      f"llama.cpp); % BW = decode tok/s x bytes per token / bandwidth")
+      f"output head = the whole embedding table, plus K+V at mean depth {kv_depth:.0f}, float16 in "
+      f"both); % BW = decode tok/s x bytes per token / bandwidth")
     for mn in model_names:
         w(f"\n### {MODELS[mn]} ({mn})\n")
         w("Files (cached in $EDGE_RT_HOME/bench/, all from the one f32 conversion):\n")
