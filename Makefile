@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(C_SOURCES)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-$(DEMO_MODEL): | setup
+$(DEMO_MODEL): edge_rt/formats.py | setup  # remade when the layout may have changed
 	mkdir -p $(dir $@)
 	$(BIN)/edge-rt pull smollm2-135m
 	$(BIN)/edge-rt convert smollm2-135m -o $@ --bits 4
