@@ -129,7 +129,8 @@ class Model:
 
     def _info(self) -> dict:
         return {"threads": self.threads, "kernel": self.weights.kernel(), "model_bytes": self.path.stat().st_size,
-                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx, "kv_type": self.kv_type, "kv_policy": self.kv_policy,
+                "mem_budget_bytes": self.budget, "planned_bytes": self.plan.total_bytes, "ctx": self.ctx,
+                "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
@@ -170,10 +171,8 @@ class Model:
                     yield piece
                 if m.n_generated >= n:
                     break
-                if pos == self.ctx:  # full (sink-window only): keep the sinks, drop the older half of the rest
-                    discard = (self.ctx - SINK_TOKENS) // 2
-                    self.layers.kv_shift(self.spec, self.weights, self.kv, SINK_TOKENS, discard, pos)
-                    pos -= discard
+                if pos == self.ctx:  # full (sink-window only)
+                    pos -= self._drop_older_half(SINK_TOKENS, pos)
                     kv_shifts += 1
                 h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run)
                 t = time.perf_counter()
@@ -201,6 +200,13 @@ class Model:
         with threadpool_limits(self.threads):
             h = self._forward(tokens, 0)
             return np.concatenate([logits(self.weights, h[i:i + LOGIT_ROWS]) for i in range(0, len(h), LOGIT_ROWS)])
+
+    def _drop_older_half(self, keep: int, used: int) -> int:
+        """Make room in a full KV cache (positions 0..used-1): keep the first `keep`
+        positions, drop the older half of the rest; returns how many were dropped."""
+        discard = (self.ctx - keep) // 2
+        self.layers.kv_shift(self.spec, self.weights, self.kv, keep, discard, used)
+        return discard
 
     def _nll(self, h: np.ndarray, targets: np.ndarray) -> float:
         """Negative log-likelihood of targets[j] under the logits of hidden state h[j],
@@ -233,9 +239,7 @@ class Model:
             for i in range(0, len(ids) - 1, chunk):
                 toks = ids[i:min(i + chunk, len(ids) - 1)]
                 if pos + len(toks) > self.ctx:
-                    discard = (self.ctx - keep) // 2
-                    self.layers.kv_shift(self.spec, self.weights, self.kv, keep, discard, pos)
-                    pos, shifts = pos - discard, shifts + 1
+                    pos, shifts = pos - self._drop_older_half(keep, pos), shifts + 1
                 h = forward(self.spec, self.weights, toks, pos, self.kv, self.layers.run)
                 pos += len(toks)
                 scored = np.arange(i, i + len(toks)) >= score_from
