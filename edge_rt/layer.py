@@ -45,7 +45,7 @@ class CLayers:
     def __init__(self, spec: Spec, W, threads: int, ctx: int, kv_type: str = "f16"):
         self.lib, self.threads, self.ctx, self.kv_type = kernels._load(), int(threads), ctx, kv_type
         self._keep = []  # the float32 vectors the structs point at
-        factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
+        factors = self._vec(W.vec("rope_freqs.weight")) if W.has("rope_freqs.weight") else None  # shared by all layers
         self.layers = [self._struct(spec, W, i, factors) for i in range(spec.n_layers)]
         vp, ci = ctypes.c_void_p, ctypes.c_int
         self.lib.ert_layer_scratch_bytes.argtypes = [vp, ci, ci, ci]
@@ -54,7 +54,8 @@ class CLayers:
         self.lib.ert_layer_forward.restype = ci
         self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, vp]
         self.lib.ert_layer_kv_shift.restype = ci
-        self.scratch, self._kv = None, (None, [])  # the KV cache and its per-layer addresses
+        self.scratch, self._scratch_n = None, 0  # the scratch, and the most tokens a step may have with it
+        self._kv = None, []  # the KV cache and its per-layer addresses
         self.seconds = 0.0  # wall time inside the C calls (for the orchestrator's share)
 
     def _vec(self, a) -> _F:
@@ -71,7 +72,7 @@ class CLayers:
                     rope_neox=int(spec.rope_style == "neox"), rope_base=base, rope_scale=scale,
                     act=ACTIVATIONS[spec.act], kv_f16=int(self.kv_type == "f16"))
         if factors is not None:
-            c.rope_factors = self._vec(factors)
+            c.rope_factors = factors
         for field, name in VECTORS.items():
             if W.has(p + name):
                 setattr(c, field, self._vec(W.vec(p + name)))
@@ -109,9 +110,9 @@ class CLayers:
     def run(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
-        if self.scratch is None or self.scratch.nbytes < self.scratch_bytes(n):
+        if n > self._scratch_n:  # grows with the step (its size only grows with n)
             self.scratch = None  # freed before the larger one is made
-            self.scratch = np.empty(self.scratch_bytes(n) // 4, np.float32)
+            self.scratch, self._scratch_n = np.empty(self.scratch_bytes(n) // 4, np.float32), n
         k, v = self._cache(kv)[i]
         if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
             self._bind(self.layers[i], W, i)
