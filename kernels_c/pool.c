@@ -109,8 +109,8 @@ int ert_max_threads(void) { return nprocs(); }
 
 void ert_parallel(ert_task_fn fn, void *ctx, int nth) {
     if (nth > nprocs()) nth = nprocs(); /* never oversubscribe */
-    if (nth <= 1 || t_in_region) {
-        for (int i = 0; i < (nth < 1 ? 1 : nth); i++) fn(ctx, i, nth < 1 ? 1 : nth);
+    if (nth <= 1 || t_in_region) { /* the caller alone: it takes all the work */
+        fn(ctx, 0, 1);
         return;
     }
     pthread_mutex_lock(&P.call);

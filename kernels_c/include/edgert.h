@@ -142,9 +142,11 @@ ERT_API int ert_version(void);
  * ---------------------------------------------------------------------------- */
 #ifdef ERT_BUILDING
 
-/* pool.c: runs fn(ctx, i, nth) for i < nth on a persistent pool of threads (the
- * caller is thread 0) and returns when all are done; nth is capped at the processors
- * online. Called from inside a region, runs serially. */
+/* pool.c: runs fn(ctx, slot, nth) on the caller (slot 0) and on up to nth-1 workers of a
+ * persistent pool (slots 1..), returning when all that joined are done; nth is capped at
+ * the processors online. fn must TAKE its work (an atomic counter in ctx), never split it
+ * by slot: a worker that joins late may not run at all, and alone (nth <= 1, or called
+ * from inside a region) the caller runs fn(ctx, 0, 1) and takes everything. */
 typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 
