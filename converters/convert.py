@@ -3,6 +3,8 @@ quantize and write, atomically."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 from edge_rt.errors import EdgeRtError
@@ -10,14 +12,15 @@ from edge_rt.formats import DEFAULT_GROUP_SIZE, GroupQuant
 from edge_rt.models import spec_from_meta
 from edge_rt.models.registry import by_sha256
 
-from . import calibrate
+from . import awq, calibrate
 from . import prune as pruning
 from .mixed import WIDTHS as MIXED_WIDTHS, choose_widths
-from .quantize import CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
+from .quantize import AUTO, CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
 from .readers import open_source
 from .writers import edge_rt_items, file_bytes, llama_cpp_items, provenance, write_gguf
 
 BITS = (2, 3, 4, 8, 16, 32)
+AUTO_WINDOWS = 8  # windows of held-out validation text that --method auto scores each candidate on
 
 
 def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
@@ -65,22 +68,53 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
             if (method in CALIBRATED and quantized) or prune or mixed else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
-        meta = {"edgert.method": method} | provenance(src, bits, group_size)
+        meta = provenance(src, bits, group_size)
         if prune:
             src, gram = pruning.apply(src, prune, gram, count)
             meta["edgert.prune"] = prune
-        budget = None
-        if mixed:
-            budget = size if size is not None else int(bits * sum(math.prod(s) for s in src.shapes.values()) / 8)
-            meta["edgert.budget_bytes"] = budget
-
-            def file_size(ch):
-                items, extra = edge_rt_items(src, ch)
-                return file_bytes(src, items, extra | meta)
-            chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
-        items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
-        write_gguf(out_path, src, items, extra | meta, progress)
-        if budget is not None and Path(out_path).stat().st_size > budget:  # file_bytes disagrees with the writer
-            Path(out_path).unlink()
-            raise EdgeRtError(f"internal: the mixed-precision file came out over its budget of {budget} bytes")
+        runs = AUTO if method == "auto" else (method,)
+        outs = {m: Path(out_path) if len(runs) == 1 else Path(f"{out_path}.{m}.tmp") for m in runs}
+        try:
+            for m in runs:
+                _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress)
+            if len(runs) > 1:
+                scores = {m: held_out_perplexity(outs[m], calib_text) for m in runs}
+                best = min(scores, key=scores.get)
+                print("edge-rt: --method auto: validation perplexity " + ", ".join(
+                    f"{m} {p:.4f}" for m, p in scores.items()) + f"; kept {best}", file=sys.stderr)
+                os.replace(outs[best], out_path)
+        finally:
+            for p in outs.values():
+                if p != Path(out_path):
+                    p.unlink(missing_ok=True)
     return Path(out_path)
+
+
+def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress):
+    """Scale (awq), choose the widths (a mix), quantize with `method` and write out_path."""
+    meta = meta | {"edgert.method": method}
+    if method.startswith("awq"):
+        src, gram, _ = awq.apply(src, chosen, gram, count, progress)
+    budget = None
+    if mixed:
+        budget = size if size is not None else int(bits * sum(math.prod(s) for s in src.shapes.values()) / 8)
+        meta["edgert.budget_bytes"] = budget
+
+        def file_size(ch):
+            items, extra = edge_rt_items(src, ch)
+            return file_bytes(src, items, extra | meta)
+        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
+    items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
+    write_gguf(out_path, src, items, extra | meta, progress)
+    if budget is not None and Path(out_path).stat().st_size > budget:  # file_bytes disagrees with the writer
+        Path(out_path).unlink()
+        raise EdgeRtError(f"internal: the mixed-precision file came out over its budget of {budget} bytes")
+
+
+def held_out_perplexity(path: Path, calib_text=None) -> float:
+    """Perplexity of a converted file on the second half of the calibration text (the
+    calibration windows come from its start), AUTO_WINDOWS windows of DEFAULT_CTX."""
+    from edge_rt.api import load  # noqa: PLC0415 (the runtime, only for --method auto)
+    text = Path(calib_text or calibrate.VALID_TEXT).read_text(encoding="utf-8")
+    model = load(path, ctx=calibrate.DEFAULT_CTX, verify=False)
+    return model.eval_perplexity(text[len(text) // 2:], calibrate.DEFAULT_CTX, AUTO_WINDOWS)["ppl"]

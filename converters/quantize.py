@@ -6,7 +6,11 @@ Methods (how a group-quantized tensor's codes and (d, m) are chosen):
   rtn    the format's own round-to-nearest over each group's [min, max]
   clip   a per-group search over clipped ranges with a least-squares refit (gptq.search)
   gptq   calibrated: GPTQ error compensation with each matrix's input Gram matrix,
-         groups fitted by the clip search weighted by the Gram diagonal"""
+         groups fitted by the clip search weighted by the Gram diagonal
+  awq    calibrated: activation-aware input scales (converters/awq.py), then rtn
+  awq+gptq  the scales, then gptq with the scaled inputs' Gram matrices
+  auto   each of AUTO in turn, keeping the file with the lowest perplexity on held-out
+         validation text (converters/convert.py)"""
 from __future__ import annotations
 
 from edge_rt import formats
@@ -14,8 +18,9 @@ from edge_rt import formats
 from . import gptq
 
 LLAMA_CPP_TYPES = {32: "F32", 16: "F16", 8: "Q8_0", 4: "Q4_0"}
-METHODS = ("rtn", "clip", "gptq")
-CALIBRATED = ("gptq",)
+METHODS = ("rtn", "clip", "gptq", "awq", "awq+gptq", "auto")
+CALIBRATED = ("gptq", "awq", "awq+gptq", "auto")
+AUTO = ("gptq", "awq", "awq+gptq")
 EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
@@ -37,10 +42,10 @@ def choose_formats(shapes: dict, bits: int, group_size: int, embed_bits: int | N
 def quantizer(method: str, gram: dict | None = None):
     """quantize(name, fmt, w) -> parts for a method; gram: name -> input Gram matrix."""
     def quantize(name, fmt, w):
-        if method == "rtn":
+        if method in ("rtn", "awq"):
             return fmt.quantize(w)
         H = (gram or {}).get(name)
-        if method == "gptq" and H is not None:
+        if method in ("gptq", "awq+gptq") and H is not None:
             return gptq.encode(fmt, *gptq.gptq(w, H, fmt))
         return gptq.encode(fmt, *gptq.search(w, fmt))
     return quantize

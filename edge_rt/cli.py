@@ -97,9 +97,10 @@ def pull(name):
 @click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
 @click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp"]), default="edge-rt", show_default=True,
               help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types.")
-@click.option("--method", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
-              help="How group codes are chosen: round-to-nearest, clipped-range search, or GPTQ calibrated "
-                   "on --calib-text.")
+@click.option("--method", type=click.Choice(["rtn", "clip", "gptq", "awq", "awq+gptq", "auto"]), default="gptq",
+              show_default=True, help="How group codes are chosen: round-to-nearest, clipped-range search, GPTQ "
+                   "or AWQ scaling (or both) calibrated on --calib-text, or auto: the best of gptq, awq and "
+                   "awq+gptq by perplexity on the held-out half of --calib-text.")
 @click.option("--embed-bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default=None,
               help="Width of the token embeddings and output head (default: --bits).")
 @click.option("--calib-text", type=click.Path(dir_okay=False, exists=True), default=None,

@@ -86,6 +86,11 @@ class GroupQuant:
 
     # -- quantize ------------------------------------------------------------------
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        c, d, m = self.round(w)
+        return {"codes": self.pack(c), "scale": d, "min": m}
+
+    def round(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Round-to-nearest: codes uint8 [rows, cols] and d, m float16 [rows, groups]."""
         w = np.asarray(w, dtype=np.float32)
         rows, cols = w.shape
         self.check_shape(cols)
@@ -98,8 +103,7 @@ class GroupQuant:
         d32, m32 = d.astype(np.float32), m.astype(np.float32)
         inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
         c = np.rint((wg - m32[..., None]) * inv[..., None])
-        c = np.clip(c, 0, qmax).astype(np.uint8).reshape(rows, ng * g)[:, :cols]
-        return {"codes": self.pack(c), "scale": d, "min": m}
+        return np.clip(c, 0, qmax).astype(np.uint8).reshape(rows, ng * g)[:, :cols], d, m
 
     def pack(self, c: np.ndarray) -> np.ndarray:
         """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in the layout above
