@@ -61,7 +61,7 @@ short = bs.short_cmd
 
 
 # -- the same weights with float arithmetic, and the kernels' activation rounding emulated ---------------
-ARITH = ("float", "kernels", "lut-sub4", "lut-i16")  # numpy twins: see ArithWeights
+ARITH = ("float", "kernels", "i16", "lut-sub4")  # numpy twins: see ArithWeights
 
 
 class ArithWeights(ReferenceWeights):
@@ -74,12 +74,13 @@ class ArithWeights(ReferenceWeights):
                 e = t*ls - T the rounding error of table entry p of sub-group j
                 (formats.matmul_reference, reordered: the same numbers as the C kernels
                 up to float summation order)
-      lut-sub4  as kernels, but one table scale per 4 columns (per sub-group)
-      lut-i16   as kernels, but int16 tables (32767 levels)"""
+      i16       as kernels, but int16 activations and tables (32767 levels, not 127)
+      lut-sub4  as kernels, but one table scale per 4 columns (per sub-group)"""
 
     def __init__(self, g, arith: str = "float"):
         super().__init__(g)
         self.arith, self._spread = arith, {}
+        self.levels = np.float32(32767.0 if arith == "i16" else 127.0)
 
     def _table_error(self, x):
         """e[n, J*16]: the tables' rounding error t*ls - T for this arithmetic."""
@@ -88,8 +89,7 @@ class ArithWeights(ReferenceWeights):
         T = xs @ sign.T  # [n, J, 16]
         a = np.abs(xs).sum(axis=-1)  # [n, J]
         amax = a if self.arith == "lut-sub4" else np.repeat(a.reshape(len(x), -1, 8).max(axis=-1), 8, axis=-1)
-        levels = np.float32(32767.0 if self.arith == "lut-i16" else 127.0)
-        ls = amax / levels
+        ls = amax / self.levels
         inv = np.divide(1.0, ls, out=np.zeros_like(ls), where=ls != 0)
         return ((np.rint(T * inv[..., None]) * ls[..., None]) - T).reshape(len(x), -1)
 
@@ -116,9 +116,11 @@ class ArithWeights(ReferenceWeights):
         if self.arith == "float" or FMT_KEY + name not in self.g.meta:
             return x @ self.matrix(name).T
         fmt, parts, rows, cols = tensor_format(self.g, name)
-        if fmt.bits == 8:
-            qa, da = formats.quantize_activations(x)
-            return (qa.astype(np.float32) * da[..., None]).reshape(x.shape) @ self.matrix(name).T
+        if fmt.bits == 8:  # as formats.quantize_activations, with self.levels
+            xb = x.reshape(len(x), -1, formats.BLOCK)
+            amax = np.abs(xb).max(axis=-1, keepdims=True)
+            inv = np.divide(self.levels, amax, out=np.zeros_like(amax), where=amax != 0)
+            return (np.rint(xb * inv) * (amax / self.levels)).reshape(x.shape) @ self.matrix(name).T
         y, e = x @ self.matrix(name).T, self._table_error(x)
         step = max(1, (16 << 20) // (cols * 16))  # rows per spread matrix of at most 64 MiB
         for r0 in range(0, rows, step):

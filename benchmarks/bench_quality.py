@@ -10,8 +10,9 @@ Every file comes from one float32 source per model (`edge-rt convert NAME --bits
 --format llama.cpp`, cached with the others under $EDGE_RT_HOME/bench/):
   llama.cpp:  llama-imatrix -m F32 -f data/wikitext-2/valid.txt -c 512 --chunks 40 -o IMAT
               llama-quantize [--imatrix IMAT] F32 OUT TYPE
-  edge-rt:    edge-rt convert F32 -o OUT --bits B   (default method: GPTQ calibrated on
-              the same validation file; never the test file)
+  edge-rt:    edge-rt convert F32 -o OUT --bits B [--embed-bits E] [--prune ffn:0.25]
+              --method M (default gptq; calibrated on the same validation file, never the
+              test file)
 Each file is scored by its own engine on data/wikitext-2/test.txt (edge-rt eval,
 llama-perplexity: the same windows, as bench_ppl.py explains). Prints a markdown table
 and writes a PNG of perplexity against file size.
@@ -31,12 +32,15 @@ import bench_ppl as bp  # noqa: E402  (eval commands, llama-perplexity's output)
 import bench_speed as bs  # noqa: E402  (model files, process runner, helpers)
 
 from edge_rt import formats  # noqa: E402
+from edge_rt.converters.quantize import METHODS  # noqa: E402
 from edge_rt.pull import pull  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 PEER_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_S", "Q2_K")
-OURS = {"q8": ["--bits", "8"], "q4": ["--bits", "4"], "q3": ["--bits", "3"], "q2": ["--bits", "2"],
-        "mix3.5": ["--bits", "3.5"], "mix2.5": ["--bits", "2.5"]}
+OURS = {"q8": ["--bits", "8"], "q4": ["--bits", "4"], "q4+e8": ["--bits", "4", "--embed-bits", "8"],
+        "q3": ["--bits", "3"], "q3+e4": ["--bits", "3", "--embed-bits", "4"], "q2": ["--bits", "2"],
+        "q2+e4": ["--bits", "2", "--embed-bits", "4"], "mix3.5": ["--bits", "3.5"], "mix2.5": ["--bits", "2.5"],
+        "ffn0.25+q4": ["--bits", "4", "--prune", "ffn:0.25"]}  # +eN: token embeddings / output head at N bits
 VALID = bs.REPO / "data" / "wikitext-2" / "valid.txt"
 IMATRIX_CHUNKS = 40
 
@@ -55,7 +59,7 @@ def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
         os.replace(tmp, path)
 
 
-def model_file(model: str, row: str, threads: int) -> tuple[Path, list, str]:
+def model_file(model: str, row: str, threads: int, method: str = "gptq") -> tuple[Path, list, str]:
     """(path, the command that makes it, engine) for one row, made when missing."""
     d, v = bs.bench_dir(), formats.FORMAT_VERSION
     pull(model)
@@ -66,8 +70,8 @@ def model_file(model: str, row: str, threads: int) -> tuple[Path, list, str]:
         return f32, f32_cmd, "llama.cpp"
     if row.startswith("edge-rt "):
         key = row.split()[1]
-        path = d / f"{model}-edge-rt-{key}-gptq-v{v}.gguf"
-        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", "gptq"]
+        path = d / f"{model}-edge-rt-{key}-{method}-v{v}.gguf"
+        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", method]
         make(path, cmd, "edge-rt convert")
         return path, cmd, "edge-rt"
     qtype, imat = row.removesuffix("+imat"), row.endswith("+imat")
@@ -126,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="", help="only these rows (e.g. 'Q4_0,Q4_0+imat,edge-rt q4'); default all")
     ap.add_argument("--text", default=str(bs.WIKITEXT_TEST))
+    ap.add_argument("--method", default="gptq", choices=METHODS, help="edge-rt convert --method; default gptq")
     ap.add_argument("--plot", default="benchmarks/quality.png")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -138,7 +143,7 @@ def main(argv=None):
         for row in wanted:
             if row not in rows_of(model):
                 ap.error(f"--rows: {row!r} is not one of {', '.join(rows_of(model))}")
-            path, make_cmd, engine = model_file(model, row, a.threads)
+            path, make_cmd, engine = model_file(model, row, a.threads, a.method)
             ppl, cmd = score(path, engine, a.text, a.ctx, a.windows, a.threads)
             facts = bs.file_facts(path)
             bs.log(f"{model} {row}: ppl {ppl:.4f}, {facts['file_bytes'] / bs.MiB:.1f} MiB")

@@ -191,3 +191,18 @@ def test_awq_scaling_folds_exactly(smollm2_gguf, arch):
     h1 = forward(spec, calibrate.RecordingWeights(scaled), tokens, 0, KVCache(spec, 64, "f32"))
     assert not np.array_equal(scaled.load("blk.0.attn_q.weight"), src.load("blk.0.attn_q.weight"))
     np.testing.assert_allclose(h1, h0, rtol=2e-3, atol=2e-3)
+
+
+def test_auto_keeps_one_of_its_candidates(tiny_src32, tmp_path, capsys):
+    """--method auto converts with each candidate, keeps the file of the lowest held-out
+    validation perplexity under the asked name, and leaves no candidate behind."""
+    from edge_rt.api import load
+    from edge_rt.converters.convert import convert
+    from edge_rt.converters.quantize import AUTO
+    from edge_rt.gguf_file import GGUFFile
+    out = convert(tiny_src32, tmp_path / "auto.gguf", bits=3, method="auto", calib_windows=1, progress=False)
+    said = capsys.readouterr().err
+    kept = GGUFFile(out).meta["edgert.method"]
+    assert kept in AUTO and f"kept {kept}" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf"]
+    assert np.isfinite(load(out, ctx=64).logits([1, 2, 3])).all()
