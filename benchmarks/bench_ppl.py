@@ -40,7 +40,7 @@ from edge_rt.gguf_file import GGUFFile  # noqa: E402
 from edge_rt.models import spec_from_meta  # noqa: E402
 from edge_rt.models.transformer import KVCache, forward, logits  # noqa: E402
 from edge_rt.tokenizer import Tokenizer  # noqa: E402
-from edge_rt.weights import FMT_KEY, ReferenceWeights, tensor_format  # noqa: E402
+from edge_rt.weights import FMT_KEY, ReferenceWeights, Weights, tensor_format  # noqa: E402
 
 BITS_KEY = {32: "f32", 8: "q8", 4: "q4", 3: "q3", 2: "q2"}
 PEERS = ("F32", "Q8_0", "Q4_0")
@@ -61,7 +61,7 @@ short = bs.short_cmd
 
 
 # -- the same weights with float arithmetic, and the kernels' activation rounding emulated ---------------
-ARITH = ("float", "kernels", "i16", "lut-sub4")  # numpy twins: see ArithWeights
+ARITH = ("float", "kernels", "i16", "lut-sub4", "c")  # numpy twins: see ArithWeights
 
 
 class ArithWeights(ReferenceWeights):
@@ -75,12 +75,15 @@ class ArithWeights(ReferenceWeights):
                 (formats.matmul_reference, reordered: the same numbers as the C kernels
                 up to float summation order)
       i16       as kernels, but int16 activations and tables (32767 levels, not 127)
-      lut-sub4  as kernels, but one table scale per 4 columns (per sub-group)"""
+      lut-sub4  as kernels, but one table scale per 4 columns (per sub-group)
+      c         the C kernels' products themselves (kernels.matmul): the numpy layer
+                around them (norms, RoPE, attention) is then all that differs from edge-rt eval"""
 
     def __init__(self, g, arith: str = "float"):
         super().__init__(g)
         self.arith, self._spread = arith, {}
         self.levels = np.float32(32767.0 if arith == "i16" else 127.0)
+        self.c = Weights(g, threads=2) if arith == "c" else None
 
     def _table_error(self, x):
         """e[n, J*16]: the tables' rounding error t*ls - T for this arithmetic."""
@@ -113,6 +116,8 @@ class ArithWeights(ReferenceWeights):
 
     def linear(self, name, x):
         x = np.asarray(x, np.float32)
+        if self.c is not None:
+            return self.c.linear(name, x)
         if self.arith == "float" or FMT_KEY + name not in self.g.meta:
             return x @ self.matrix(name).T
         fmt, parts, rows, cols = tensor_format(self.g, name)
