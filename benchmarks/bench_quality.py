@@ -133,10 +133,12 @@ def main(argv=None):
     ap.add_argument("--method", default="gptq", choices=METHODS, help="edge-rt convert --method; default gptq")
     ap.add_argument("--plot", default="benchmarks/quality.png")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--from-json", default=None, help="print the table and plot of a saved --json line (its rows) "
+                    "instead of measuring")
     a = ap.parse_args(argv)
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    rows = []
-    for model in a.models.split(","):
+    rows = json.loads(Path(a.from_json).read_text())["rows"] if a.from_json else []
+    for model in [] if a.from_json else a.models.split(","):
         if model not in MODELS:
             ap.error(f"--models: {model!r} is not one of {', '.join(MODELS)}")
         wanted = [r for r in a.rows.split(",") if r] or rows_of(model)
