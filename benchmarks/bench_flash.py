@@ -2,7 +2,7 @@
 """The "model twice the memory" case: edge-rt streaming weights against llama.cpp's
 mmap under the same memory limit and storage throttle, in the same run.
 
-    sudo .venv/bin/python benchmarks/bench_flash.py [--models smollm2-135m] [--variants q8,f16]
+    sudo .venv/bin/python benchmarks/bench_flash.py [--models smollm2-135m,gemma3-270m] [--variants q8,f16]
         [--throttles none,90M:2000,400M] [--reps 1] [-n 32] [--threads 1] [--json]
 
 For each model, variant (ours: `edge-rt convert --bits 8|16`; llama.cpp's: the same
@@ -96,7 +96,7 @@ def limit_for(ours: Path) -> tuple[int, dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--variants", default="q8,f16")
     ap.add_argument("--throttles", default="none,90M:2000")
     ap.add_argument("--reps", type=int, default=1)
