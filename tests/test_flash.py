@@ -64,8 +64,10 @@ def test_streamed_run_generates_the_resident_runs_tokens(model, resident, fracti
     assert r["flash_bytes_per_token"] >= 0.9 * r["streamed_weight_bytes"], r
 
 
-# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output head too
-@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True)])
+# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output
+# head too, alone (the plan for Gemma-3, whose head is most of the model) or with layers
+@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True), (0, True),
+                                      (2, True)])
 def test_streamed_logits_are_bit_identical(model, streamed):
     resident = load(model, ctx=64, threads=1)
     full, short = resident.logits(TOKENS), resident.logits(TOKENS[:5])
