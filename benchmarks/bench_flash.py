@@ -139,6 +139,7 @@ def main(argv=None) -> None:
                     rows.append({"model": name, "variant": variant, "throttle": label, "engine": engine,
                                  "limit_bytes": limit, "model_bytes": plan["weights_bytes"],
                                  "streamed_layers": ok[0].get("streamed_layers") if ok else None,
+                                 "streamed_head": ok[0].get("streamed_head") if ok else None,
                                  "repack": ok[0].get("repack") if ok else None,
                                  "failed": [r["error"] for r in rs if "error" in r],
                                  **{k: med(k) for k in ("decode_tokens_per_s", "ttft_s", "wall_s", "flash_bytes_read",
@@ -153,7 +154,8 @@ def main(argv=None) -> None:
     print(f"| model | limit MiB | storage | engine | decode tok/s | ttft s | wall s | MiB read | MiB/token | "
           f"peak RSS MiB | cgroup peak MiB | failcnt |\n|" + "---|" * 12)
     for r in rows:
-        what = r["engine"] + (f" ({r['streamed_layers']} layers streamed)" if r["engine"] == "edge-rt" else
+        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' if r['streamed_head'] else ''} streamed)"
+                              if r["engine"] == "edge-rt" else
                               f" (repack {'on' if r['repack'] else 'off'})")
         if r["failed"]:
             what += f" FAILED: {r['failed'][0]}"
