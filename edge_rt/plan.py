@@ -60,7 +60,8 @@ class Plan:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
     def describe(self) -> str:
-        what = f"{self.streamed_layers} layers" + (" and the output head" if self.streamed_head else "")
+        what = " and ".join(([f"{self.streamed_layers} layers"] if self.streamed_layers else [])
+                            + (["the output head"] if self.streamed_head else []))
         stream = (f" + stream pool {format_size(self.pool_bytes)} ({what}, "
                   f"{format_size(self.streamed_bytes)}, streamed)") if self.pool_bytes else ""
         opening = (f"; opening the model alone peaked at {format_size(self.open_peak_bytes)}"
