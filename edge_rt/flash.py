@@ -291,28 +291,32 @@ class StreamedWeights(Weights):
 
     # -- the streamed head ------------------------------------------------------------
     def _head_rows(self, name: str, r0: int, r1: int, crcs: dict | None = None) -> kernels.Weight:
-        """Rows r0..r1-1 of a head matrix, read into the head buffer; with crcs, each
-        part's running CRC-32 (tensor name -> crc of its rows before r0) moves past r1."""
+        """Rows r0..r1-1 of a head matrix, read into the head buffer (each part's rows
+        within the aligned span around them, so the read can bypass the page cache);
+        with crcs, each part's running CRC-32 (tensor name -> crc of its rows before r0)
+        moves past r1."""
         w, at, parts = self.matrices[name], 0, {}
         for key in w.parts:
             t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
             row = t.nbytes // t.shape[0]
-            n = (r1 - r0) * row
-            self.reader.read(memoryview(self.head_buffer)[at:at + n], t.offset + r0 * row, n)
+            start, n = t.offset + r0 * row, (r1 - r0) * row
+            a, b = _down(start), _up(start + n)
+            self.reader.read(memoryview(self.head_buffer)[at:at + b - a], a, min(b, self.g.size) - a)
+            rows = memoryview(self.head_buffer)[at + start - a:at + start - a + n]
             if crcs is not None:
                 t0 = time.perf_counter()
-                crcs[t.name] = crc32(memoryview(self.head_buffer)[at:at + n], crcs.get(t.name, 0))
+                crcs[t.name] = crc32(rows, crcs.get(t.name, 0))
                 self.check_seconds += time.perf_counter() - t0
-            dtype = _DTYPES[t.ggml_type]
-            parts[key] = np.frombuffer(self.head_buffer, dtype, n // np.dtype(dtype).itemsize, at).reshape(r1 - r0, -1)
-            at += -(-n // ARENA_ALIGN) * ARENA_ALIGN
+            parts[key] = np.frombuffer(rows, _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
+            at += b - a
         return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
 
     def _head_chunk(self, name: str) -> int:
-        """Rows of a head matrix that fit the head buffer at once."""
+        """Rows of a head matrix that fit the head buffer at once (each of its up to three
+        parts' spans widened to whole pages)."""
         row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
                   for k in self.matrices[name].parts) // self.matrices[name].rows
-        return max(1, (HEAD_BUFFER - 3 * ARENA_ALIGN) // row)
+        return max(1, (HEAD_BUFFER - 3 * 2 * ALIGN) // row)
 
     def embed(self, tokens) -> np.ndarray:
         if not self.head:
