@@ -102,6 +102,8 @@ class SparseFFN(ReferenceWeights):
         minimises sum over calibration h of |W h - W~ h|^2 is P_r W, P_r the projection
         on the top r left singular vectors of (W X^T)."""
         self.perm = {i: np.argsort(-hot, kind="stable") for i, hot in self.hot.items()}
+        if not rank:  # no low-rank predictor asked for
+            return
         for i, hs in self.record.items():
             X = np.concatenate(hs)
             parts = []
@@ -140,8 +142,8 @@ def nll_of(W, spec, chunk):
 
 
 def stats(masks, k_window, perm):
-    """Fractions of neurons, of bundles of 4 and of TILE neurons (in the order perm:
-    layer -> neuron order) read per token, and of neurons and TILE-bundles newly loaded
+    """Fractions of neurons, of bundles of 4 and of TILE neurons (in the stored order
+    perm: layer -> neuron order) read per token, and of neurons and TILE-bundles newly loaded
     with a window of the last k tokens (all layers pooled)."""
     def fresh(a):  # [n, units] -> mean fraction of units active at j but not in j-k..j-1
         return np.mean([(a[j] & ~a[max(0, j - k_window):j].any(axis=0)).mean() for j in range(1, len(a))])
@@ -153,7 +155,7 @@ def stats(masks, k_window, perm):
     for i, m in masks.items():
         n, ff = m.shape
         t = m[:, perm[i]].reshape(n, ff // TILE, TILE).any(axis=-1)
-        t4 = m.reshape(n, ff // 4, 4).any(axis=-1)
+        t4 = m[:, perm[i]].reshape(n, ff // 4, 4).any(axis=-1)
         out.append((m.mean(), t4.mean(), t.mean(), fresh(m), fresh(t), held(m)))
     return tuple(map(float, np.mean(out, axis=0)))
 
@@ -179,7 +181,7 @@ def main():
     W.record = {}
     for c in windows_of(tok, DATA / "valid.txt", a.ctx, a.calib_windows):
         tf.forward(spec, W, c, 0, tf.KVCache(spec, len(c), "f32"))
-    W.fit(a.rank)
+    W.fit(a.rank if "lowrank/" in a.settings else 0)
     W.record, W.h = None, {}
     print(f"predictor rank {a.rank} fitted in {time.time() - t0:.0f}s", flush=True)
     test = windows_of(tok, DATA / "test.txt", a.ctx, a.windows)
