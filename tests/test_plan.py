@@ -128,3 +128,20 @@ def test_rss_watchdog_ends_the_run_in_one_line():
     code = "from edge_rt.enforce import Watchdog; import time; Watchdog(1 << 20); time.sleep(5)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("edge-rt: error: resident memory") and "watchdog" in r.stderr
+
+
+def test_a_cgroup_below_the_budget_is_refused_in_one_line(cold_model):
+    """Run inside a memory cgroup limited below --mem-budget: the kernel would kill the
+    run without a word once it passed the limit, so it refuses up front, naming the limit."""
+    from edge_rt.simulate import run_limited
+    limit = 300 << 20
+    try:
+        r = run_limited([*CLI, "run", str(cold_model), *map(str, ARGS), "--mem-budget", "400M", "--json"],
+                        cold_model, limit, None, None)
+    except Exception as e:  # no child cgroups here (not root, or no memory controller)
+        pytest.skip(str(e))
+    assert r["exit_status"] == 1 and not r["oom_killed"], r
+    assert r["error"].startswith("edge-rt: error: ") and "memory cgroup it runs in is limited to 300" in r["error"], r
+    ok = run_limited([*CLI, "run", str(cold_model), *map(str, ARGS), "--mem-budget", "290M", "--json"],
+                     cold_model, limit, None, None)
+    assert ok["exit_status"] == 0 and ok["peak_rss_bytes"] <= 290 << 20 and ok["cgroup_failcnt"] == 0, ok
