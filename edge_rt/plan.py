@@ -46,7 +46,7 @@ class Plan:
     streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
     streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
     pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
-    streamed_head: bool = False    # the embedding table and output head read from storage too (last resort)
+    streamed_head: bool = False    # the embedding table and output head read from storage too (when it reads less a token)
     open_peak_bytes: int = 0       # VmHWM once the model was opened (the tokenizer's build is transient but
                                    # can pass everything else when most weights stream: Gemma-3's 262k vocabulary)
     kv_precision: str = "f16"
