@@ -108,7 +108,8 @@ class Model:
         if self.kv is None:
             self.streamed = (plan.streamed_layers, plan.streamed_head)
             if plan.pool_bytes:
-                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed,
+                                               verify=self.verify)
                 self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx, self.kv_type)  # over the arena and pool
             else:
                 self.g.populate()
@@ -133,7 +134,8 @@ class Model:
                 "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
-                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
+                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
+                "flash_checksum_seconds": self.weights.check_seconds}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
@@ -283,7 +285,7 @@ def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv
     against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32';
     kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
     positions and the most recent ones, and go on). verify: check the weights against the
-    checksums convert stored, when they are first made resident (streamed layers are not
-    checked yet)."""
+    checksums convert stored, when they are first made resident (streamed layers and a
+    streamed head every time they are read)."""
     return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
                  verify=verify)

@@ -61,8 +61,21 @@ def test_plan_names_what_streams_and_refuses_below_the_minimum(cold_model):
     smallest = named_minimum(edge_rt("plan", cold_model, "--ctx", 256, "--mem-budget", "10M"))
     assert 0 < smallest < full["total_bytes"] * 0.8
     least = last_json(edge_rt("plan", cold_model, "--ctx", 256, "--json", "--mem-budget", smallest))
-    assert least["streamed_layers"] == 30 and least["streamed_head"]  # the head streams only as a last resort
+    assert least["streamed_layers"] == 30 and least["streamed_head"]  # at the minimum, everything streams
     assert "token_embd.weight" in least["streamed_tensors"]
+
+
+def test_plan_streams_a_head_larger_than_the_layers_first(converted):
+    """Gemma-3's tied 262k x 640 table is most of the model: at half its weights the
+    plan streams the head and keeps every layer, reading fewer bytes per token than
+    streaming every layer and the head."""
+    model = converted("gemma3-270m", 8)
+    full = last_json(edge_rt("plan", model, "--ctx", 256, "--json"))
+    half = last_json(edge_rt("plan", model, "--ctx", 256, "--json", "--mem-budget",
+                             full["total_bytes"] - full["weights_bytes"] // 2))
+    assert half["streamed_head"] and half["streamed_layers"] == 0
+    assert "token_embd.weight" in half["streamed_tensors"] and "blk.0.ffn_up.weight" in half["resident_tensors"]
+    assert half["streamed_bytes"] < 0.7 * full["weights_bytes"]
 
 
 def test_budget_sweep_holds_under_enforce(cold_model):
