@@ -64,6 +64,7 @@ class Model:
             raise EdgeRtError(f"{self.path}: made by edge-rt with layout version {version}; this edge-rt reads "
                               f"version {formats.FORMAT_VERSION}: convert the source model again")
         self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta)
+        memory.trim()
         self.spec = spec_from_meta(self.g.meta, self.tokenizer.n_vocab, self.path)
         if ctx < 2 or ctx > self.spec.ctx_train:
             raise EdgeRtError(f"--ctx {ctx} is outside 2..{self.spec.ctx_train} (the model's trained context)")
