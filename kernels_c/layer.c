@@ -86,6 +86,18 @@ static void softmax_c(float *s, int L) {
     for (int j = 0; j < L; j++) s[j] /= sum;
 }
 
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static float gelu_tanh(float x) {
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
+/* g = act(g) * u, n values */
+static void glu_c(float *g, const float *u, int n, int act) {
+    for (int j = 0; j < n; j++) g[j] = (act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -143,6 +155,22 @@ AVX2 static void softmax_avx2(float *s, int L) {
     const __m256 vsum = _mm256_set1_ps(sum);
     for (j = 0; j + 8 <= L; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), vsum));
     for (; j < L; j++) s[j] /= sum;
+}
+
+/* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
+ * as 0.5 (1 + tanh(z)) = sigmoid(2z) */
+AVX2 static void glu_avx2(float *g, const float *u, int n, int act) {
+    const __m256 one = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(-2.0f * 0.7978845608028654f);
+    const __m256 c3 = _mm256_set1_ps(0.044715f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(g + j);
+        const __m256 mk = act == ERT_ACT_GELU_TANH ? _mm256_mul_ps(c2, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x))
+                                                   : _mm256_sub_ps(_mm256_setzero_ps(), x); /* -k */
+        const __m256 a = _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(mk)));
+        _mm256_storeu_ps(g + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
+    }
+    glu_c(g + j, u + j, n - j, act);
 }
 
 /* the KB (1, 2 or 4) sums of a[0..KB-1], times scale, stored at s[0..KB-1] */
@@ -230,14 +258,15 @@ static struct {
     scores_fn scores[2]; /* by the cache's type: [float32, half] */
     mix_fn mix[2];
     void (*softmax)(float *, int);
-} V = {{scores_c, scores_h_c}, {mix_c, mix_h_c}, softmax_c};
+    void (*glu)(float *, const float *, int, int);
+} V = {{scores_c, scores_h_c}, {mix_c, mix_h_c}, softmax_c, glu_c};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((constructor)) static void pick_vector_helpers(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
         V.scores[0] = scores_avx2, V.scores[1] = scores_h_avx2, V.mix[0] = mix_avx2, V.mix[1] = mix_h_avx2;
-        V.softmax = softmax_avx2;
+        V.softmax = softmax_avx2, V.glu = glu_avx2;
     }
 }
 #endif
@@ -273,13 +302,6 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     const float r = 1.0f / sqrtf((float)(ss / n) + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
-}
-
-static float silu(float x) { return x / (1.0f + expf(-x)); }
-
-static float gelu_tanh(float x) {
-    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
 }
 
 /* rotates the first rope_dim features of each of nh heads of x[nh][hd] by pos */
@@ -386,7 +408,7 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
     for (int i; (i = take(s)) < s->n;) {
         float *g = s->gate + (size_t)i * ff;
         const float *u = s->up + (size_t)i * ff;
-        for (int j = 0; j < ff; j++) g[j] = (s->l->act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
+        V.glu(g, u, ff, s->l->act);
     }
 }
 
