@@ -453,9 +453,9 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     /* attention */
     s.norm = l->attn_norm, s.post_norm = l->post_attn_norm;
     run(&s, norm_task, per_token);
-    MATMUL(wq, s.h, s.q);
-    MATMUL(wk, s.h, s.k);
-    MATMUL(wv, s.h, s.v);
+    const ert_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gate_up[2] = {&l->gate, &l->up};
+    float *qkv_out[3] = {s.q, s.k, s.v}, *gate_up_out[2] = {s.gate, s.up};
+    if ((rc = ert_matmul_many(3, qkv, s.h, n, qkv_out, threads)) != ERT_OK) return rc;
     run(&s, qk_task, per_token);
     run(&s, attention_task, threads);
     MATMUL(wo, s.att, s.o);
@@ -463,8 +463,7 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     /* feed-forward */
     s.norm = l->ffn_norm, s.post_norm = l->post_ffn_norm;
     run(&s, norm_task, per_token);
-    MATMUL(gate, s.h, s.gate);
-    MATMUL(up, s.h, s.up);
+    if ((rc = ert_matmul_many(2, gate_up, s.h, n, gate_up_out, threads)) != ERT_OK) return rc;
     run(&s, glu_task, per_token);
     MATMUL(down, s.gate, s.o);
     run(&s, residual_task, per_token);
