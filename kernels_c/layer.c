@@ -304,16 +304,17 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-/* rotates the first rope_dim features of each of nh heads of x[nh][hd] by pos */
-static void rope(const ert_layer *l, float *x, int nh, int pos) {
+/* rotates the first rope_dim features of each head of x[nh][hd] and of x2[nh2][hd] (the
+ * keys of the same position: the angles are computed once) by pos */
+static void rope(const ert_layer *l, int pos, float *x, int nh, float *x2, int nh2) {
     const int half = l->rope_dim / 2;
     for (int i = 0; i < half; i++) {
         double inv_freq = pow(l->rope_base, -2.0 * i / l->rope_dim);
         if (l->rope_factors) inv_freq /= l->rope_factors[i];
         const float angle = (float)(pos / (double)l->rope_scale * inv_freq);
         const float c = cosf(angle), s = sinf(angle);
-        for (int h = 0; h < nh; h++) {
-            float *v = x + (size_t)h * l->head_dim;
+        for (int h = 0; h < nh + nh2; h++) {
+            float *v = h < nh ? x + (size_t)h * l->head_dim : x2 + (size_t)(h - nh) * l->head_dim;
             float *a = l->rope_neox ? v + i : v + 2 * i, *b = l->rope_neox ? v + i + half : v + 2 * i + 1;
             const float a0 = *a, b0 = *b;
             *a = a0 * c - b0 * s;
@@ -362,8 +363,7 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
             for (int h = 0; h < l->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, l->q_norm, hd, l->norm_eps);
             for (int h = 0; h < l->n_kv_heads; h++) rmsnorm(k + h * hd, k + h * hd, l->k_norm, hd, l->norm_eps);
         }
-        rope(l, q, l->n_heads, s->pos0 + i);
-        rope(l, k, l->n_kv_heads, s->pos0 + i);
+        rope(l, s->pos0 + i, q, l->n_heads, k, l->n_kv_heads);
         kv_store(l, s->kc, s->pos0 + i, k);
         kv_store(l, s->vc, s->pos0 + i, v);
     }
@@ -475,7 +475,7 @@ int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int kee
     if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
     for (int j = keep + discard; j < used; j++) {
         kv_load(l, k_cache, j, row);
-        rope(l, row, l->n_kv_heads, -discard); /* RoPE turns by an angle linear in the position */
+        rope(l, -discard, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
         kv_store(l, k_cache, j - discard, row);
         kv_load(l, v_cache, j, row);
         kv_store(l, v_cache, j - discard, row);

@@ -237,7 +237,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
     float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
     float yacc[4][ERT_TILE] __attribute__((aligned(32))); /* in memory: updated once per group */
-    memset(yacc, 0, sizeof yacc);
+    for (int k = 0; k < NR; k++) memset(yacc[k], 0, sizeof yacc[k]);
     for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
         const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
         tile_scales(w, t0, g0, gn, off, dh, mb);
