@@ -165,6 +165,20 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
     for (int q = 0; q < 4; q++)
         for (int g = 0; g < gn; g += 8) {
             const int cnt = gn - g < 8 ? gn - g : 8;
+            if (cnt <= 2) { /* a group or two (cols = 9 groups of 64): 8 rows' halfs gathered, no transposes */
+                for (int i = 0; i < cnt; i++) {
+                    const size_t at = (size_t)(t0 + 8 * q) * ng + g0 + g + i;
+                    __m128i dv = _mm_setzero_si128(), mv = _mm_setzero_si128();
+#define GATHER_ROW(k) dv = _mm_insert_epi16(dv, w->scale[at + (size_t)(k) * ng], k), mv = _mm_insert_epi16(mv, w->min[at + (size_t)(k) * ng], k)
+                    GATHER_ROW(0); GATHER_ROW(1); GATHER_ROW(2); GATHER_ROW(3);
+                    GATHER_ROW(4); GATHER_ROW(5); GATHER_ROW(6); GATHER_ROW(7);
+#undef GATHER_ROW
+                    const __m256 d = _mm256_cvtph_ps(dv), m = _mm256_cvtph_ps(mv);
+                    _mm256_store_ps(dh[g + i] + 8 * q, _mm256_mul_ps(d, half));
+                    _mm256_store_ps(mb[g + i] + 8 * q, _mm256_fmadd_ps(d, vo, m));
+                }
+                continue;
+            }
             __m256 d[8], m[8];
             for (int i = 0; i < 8; i++) {
                 const int r = t0 + 8 * q + i;
