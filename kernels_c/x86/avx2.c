@@ -155,6 +155,24 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
 
 #define GCHUNK 32 /* groups whose scales are converted at a time */
 
+/* tile_scales of cnt (1 or 2) groups of 8 rows r0..r0+7, into columns 8q..8q+7: the rows'
+ * halfs gathered (kept out of line: inlined, it slows the common path by ~10%) */
+__attribute__((noinline)) static void few_scales(const ert_weight *w, int r0, int g, int cnt, float off,
+                                                 float (*dh)[ERT_TILE], float (*mb)[ERT_TILE], int q) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    for (int i = 0; i < cnt; i++) {
+        const size_t at = (size_t)r0 * ng + g + i;
+        __m128i dv = _mm_setzero_si128(), mv = _mm_setzero_si128();
+#define GATHER_ROW(k) dv = _mm_insert_epi16(dv, w->scale[at + (size_t)(k) * ng], k), mv = _mm_insert_epi16(mv, w->min[at + (size_t)(k) * ng], k)
+        GATHER_ROW(0); GATHER_ROW(1); GATHER_ROW(2); GATHER_ROW(3);
+        GATHER_ROW(4); GATHER_ROW(5); GATHER_ROW(6); GATHER_ROW(7);
+#undef GATHER_ROW
+        const __m256 d = _mm256_cvtph_ps(dv), m = _mm256_cvtph_ps(mv);
+        _mm256_store_ps(dh[i] + 8 * q, _mm256_mul_ps(d, _mm256_set1_ps(0.5f)));
+        _mm256_store_ps(mb[i] + 8 * q, _mm256_fmadd_ps(d, _mm256_set1_ps(off), m));
+    }
+}
+
 /* dh[g][r] = d/2 and mb[g][r] = m + d*off of groups g0..g0+gn-1 of the tile's 32 rows:
  * per 8 rows, 8 groups at a time are converted (one F16C instruction per row) and
  * transposed 8x8. */
@@ -165,18 +183,8 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
     for (int q = 0; q < 4; q++)
         for (int g = 0; g < gn; g += 8) {
             const int cnt = gn - g < 8 ? gn - g : 8;
-            if (cnt <= 2) { /* a group or two (cols = 9 groups of 64): 8 rows' halfs gathered, no transposes */
-                for (int i = 0; i < cnt; i++) {
-                    const size_t at = (size_t)(t0 + 8 * q) * ng + g0 + g + i;
-                    __m128i dv = _mm_setzero_si128(), mv = _mm_setzero_si128();
-#define GATHER_ROW(k) dv = _mm_insert_epi16(dv, w->scale[at + (size_t)(k) * ng], k), mv = _mm_insert_epi16(mv, w->min[at + (size_t)(k) * ng], k)
-                    GATHER_ROW(0); GATHER_ROW(1); GATHER_ROW(2); GATHER_ROW(3);
-                    GATHER_ROW(4); GATHER_ROW(5); GATHER_ROW(6); GATHER_ROW(7);
-#undef GATHER_ROW
-                    const __m256 d = _mm256_cvtph_ps(dv), m = _mm256_cvtph_ps(mv);
-                    _mm256_store_ps(dh[g + i] + 8 * q, _mm256_mul_ps(d, half));
-                    _mm256_store_ps(mb[g + i] + 8 * q, _mm256_fmadd_ps(d, vo, m));
-                }
+            if (cnt <= 2) { /* a group or two (cols = 9 groups of 64): no transposes */
+                few_scales(w, t0 + 8 * q, g0 + g, cnt, off, dh + g, mb + g, q);
                 continue;
             }
             __m256 d[8], m[8];
