@@ -40,4 +40,23 @@
         if (rf_ < (r1)) ert_lut_matmul_ref(w, a, rf_, r1, y, bits);          \
     } while (0);
 
+/* The activation-table builders' loop (ref.c, avx2.c, neon.c; formats.lut_tables): for
+ * activation row j and block b of 32 columns at xb, largest |x| amax, BLOCK(xb, amax, tb)
+ * writes the block's 8 sub-group tables at tb and is the sum of its 32 values (in each
+ * file's own order); the loop stores the table scale amax/127 and the sums per group. */
+#define ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, BLOCK)                                        \
+    do {                                                                                                \
+        const int nblk_ = (cols) / ERT_BLOCK, ng_ = ((cols) + (group_size) - 1) / (group_size);         \
+        for (int j_ = 0; j_ < (n); j_++) {                                                              \
+            for (int g_ = 0; g_ < ng_; g_++) (xsum)[(size_t)j_ * ng_ + g_] = 0.0f;                      \
+            for (int b_ = 0; b_ < nblk_; b_++) {                                                        \
+                const float *xb_ = (x) + (size_t)j_ * (cols) + (size_t)b_ * ERT_BLOCK;                  \
+                const float amax_ = ert_lut_amax(xb_);                                                  \
+                const float bsum_ = BLOCK(xb_, amax_, (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16); \
+                (ls)[(size_t)j_ * nblk_ + b_] = amax_ / 127.0f;                                          \
+                (xsum)[(size_t)j_ * ng_ + b_ * ERT_BLOCK / (group_size)] += bsum_;                       \
+            }                                                                                           \
+        }                                                                                               \
+    } while (0)
+
 #endif /* ERT_TILES_H */

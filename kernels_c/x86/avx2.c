@@ -94,8 +94,7 @@ INLINE void transpose8(__m256 v[8]) {
  * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
  * 8..15 are the negated mirror (t[15-p] = -t[p]). Four sub-groups are packed and
  * stored at a time. */
-void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
     const __m256 s0 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
     const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN, 0, 0));
     const __m256 s2 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, 0, 0, 0, 0));
@@ -103,39 +102,32 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
     const __m256i rev = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 15,
                                          14, 13, 12, 11, 10, 9, 8);
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    for (int j = 0; j < n; j++) {
-        const float *xj = x + (size_t)j * cols;
-        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = xj + (size_t)b * ERT_BLOCK;
-            const float amax = ert_lut_amax(xb);
-            const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-            __m256i e[8];
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
-                t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
-                t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
-                e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
-            }
-            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
-            for (int q = 0; q < 8; q += 4) {
-                /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
-                __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
-                lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
-                const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
-                const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
-                _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
-            }
-            const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                             _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-            ls[(size_t)j * nblk + b] = amax / 127.0f;
-            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += hsum(sum);
-        }
+    const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i e[8];
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
+        t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
+        t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
+        e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
     }
+    for (int q = 0; q < 8; q += 4) {
+        /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
+        __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
+        lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
+        const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
+        const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
+        _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                              _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
+}
+
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_avx2);
 }
 
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
