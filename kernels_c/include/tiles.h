@@ -59,4 +59,20 @@
         }                                                                                               \
     } while (0)
 
+/* The float formats' entry points of a SIMD file (isa: avx2, neon) whose
+ * float_rows(w, a, t0, t1, j0, y, NR, half) computes rows t0..t1-1 of f32 (half = 0) or
+ * f16 (half = 1) weights for activation rows j0..j0+NR-1 */
+#define ERT_F32_ROWS_(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
+#define ERT_F16_ROWS_(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
+#define ERT_FLOAT_MATMULS(isa)                                                                          \
+    void ert_f32_matmul_##isa(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {         \
+        ERT_FOR_TILES(r0, r1, a->n, ERT_F32_ROWS_)                                                      \
+    }                                                                                                   \
+    void ert_f16_matmul_##isa(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {         \
+        ERT_FOR_TILES(r0, r1, a->n, ERT_F16_ROWS_)                                                      \
+    }                                                                                                   \
+    void ert_f32_dequant_##isa(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {  \
+        ert_f32_dequant_ref(w, rows, row0, k, out); /* a copy */                                        \
+    }
+
 #endif /* ERT_TILES_H */

@@ -486,20 +486,7 @@ INLINE void float_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-#define F32_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
-#define F16_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
-
-void ert_f32_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F32_ROWS)
-}
-
-void ert_f16_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F16_ROWS)
-}
-
-void ert_f32_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
-    ert_f32_dequant_ref(w, rows, row0, k, out); /* a copy */
-}
+ERT_FLOAT_MATMULS(avx2)
 
 void ert_f16_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
     const int cols = w->cols;
