@@ -65,6 +65,8 @@ BACKEND = click.option("--backend", type=click.Choice(["edge-rt", "onnxruntime"]
 def _load(model, backend: str, mem_budget, threads, ctx, kv_type, **kw):
     """api.load, or the onnxruntime backend (which plans no memory and keeps a float32 cache)."""
     if backend == "edge-rt":
+        if str(model).endswith(".onnx"):
+            raise EdgeRtError(f"{model}: an ONNX graph; run it with --backend onnxruntime")
         from .api import load
         return load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, **kw)
     refused = [flag for flag, given in (("--mem-budget", mem_budget is not None), ("--kv-type f32", kv_type == "f32"),

@@ -106,6 +106,7 @@ def one_line_error(r, *words):
 def test_bad_input_is_one_line(exported, smollm2_gguf, tmp_path):
     good = exported("smollm2-135m", 4)
     one_line_error(cli("run", smollm2_gguf, "--backend", "onnxruntime", "-p", "x"), "GGUF", "--format onnx")
+    one_line_error(cli("run", good, "-p", "x"), "--backend onnxruntime")
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(good.read_bytes()[:100_000])
     (tmp_path / "cut.onnx.data").write_bytes(good.with_name(good.name + ".data").read_bytes()[:4096])
