@@ -199,7 +199,7 @@ class Builder:
 
     def rmsnorm(self, x: str, weight: str) -> str:
         g = self.g
-        ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
         den = g.op("Sqrt", g.op("Add", ms, g.const(self.spec.norm_eps, np.float32)))
         return g.op("Mul", g.op("Div", x, den), self.W.get(weight)[1])
 
