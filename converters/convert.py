@@ -23,8 +23,10 @@ BITS = (2, 3, 4, 8, 16, 32)
 def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
             target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
             embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS,
-            size: int | None = None, prune: str | None = None) -> Path:
-    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp").
+            size: int | None = None, prune: str | None = None, int8_activations: bool = False) -> Path:
+    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt", "llama.cpp", or "onnx":
+    edge-rt's weights as an ONNX graph, converters/onnx_export.py; int8_activations: its
+    4-bit products with int8 activations).
     method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
     source on calib_windows windows of calib_text (default: wikitext-2 validation).
     Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
@@ -50,6 +52,11 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
             raise EdgeRtError("--prune writes only --format edge-rt")
     if group_size <= 0 or group_size % 32:
         raise EdgeRtError(f"--group-size must be a positive multiple of 32, got {group_size}")
+    if int8_activations and target != "onnx":
+        raise EdgeRtError("--int8-activations is an option of --format onnx")
+    if target == "onnx":
+        from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
+        onnx_export.check_options(bits, group_size, embed_bits)
     src = open_source(src_path)
     known = by_sha256(src.sha256)
     if known and known.chat_template and "tokenizer.chat_template" not in src.meta:
@@ -78,6 +85,9 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
                 items, extra = edge_rt_items(src, ch)
                 return file_bytes(src, items, extra | meta)
             chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
+        if target == "onnx":
+            onnx_export.write_onnx(out_path, src, chosen, quantizer(method, gram), meta, progress, int8_activations)
+            return Path(out_path)
         items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
         write_gguf(out_path, src, items, extra | meta, progress)
         if budget is not None and Path(out_path).stat().st_size > budget:  # file_bytes disagrees with the writer

@@ -50,6 +50,26 @@ class Metrics:
         } | self.values
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids; with chat, wrapped in the model's chat template (its special
+    tokens parsed, its own BOS not doubled)."""
+    if chat:
+        text = tokenizer.render_chat([{"role": "user", "content": prompt}])
+        ids = tokenizer.encode(text, add_bos=not text.startswith(tokenizer.bos_text), special=True)
+    else:
+        ids = tokenizer.encode(prompt)
+    if not ids:
+        raise EdgeRtError("the prompt is empty")
+    return ids
+
+
+def nll_of(z: np.ndarray, targets: np.ndarray) -> float:
+    """Negative log-likelihood of targets[j] under logits z[j]."""
+    z = z.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return float(-(z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=1))).sum())
+
+
 class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
@@ -141,13 +161,7 @@ class Model:
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
         """Stream the text of up to n new tokens; stops at the model's end-of-generation tokens."""
-        if chat:  # the template's special tokens are parsed; its own BOS is not doubled
-            text = self.tokenizer.render_chat([{"role": "user", "content": prompt}])
-            ids = self.tokenizer.encode(text, add_bos=not text.startswith(self.tokenizer.bos_text), special=True)
-        else:
-            ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise EdgeRtError("the prompt is empty")
+        ids = prompt_ids(self.tokenizer, prompt, chat)
         if self.kv_policy == "stop" and len(ids) + n > self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx} "
                               f"(--kv-policy sink-window keeps generating past it)")
@@ -216,10 +230,7 @@ class Model:
         LOGIT_ROWS rows at a time."""
         nll = 0.0
         for i in range(0, len(targets), LOGIT_ROWS):
-            z = logits(self.weights, h[i:i + LOGIT_ROWS]).astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            t = targets[i:i + LOGIT_ROWS]
-            nll -= (z[np.arange(len(t)), t] - np.log(np.exp(z).sum(axis=1))).sum()
+            nll += nll_of(logits(self.weights, h[i:i + LOGIT_ROWS]), targets[i:i + LOGIT_ROWS])
         return nll
 
     def eval_stream(self, text: str, n_tokens: int, score_from: int | None = None, keep: int = SINK_TOKENS,
