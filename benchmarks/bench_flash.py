@@ -2,7 +2,7 @@
 """The "model twice the memory" case: edge-rt streaming weights against llama.cpp's
 mmap under the same memory limit and storage throttle, in the same run.
 
-    sudo .venv/bin/python benchmarks/bench_flash.py [--models smollm2-135m] [--variants q8,f16]
+    sudo .venv/bin/python benchmarks/bench_flash.py [--models smollm2-135m,gemma3-270m] [--variants q8,f16]
         [--throttles none,90M:2000,400M] [--reps 1] [-n 32] [--threads 1] [--json]
 
 For each model, variant (ours: `edge-rt convert --bits 8|16`; llama.cpp's: the same
@@ -96,7 +96,7 @@ def limit_for(ours: Path) -> tuple[int, dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--variants", default="q8,f16")
     ap.add_argument("--throttles", default="none,90M:2000")
     ap.add_argument("--reps", type=int, default=1)
@@ -139,6 +139,7 @@ def main(argv=None) -> None:
                     rows.append({"model": name, "variant": variant, "throttle": label, "engine": engine,
                                  "limit_bytes": limit, "model_bytes": plan["weights_bytes"],
                                  "streamed_layers": ok[0].get("streamed_layers") if ok else None,
+                                 "streamed_head": ok[0].get("streamed_head") if ok else None,
                                  "repack": ok[0].get("repack") if ok else None,
                                  "failed": [r["error"] for r in rs if "error" in r],
                                  **{k: med(k) for k in ("decode_tokens_per_s", "ttft_s", "wall_s", "flash_bytes_read",
@@ -153,7 +154,8 @@ def main(argv=None) -> None:
     print(f"| model | limit MiB | storage | engine | decode tok/s | ttft s | wall s | MiB read | MiB/token | "
           f"peak RSS MiB | cgroup peak MiB | failcnt |\n|" + "---|" * 12)
     for r in rows:
-        what = r["engine"] + (f" ({r['streamed_layers']} layers streamed)" if r["engine"] == "edge-rt" else
+        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' if r['streamed_head'] else ''} streamed)"
+                              if r["engine"] == "edge-rt" else
                               f" (repack {'on' if r['repack'] else 'off'})")
         if r["failed"]:
             what += f" FAILED: {r['failed'][0]}"

@@ -26,8 +26,10 @@ AUTO_WINDOWS = 8  # windows of held-out validation text that --method auto score
 def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
             target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
             embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS,
-            size: int | None = None, prune: str | None = None) -> Path:
-    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt" or "llama.cpp").
+            size: int | None = None, prune: str | None = None, int8_activations: bool = False) -> Path:
+    """Convert a GGUF or Hugging Face folder to `target` ("edge-rt", "llama.cpp", or "onnx":
+    edge-rt's weights as an ONNX graph, converters/onnx_export.py; int8_activations: its
+    4-bit products with int8 activations).
     method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
     source on calib_windows windows of calib_text (default: wikitext-2 validation).
     Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
@@ -53,6 +55,13 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
             raise EdgeRtError("--prune writes only --format edge-rt")
     if group_size <= 0 or group_size % 32:
         raise EdgeRtError(f"--group-size must be a positive multiple of 32, got {group_size}")
+    if method == "auto" and target != "edge-rt":
+        raise EdgeRtError("--method auto writes only --format edge-rt (it scores each candidate with edge-rt eval)")
+    if int8_activations and target != "onnx":
+        raise EdgeRtError("--int8-activations is an option of --format onnx")
+    if target == "onnx":
+        from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
+        onnx_export.check_options(bits, group_size, embed_bits)
     src = open_source(src_path)
     known = by_sha256(src.sha256)
     if known and known.chat_template and "tokenizer.chat_template" not in src.meta:
@@ -76,7 +85,8 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         outs = {m: Path(out_path) if len(runs) == 1 else Path(f"{out_path}.{m}.tmp") for m in runs}
         try:
             for m in runs:
-                _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress)
+                _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress,
+                                    target, int8_activations)
             if len(runs) > 1:
                 scores = {m: held_out_perplexity(outs[m], calib_text) for m in runs}
                 best = min(scores, key=scores.get)
@@ -90,8 +100,10 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
     return Path(out_path)
 
 
-def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress):
-    """Scale (awq), choose the widths (a mix), quantize with `method` and write out_path."""
+def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress,
+                        target="edge-rt", int8_activations=False):
+    """Scale (awq), choose the widths (a mix), quantize with `method` and write out_path
+    (our GGUF, or the ONNX graph for target "onnx")."""
     meta = meta | {"edgert.method": method}
     if method.startswith("awq"):
         src, gram, _ = awq.apply(src, chosen, gram, count, progress)
@@ -104,6 +116,10 @@ def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed,
             items, extra = edge_rt_items(src, ch)
             return file_bytes(src, items, extra | meta)
         chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
+    if target == "onnx":
+        from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
+        onnx_export.write_onnx(out_path, src, chosen, quantizer(method, gram), meta, progress, int8_activations)
+        return
     items, extra = edge_rt_items(src, chosen, quantizer(method, gram))
     write_gguf(out_path, src, items, extra | meta, progress)
     if budget is not None and Path(out_path).stat().st_size > budget:  # file_bytes disagrees with the writer

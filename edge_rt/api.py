@@ -50,6 +50,26 @@ class Metrics:
         } | self.values
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids; with chat, wrapped in the model's chat template (its special
+    tokens parsed, its own BOS not doubled)."""
+    if chat:
+        text = tokenizer.render_chat([{"role": "user", "content": prompt}])
+        ids = tokenizer.encode(text, add_bos=not text.startswith(tokenizer.bos_text), special=True)
+    else:
+        ids = tokenizer.encode(prompt)
+    if not ids:
+        raise EdgeRtError("the prompt is empty")
+    return ids
+
+
+def nll_of(z: np.ndarray, targets: np.ndarray) -> float:
+    """Negative log-likelihood of targets[j] under logits z[j]."""
+    z = z.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return float(-(z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=1))).sum())
+
+
 class Model:
     """A model opened for running. Opening maps the file and reads its metadata; the
     weights and the KV cache are made resident by the first call that passes the plan."""
@@ -64,6 +84,7 @@ class Model:
             raise EdgeRtError(f"{self.path}: made by edge-rt with layout version {version}; this edge-rt reads "
                               f"version {formats.FORMAT_VERSION}: convert the source model again")
         self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta)
+        memory.trim()
         self.spec = spec_from_meta(self.g.meta, self.tokenizer.n_vocab, self.path)
         if ctx < 2 or ctx > self.spec.ctx_train:
             raise EdgeRtError(f"--ctx {ctx} is outside 2..{self.spec.ctx_train} (the model's trained context)")
@@ -108,7 +129,8 @@ class Model:
         if self.kv is None:
             self.streamed = (plan.streamed_layers, plan.streamed_head)
             if plan.pool_bytes:
-                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed)
+                self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed,
+                                               verify=self.verify)
                 self.layers = CLayers(self.spec, self.weights, self.threads, self.ctx, self.kv_type)  # over the arena and pool
             else:
                 self.g.populate()
@@ -133,18 +155,13 @@ class Model:
                 "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
-                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct)}
+                "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
+                "flash_checksum_seconds": self.weights.check_seconds}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
         """Stream the text of up to n new tokens; stops at the model's end-of-generation tokens."""
-        if chat:  # the template's special tokens are parsed; its own BOS is not doubled
-            text = self.tokenizer.render_chat([{"role": "user", "content": prompt}])
-            ids = self.tokenizer.encode(text, add_bos=not text.startswith(self.tokenizer.bos_text), special=True)
-        else:
-            ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise EdgeRtError("the prompt is empty")
+        ids = prompt_ids(self.tokenizer, prompt, chat)
         if self.kv_policy == "stop" and len(ids) + n > self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx} "
                               f"(--kv-policy sink-window keeps generating past it)")
@@ -213,10 +230,7 @@ class Model:
         LOGIT_ROWS rows at a time."""
         nll = 0.0
         for i in range(0, len(targets), LOGIT_ROWS):
-            z = logits(self.weights, h[i:i + LOGIT_ROWS]).astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            t = targets[i:i + LOGIT_ROWS]
-            nll -= (z[np.arange(len(t)), t] - np.log(np.exp(z).sum(axis=1))).sum()
+            nll += nll_of(logits(self.weights, h[i:i + LOGIT_ROWS]), targets[i:i + LOGIT_ROWS])
         return nll
 
     def eval_stream(self, text: str, n_tokens: int, score_from: int | None = None, keep: int = SINK_TOKENS,
@@ -283,7 +297,7 @@ def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv
     against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32';
     kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
     positions and the most recent ones, and go on). verify: check the weights against the
-    checksums convert stored, when they are first made resident (streamed layers are not
-    checked yet)."""
+    checksums convert stored, when they are first made resident (streamed layers and a
+    streamed head every time they are read)."""
     return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
                  verify=verify)

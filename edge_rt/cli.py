@@ -58,6 +58,25 @@ def _threads(value):
     return value
 
 
+BACKEND = click.option("--backend", type=click.Choice(["edge-rt", "onnxruntime"]), default="edge-rt", show_default=True,
+                       help="onnxruntime: run an .onnx from `convert --format onnx` (float32 KV cache; no memory plan).")
+
+
+def _load(model, backend: str, mem_budget, threads, ctx, kv_type, **kw):
+    """api.load, or the onnxruntime backend (which plans no memory and keeps a float32 cache)."""
+    if backend == "edge-rt":
+        if str(model).endswith(".onnx"):
+            raise EdgeRtError(f"{model}: an ONNX graph; run it with --backend onnxruntime")
+        from .api import load
+        return load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, **kw)
+    refused = [flag for flag, given in (("--mem-budget", mem_budget is not None), ("--kv-type f32", kv_type == "f32"),
+                                        ("--kv-policy sink-window", kw.get("kv_policy") == "sink-window")) if given]
+    if refused:
+        raise EdgeRtError(f"{', '.join(refused)}: not offered by --backend onnxruntime")
+    from .ort import OrtModel
+    return OrtModel(model, threads=threads, ctx=ctx)
+
+
 KV_TYPE = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
                        help="KV cache precision.")
 
@@ -88,15 +107,17 @@ def pull(name):
 
 @cli.command()
 @click.argument("src")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output GGUF file.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output GGUF file (.onnx with --format onnx).")
 @click.option("--bits", type=float, default=4, show_default=True,
               help="2, 3, 4, 8, 16 or 32; a fraction (e.g. 3.5) is an average: mixed precision, "
                    "8 x file bytes / parameters at most.")
 @click.option("--size", type=Size(), default=None,
               help="Mixed precision: the largest file allowed, e.g. 60MB (powers of 1024).")
 @click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
-@click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp"]), default="edge-rt", show_default=True,
-              help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types.")
+@click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp", "onnx"]), default="edge-rt",
+              show_default=True, help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types; "
+                                      "onnx: edge-rt's weights as an ONNX graph (OUT and OUT.data) for onnxruntime.")
 @click.option("--method", type=click.Choice(["rtn", "clip", "gptq", "awq", "awq+gptq", "auto"]), default="gptq",
               show_default=True, help="How group codes are chosen: round-to-nearest, clipped-range search, GPTQ "
                    "or AWQ scaling (or both) calibrated on --calib-text, or auto: the best of gptq, awq and "
@@ -109,13 +130,16 @@ def pull(name):
               help="Calibration windows of 512 tokens.")
 @click.option("--prune", default=None, help="wanda:0.5 (unstructured), 2:4, or ffn:0.25 (drop that fraction "
               "of FFN neurons: a smaller file and less compute); calibrated on --calib-text.")
-def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_text, calib_windows, prune):
+@click.option("--int8-activations", is_flag=True,
+              help="--format onnx: 4-bit products with int8 activations (MatMulNBits accuracy_level 4; faster, less exact).")
+def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_text, calib_windows, prune,
+            int8_activations):
     """Convert SRC (a GGUF of any ggml type, a Hugging Face folder, or a registry name)."""
     from .converters.convert import convert as do_convert
     from .pull import resolve
     path = do_convert(resolve(src), out, int(bits) if bits.is_integer() else bits, group_size, target,
                       method=method, embed_bits=int(embed_bits) if embed_bits else None, calib_text=calib_text,
-                      calib_windows=calib_windows, size=size, prune=prune)
+                      calib_windows=calib_windows, size=size, prune=prune, int8_activations=int8_activations)
     click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
 
@@ -137,13 +161,12 @@ def convert(src, out, bits, size, group_size, target, method, embed_bits, calib_
 @click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup (page cache counts) or an RSS watchdog.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the weights against their stored checksums.")
 @click.option("--json", "as_json", is_flag=True, help="Metrics as one JSON line on stdout; text to stderr.")
+@BACKEND
 def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, temperature, top_k, top_p, seed, chat,
-        enforce, no_verify, as_json):
+        enforce, no_verify, as_json, backend):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
-    from .api import load
     with _enforcement(enforce, mem_budget) as held:
-        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
-                 verify=not no_verify)
+        m = _load(model, backend, mem_budget, threads, ctx, kv_type, kv_policy=kv_policy, verify=not no_verify)
         out = sys.stderr if as_json else sys.stdout
         pieces = []
         for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
@@ -156,9 +179,10 @@ def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, 
         _emit_json(r)
         return
     budget = format_size(r["mem_budget_bytes"]) if r["mem_budget_bytes"] else "none"
+    planned = f"planned {format_size(r['planned_bytes'])}, " if "planned_bytes" in r else ""
     click.echo(f"prefill {r['n_prompt']} tokens at {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['n_generated']} "
                f"tokens at {r['decode_tokens_per_s']:.1f} tok/s, ttft {r['ttft_s']:.3f} s | peak RSS "
-               f"{format_size(r['peak_rss_bytes'])} (planned {format_size(r['planned_bytes'])}, budget {budget}) | "
+               f"{format_size(r['peak_rss_bytes'])} ({planned}budget {budget}) | "
                f"kernel {r['kernel']}, {r['threads']} threads", err=True)
 
 
@@ -252,16 +276,16 @@ def bench(model, target, prompt, n_predict, ctx, threads, as_json):
 @click.option("--threads", "-t", type=int, callback=lambda c, p, v: _threads(v), default=None)
 @click.option("--enforce", is_flag=True, help="Hold --mem-budget with a memory cgroup or an RSS watchdog.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model, text_file, ctx, kv_type, windows, mem_budget, threads, enforce, as_json):
+@BACKEND
+def eval_cmd(model, text_file, ctx, kv_type, windows, mem_budget, threads, enforce, as_json, backend):
     """Perplexity of MODEL on a text, scored as llama.cpp's llama-perplexity scores it."""
-    from .api import load
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
     show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
     with _enforcement(enforce, mem_budget) as held:
-        m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+        m = _load(model, backend, mem_budget, threads, ctx, kv_type)
         r = m.eval_perplexity(text, ctx, windows, progress=show) | (held.stats() if held else {})
     if as_json:
         _emit_json(r)

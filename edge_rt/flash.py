@@ -20,6 +20,7 @@ import ctypes
 import mmap
 import os
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from gguf import GGMLQuantizationType as T
 from . import kernels
 from .errors import EdgeRtError
 from .gguf_file import GGUFFile, os_message, short
+from .verify import crc32, damaged, mismatch, mismatches, usable
 from .weights import Weights, is_matrix, tensor_format
 
 ALIGN = 4096            # O_DIRECT: file offset, length and buffer address are multiples of this
@@ -214,9 +216,13 @@ class StreamedWeights(Weights):
     chunks of HEAD_BUFFER bytes at every product."""
 
     def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, head: bool = False,
-                 reader: Reader | None = None):
+                 reader: Reader | None = None, verify: bool = False):
         self.layout, self.streamed, self.head = layout, streamed, head
         self.reader = reader or Reader(g.path)
+        # verify: the arena's tensors are checked against their stored CRC-32 once, a
+        # streamed layer's every time it is read (in the I/O thread, beside the compute)
+        self.want = usable(g) if verify else {}
+        self.check_seconds = 0.0  # spent computing checksums of streamed bytes
         resident_names, streamed_names = residency(g, streamed, head)
         # the arena: every resident tensor, read once
         where, size = {}, 0
@@ -226,6 +232,8 @@ class StreamedWeights(Weights):
         self.arena = _anonymous(size)
         for t in resident_names:
             self.reader.read(memoryview(self.arena)[where[t.name]:where[t.name] + t.nbytes], t.offset, t.nbytes)
+        damaged(g, mismatches(g, [t.name for t in resident_names if t.name in self.want], self.want, threads,
+                              lambda n: memoryview(self.arena)[where[n]:where[n] + g.tensors[n].nbytes]))
         # the pool: slot s holds one streamed layer's span
         self.slot_bytes = layout.slot_bytes(streamed)
         self.n_slots = min(2, streamed)
@@ -255,6 +263,8 @@ class StreamedWeights(Weights):
                     fmt, parts, rows, cols = tensor_format(g, t.name, lambda n: array(n, s))
                     self.slot_views[streamable(g, t.name), s, t.name] = kernels.Weight(fmt, rows, cols, parts)
         self.layer_names = {i: [n for (j, s, n) in self.slot_views if j == i and s == 0] for i in range(streamed)}
+        self.layer_tensors = {i: [(t.name, t.offset - layout.span[i][0], t.nbytes) for t in streamed_names
+                                  if streamable(g, t.name) == i and t.name in self.want] for i in range(streamed)}
         self.in_slot = [None] * self.n_slots     # layer held by each slot
         self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
         self.pending: tuple[int, int, Future] | None = None
@@ -263,7 +273,14 @@ class StreamedWeights(Weights):
     def _load(self, layer: int, slot: int) -> None:
         a, b = self.layout.span[layer]
         need = min(b, self.g.size) - a
-        self.reader.read(memoryview(self.pool)[slot * self.slot_bytes:slot * self.slot_bytes + (b - a)], a, need)
+        at = slot * self.slot_bytes
+        self.reader.read(memoryview(self.pool)[at:at + (b - a)], a, need)
+        if self.want:
+            t0, pool = time.perf_counter(), memoryview(self.pool)
+            bad = [mismatch(name, got, self.want[name]) for name, off, n in self.layer_tensors[layer]
+                   if (got := crc32(pool[at + off:at + off + n])) != self.want[name]]
+            self.check_seconds += time.perf_counter() - t0
+            damaged(self.g, bad)
 
     def _finish_pending(self) -> None:
         if self.pending:
@@ -273,24 +290,33 @@ class StreamedWeights(Weights):
             self.in_slot[slot] = layer
 
     # -- the streamed head ------------------------------------------------------------
-    def _head_rows(self, name: str, r0: int, r1: int) -> kernels.Weight:
-        """Rows r0..r1-1 of a head matrix, read into the head buffer."""
+    def _head_rows(self, name: str, r0: int, r1: int, crcs: dict | None = None) -> kernels.Weight:
+        """Rows r0..r1-1 of a head matrix, read into the head buffer (each part's rows
+        within the aligned span around them, so the read can bypass the page cache);
+        with crcs, each part's running CRC-32 (tensor name -> crc of its rows before r0)
+        moves past r1."""
         w, at, parts = self.matrices[name], 0, {}
         for key in w.parts:
             t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
             row = t.nbytes // t.shape[0]
-            n = (r1 - r0) * row
-            self.reader.read(memoryview(self.head_buffer)[at:at + n], t.offset + r0 * row, n)
-            dtype = _DTYPES[t.ggml_type]
-            parts[key] = np.frombuffer(self.head_buffer, dtype, n // np.dtype(dtype).itemsize, at).reshape(r1 - r0, -1)
-            at += -(-n // ARENA_ALIGN) * ARENA_ALIGN
+            start, n = t.offset + r0 * row, (r1 - r0) * row
+            a, b = _down(start), _up(start + n)
+            self.reader.read(memoryview(self.head_buffer)[at:at + b - a], a, min(b, self.g.size) - a)
+            rows = memoryview(self.head_buffer)[at + start - a:at + start - a + n]
+            if crcs is not None:
+                t0 = time.perf_counter()
+                crcs[t.name] = crc32(rows, crcs.get(t.name, 0))
+                self.check_seconds += time.perf_counter() - t0
+            parts[key] = np.frombuffer(rows, _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
+            at += b - a
         return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
 
     def _head_chunk(self, name: str) -> int:
-        """Rows of a head matrix that fit the head buffer at once."""
+        """Rows of a head matrix that fit the head buffer at once (each of its up to three
+        parts' spans widened to whole pages)."""
         row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
                   for k in self.matrices[name].parts) // self.matrices[name].rows
-        return max(1, (HEAD_BUFFER - 3 * ARENA_ALIGN) // row)
+        return max(1, (HEAD_BUFFER - 3 * 2 * ALIGN) // row)
 
     def embed(self, tokens) -> np.ndarray:
         if not self.head:
@@ -302,9 +328,12 @@ class StreamedWeights(Weights):
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         if not (self.head and is_head(name)):
             return super().linear(name, x)
-        w, step = self.matrices[name], self._head_chunk(name)
-        return np.concatenate([kernels.matmul(self._head_rows(name, r, min(r + step, w.rows)), x, self.threads)
-                               for r in range(0, w.rows, step)], axis=-1)
+        w, step, crcs = self.matrices[name], self._head_chunk(name), {} if self.want else None
+        y = np.concatenate([kernels.matmul(self._head_rows(name, r, min(r + step, w.rows), crcs), x, self.threads)
+                            for r in range(0, w.rows, step)], axis=-1)
+        damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
+                         if n in self.want and got != self.want[n]])
+        return y  # (embedding rows read one at a time in embed are not checked: a tied head checks the table)
 
     def begin_layer(self, i: int) -> None:
         if i >= self.streamed:

@@ -82,6 +82,7 @@ def _load():
     lib = ctypes.CDLL(str(library_path()))
     vp, ci = ctypes.c_void_p, ctypes.c_int
     lib.ert_matmul.argtypes = [vp, vp, ci, vp, ci]
+    lib.ert_matmul_many.argtypes = [ci, vp, vp, ci, vp, ci]
     lib.ert_matmul.restype = ci
     lib.ert_dequantize_rows.argtypes = [vp, ci, ci, vp]
     lib.ert_dequantize_rows.restype = ci
@@ -213,6 +214,23 @@ def matmul(w: Weight, x: np.ndarray, threads: int = 1, out: np.ndarray | None = 
         if rc:
             _check(rc, "ert_matmul")
     return out
+
+
+def matmul_many(ws: list[Weight], x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """[x . W^T for W in ws], up to 3 weights with the same cols (q, k, v): the input is
+    prepared once and the products run in one parallel region when the weights take the
+    same kind of input (ert_matmul_many); each result equals matmul(W, x)."""
+    lib = _lib or _load()
+    x = _prep_x(ws[0], x)
+    if any(w.cols != ws[0].cols for w in ws):
+        raise ValueError("matmul_many: the weights must have the same number of columns")
+    n = 1 if x.ndim == 1 else x.shape[0]
+    outs = [np.empty((w.rows,) if x.ndim == 1 else (n, w.rows), dtype=np.float32) for w in ws]
+    refs = (ctypes.c_void_p * len(ws))(*[w._ref for w in ws])
+    ptrs = (ctypes.c_void_p * len(ws))(*[o.__array_interface__["data"][0] for o in outs])
+    if n:
+        _check(lib.ert_matmul_many(len(ws), refs, _ptr(x), n, ptrs, threads), "ert_matmul_many")
+    return outs
 
 
 class BoundMatmul:

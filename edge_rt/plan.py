@@ -2,7 +2,8 @@
 and checked against the budget. When the whole model does not fit, layers 0..m-1
 stream from storage through a pool of min(2, m) slots (flash.py) and the rest stays
 resident, with the smallest m that fits: the output head and embedding table, norms
-and the last layers stay in memory."""
+and the last layers stay in memory, unless streaming the head (with fewer layers)
+reads fewer bytes per token."""
 from __future__ import annotations
 
 import re
@@ -45,7 +46,7 @@ class Plan:
     streamed_layers: int = 0       # layers 0..streamed_layers-1 are read from storage every step
     streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
     pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
-    streamed_head: bool = False    # the embedding table and output head read from storage too (last resort)
+    streamed_head: bool = False    # the embedding table and output head read from storage too (when it reads less a token)
     open_peak_bytes: int = 0       # VmHWM once the model was opened (the tokenizer's build is transient but
                                    # can pass everything else when most weights stream: Gemma-3's 262k vocabulary)
     kv_precision: str = "f16"
@@ -59,7 +60,8 @@ class Plan:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
     def describe(self) -> str:
-        what = f"{self.streamed_layers} layers" + (" and the output head" if self.streamed_head else "")
+        what = " and ".join(([f"{self.streamed_layers} layers"] if self.streamed_layers else [])
+                            + (["the output head"] if self.streamed_head else []))
         stream = (f" + stream pool {format_size(self.pool_bytes)} ({what}, "
                   f"{format_size(self.streamed_bytes)}, streamed)") if self.pool_bytes else ""
         opening = (f"; opening the model alone peaked at {format_size(self.open_peak_bytes)}"
@@ -89,9 +91,11 @@ CALL_BYTES = 4 << 20
 def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, kv_type: str, n: int, layer_scratch: int,
               logit_rows: int = 1, scored: bool = False, budget: int | None = None,
               streamed: tuple[int, bool] | None = None, open_peak: int = 0) -> Plan:
-    """The plan streaming `streamed` = (layers, head); by default the least streaming
-    that fits the budget: layers first, the output head (read whole every token) last.
-    When nothing fits, everything streams and check() refuses it, naming its total."""
+    """The plan streaming `streamed` = (layers, head); by default the one that fits the
+    budget reading the fewest bytes per token: streaming layers 0..m-1, with or without
+    the output head (read whole every token: streamed only when that reads less, as for
+    Gemma-3, whose tied head is most of the model). When nothing fits, everything
+    streams and check() refuses it, naming its total."""
     def with_streamed(m: int, head: bool) -> Plan:
         return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head), KVCache.nbytes(spec, ctx, kv_type),
                     buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n,
@@ -99,8 +103,9 @@ def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, kv_type: st
     if streamed is not None:
         return with_streamed(*streamed)
     n_layers = len(layout.layer_bytes)
-    plans = [with_streamed(m, False) for m in range(n_layers + 1)] + [with_streamed(n_layers, True)]
-    return next((p for p in plans if budget is None or p.total_bytes <= budget), plans[-1])
+    plans = [with_streamed(m, head) for head in (False, True) for m in range(n_layers + 1)]
+    fits = [p for p in plans if budget is None or p.total_bytes <= budget]
+    return min(fits, key=lambda p: (p.streamed_bytes, p.total_bytes)) if fits else plans[-1]
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

@@ -207,16 +207,18 @@ def _as_bool(meta: dict, key: str, default: bool, where: str) -> bool:
 
 
 # --- SPM scores -> BPE merges -----------------------------------------------------------------
+SPM_CHUNK = 1 << 15  # tokens hashed at once: bounds the transient arrays (~100 bytes a character)
+
+
 def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
     """Every split (a, b) of every token t with a and b tokens, ordered by t's score
     (highest first), then t's id, then the split position. Vectorized: polynomial hashes
     of every prefix/suffix are looked up among the tokens' hashes, and each candidate is
-    checked on the strings."""
+    checked on the strings. Tokens are hashed SPM_CHUNK at a time, so a 262k vocabulary
+    does not hold arrays of all its splits at once (their memory would stay with the
+    allocator and count against the budget)."""
     n = len(tokens)
     lens = np.fromiter(map(len, tokens), np.int64, n)
-    buf = np.frombuffer("".join(tokens).encode("utf-32-le"), np.uint32).astype(np.uint64)
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=starts[1:])
     maxlen = int(lens.max()) if n else 0
     base = 0x9E3779B97F4A7C15
     inv = pow(base, -1, 1 << 64)
@@ -227,16 +229,25 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
         for k in range(1, maxlen + 1):
             pw[k] = pw[k - 1] * b
             ipw[k] = ipw[k - 1] * ib
-        pos = np.arange(len(buf), dtype=np.int64) - np.repeat(starts[:-1], lens)
+
+    def prefix_hashes(lo, hi):
+        """(cum, starts) for tokens lo..hi-1: the hash of token t's characters i..j-1
+        (times pw[i]) is cum[starts[t] + j] - cum[starts[t] + i]."""
+        ln = lens[lo:hi]
+        buf = np.frombuffer("".join(tokens[lo:hi]).encode("utf-32-le"), np.uint32).astype(np.uint64)
+        starts = np.zeros(hi - lo + 1, np.int64)
+        np.cumsum(ln, out=starts[1:])
+        pos = np.arange(len(buf), dtype=np.int64) - np.repeat(starts[:-1], ln)
         cum = np.zeros(len(buf) + 1, np.uint64)
-        np.cumsum((buf + np.uint64(1)) * pw[pos], out=cum[1:])
-        full = cum[starts[1:]] - cum[starts[:-1]]
-        nsplit = np.maximum(lens - 1, 0)
-        tok = np.repeat(np.arange(n, dtype=np.int64), nsplit)
-        k = np.arange(int(nsplit.sum()), dtype=np.int64) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit) + 1
-        st = starts[tok]
-        hpre = cum[st + k] - cum[st]
-        hsuf = (full[tok] - hpre) * ipw[k]
+        with np.errstate(over="ignore"):
+            np.cumsum((buf + np.uint64(1)) * pw[pos], out=cum[1:])
+        return cum, starts
+
+    chunks = [(lo, min(lo + SPM_CHUNK, n)) for lo in range(0, n, SPM_CHUNK)]
+    full = np.zeros(n, np.uint64)
+    for lo, hi in chunks:
+        cum, starts = prefix_hashes(lo, hi)
+        full[lo:hi] = cum[starts[1:]] - cum[starts[:-1]]
     order = np.argsort(full, kind="stable")
     sorted_h = full[order]
 
@@ -245,16 +256,30 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
         cand = order[j]
         return (sorted_h[j] == h) & (lens[cand] == length), cand
 
-    oka, ia = lookup(hpre, k)
-    tok, ia, k, hsuf = tok[oka], ia[oka], k[oka], hsuf[oka]
-    okb, ib_ = lookup(hsuf, lens[tok] - k)
-    tok, ia, ib_, k = tok[okb], ia[okb], ib_[okb], k[okb]
+    found = []
+    for lo, hi in chunks:
+        cum, starts = prefix_hashes(lo, hi)
+        nsplit = np.maximum(lens[lo:hi] - 1, 0)
+        local = np.repeat(np.arange(hi - lo, dtype=np.int64), nsplit)
+        k = np.arange(int(nsplit.sum()), dtype=np.int64) - np.repeat(np.cumsum(nsplit) - nsplit, nsplit) + 1
+        st = starts[local]
+        with np.errstate(over="ignore"):
+            hpre = cum[st + k] - cum[st]
+            hsuf = (full[lo + local] - hpre) * ipw[k]
+        tok = lo + local
+        oka, ia = lookup(hpre, k)
+        tok, ia, k, hsuf = tok[oka], ia[oka], k[oka], hsuf[oka]
+        okb, ib_ = lookup(hsuf, lens[tok] - k)
+        found.append((tok[okb], ia[okb], ib_[okb], k[okb]))
+    tok, ia, ib_, k = (np.concatenate(c) for c in zip(*found)) if found else (np.zeros(0, np.int64),) * 4
     o = np.lexsort((k, tok, -scores[tok].astype(np.float64)))
     out = []
-    for t, a, c in zip(tok[o].tolist(), ia[o].tolist(), ib_[o].tolist()):
-        x, y = tokens[a], tokens[c]
-        if x + y == tokens[t]:  # the hash is only a filter
-            out.append((x, y))
+    for s in range(0, len(o), SPM_CHUNK):  # (as Python ints a few at a time, for the same reason)
+        oo = o[s:s + SPM_CHUNK]
+        for t, a, c in zip(tok[oo].tolist(), ia[oo].tolist(), ib_[oo].tolist()):
+            x, y = tokens[a], tokens[c]
+            if x + y == tokens[t]:  # the hash is only a filter
+                out.append((x, y))
     return out
 
 

@@ -1,6 +1,8 @@
 """Tensor checksums: convert stores the CRC-32 of every tensor's bytes under
 `edgert.checksum.<tensor>` (a uint32); `edge-rt verify` recomputes all of them, and
-`run` recomputes those of the tensors it loads before the first token.
+`run` recomputes those of the tensors it loads before the first token (a streaming run,
+edge_rt/flash.py: those of its resident arena once, and those of every streamed layer
+and streamed head each time they are read).
 
 CRC-32 (zlib) because it is the fastest check in the standard library that catches
 every single flipped byte and every burst of up to 32 bits (about 1.7 GB/s a core
@@ -16,8 +18,9 @@ from .gguf_file import GGUFFile, short
 CHECKSUM_KEY = "edgert.checksum."
 
 
-def crc32(buf) -> int:
-    return zlib.crc32(buf)
+def crc32(buf, start: int = 0) -> int:
+    """CRC-32 of buf; of the bytes before it and buf, given start = the CRC of those."""
+    return zlib.crc32(buf, start)
 
 
 def stored(g: GGUFFile) -> dict[str, object]:
@@ -25,13 +28,30 @@ def stored(g: GGUFFile) -> dict[str, object]:
     return {k[len(CHECKSUM_KEY):]: v for k, v in g.meta.items() if k.startswith(CHECKSUM_KEY)}
 
 
-def mismatches(g: GGUFFile, names, want: dict, threads: int = 1) -> list[str]:
-    """One line per tensor in `names` whose bytes do not hash to want[name]."""
-    names = list(names)
+def mismatch(name: str, got: int, want: int) -> str:
+    return f"tensor {name}: checksum mismatch (data hashes to {got:08x}, the file says {want:08x}): the file is damaged"
+
+
+def mismatches(g: GGUFFile, names, want: dict, threads: int = 1, raw=None) -> list[str]:
+    """One line per tensor in `names` whose bytes (raw(name), default the file's map)
+    do not hash to want[name]."""
+    names, raw = list(names), raw or g.raw
     with ThreadPoolExecutor(max(threads, 1)) as ex:
-        got = dict(zip(names, ex.map(lambda n: crc32(g.raw(n)), names)))
-    return [f"tensor {n}: checksum mismatch (data hashes to {got[n]:08x}, the file says {want[n]:08x}): "
-            f"the file is damaged" for n in names if got[n] != want[n]]
+        got = dict(zip(names, ex.map(lambda n: crc32(raw(n)), names)))
+    return [mismatch(n, got[n], want[n]) for n in names if got[n] != want[n]]
+
+
+def usable(g: GGUFFile) -> dict[str, int]:
+    """tensor name -> its stored checksum, for the tensors of the file that carry one."""
+    return {n: v for n, v in stored(g).items() if n in g.tensors and isinstance(v, int)}
+
+
+def damaged(g: GGUFFile, bad: list[str]) -> None:
+    """Raise the one-line error for these mismatch lines (none: return)."""
+    if bad:
+        raise EdgeRtError(f"{short(g.path)}: {bad[0]}"
+                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                          + f"; `edge-rt verify {short(g.path)}` lists every problem")
 
 
 def problems(g: GGUFFile, threads: int = 1) -> list[str]:
@@ -49,9 +69,5 @@ def problems(g: GGUFFile, threads: int = 1) -> list[str]:
 def check_loaded(g: GGUFFile, threads: int = 1) -> None:
     """For `run`: the tensors that carry a checksum must match it (a file from another
     tool has none and is not checked)."""
-    want = {n: v for n, v in stored(g).items() if n in g.tensors and isinstance(v, int)}
-    bad = mismatches(g, want, want, threads)
-    if bad:
-        raise EdgeRtError(f"{short(g.path)}: {bad[0]}"
-                          + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                          + f"; `edge-rt verify {short(g.path)}` lists every problem")
+    want = usable(g)
+    damaged(g, mismatches(g, want, want, threads))

@@ -83,6 +83,7 @@ class Weights:
     gives: flash.StreamedWeights), multiplied by the C kernels."""
 
     streamed = 0  # layers 0..streamed-1 are read from storage by begin_layer (flash.StreamedWeights)
+    check_seconds = 0.0  # spent checking streamed bytes' checksums (flash.StreamedWeights)
 
     def __init__(self, g: GGUFFile, threads: int = 1, array=None):
         self.g, self.threads = g, threads

@@ -230,35 +230,47 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 #define ROW_TILE ERT_TILE /* rows per unit of work: a multiple of it (whole q1..q4 tiles) */
 
+/* The products of one region: up to 3 weights of the same input, each in tiles of rows */
+#define MAX_PRODUCTS 3
 typedef struct {
-    ert_matmul_fn fn;
-    const ert_weight *w;
+    int nw;
+    const ert_weight *w[MAX_PRODUCTS];
     const ert_act *a;
-    float *y;
-    int tile, ntiles;
-    atomic_int next; /* the next tile to take */
+    float *y[MAX_PRODUCTS];
+    int tile[MAX_PRODUCTS], end[MAX_PRODUCTS]; /* end[i]: tiles of weights 0..i */
+    atomic_int next;                           /* the next tile to take */
 } rows_job;
 
 static void rows_task(void *ctx, int ith, int nth) {
     rows_job *j = ctx;
-    for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->ntiles;) {
-        const int r0 = t * j->tile, r1 = r0 + j->tile < j->w->rows ? r0 + j->tile : j->w->rows;
-        j->fn(j->w, j->a, r0, r1, j->y);
+    for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->end[j->nw - 1];) {
+        int i = 0;
+        while (t >= j->end[i]) i++;
+        const ert_weight *w = j->w[i];
+        const int r0 = (t - (i ? j->end[i - 1] : 0)) * j->tile[i], r1 = r0 + j->tile[i] < w->rows ? r0 + j->tile[i] : w->rows;
+        g_sel[w->format].k.matmul(w, j->a, r0, r1, j->y[i]);
     }
 }
 
-static void run_rows(ert_matmul_fn fn, const ert_weight *w, const ert_act *a, float *y, int threads) {
-    const int rows = w->rows;
+static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float *const *y, int threads) {
     if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    rows_job j = {.nw = nw, .a = a};
+    double work = 0.0;
+    for (int i = 0; i < nw; i++) work += (double)w[i]->rows * w[i]->cols * a->n;
     /* tiny products: waking threads costs more than it saves (results are identical) */
-    if ((double)rows * w->cols * a->n < 16384.0) threads = 1;
-    /* about 8 tiles per thread, taken dynamically: a slower core (big.LITTLE, or one
-       shared with another process) takes fewer. A row is computed the same way
+    if (work < 16384.0) threads = 1;
+    /* about 8 tiles per thread and weight, taken dynamically: a slower core (big.LITTLE,
+       or one shared with another process) takes fewer. A row is computed the same way
        whichever thread computes it, so y does not depend on the thread count. */
-    int tile = (rows + 8 * threads - 1) / (8 * threads);
-    tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
-    rows_job j = {fn, w, a, y, tile, (rows + tile - 1) / tile, 0};
-    ert_parallel(rows_task, &j, threads < j.ntiles ? threads : j.ntiles);
+    for (int i = 0; i < nw; i++) {
+        const int rows = w[i]->rows;
+        int tile = (rows + 8 * threads - 1) / (8 * threads);
+        tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+        j.w[i] = w[i], j.y[i] = y[i], j.tile[i] = tile;
+        j.end[i] = (i ? j.end[i - 1] : 0) + (rows + tile - 1) / tile;
+    }
+    atomic_init(&j.next, 0);
+    ert_parallel(rows_task, &j, threads < j.end[nw - 1] ? threads : j.end[nw - 1]);
 }
 
 /* q1..q4: the activation tables (formats.lut_tables) and group sums */
@@ -313,29 +325,59 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
     return ERT_OK;
 }
 
-int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads) {
+/* weights whose products can share one prepared input: the same kind of activations
+ * (tables for q1..q4, int8 for q8, the floats themselves) over the same groups */
+static int same_input(const ert_weight *a, const ert_weight *b) {
+    const int ba = ert_format_bits(a->format), bb = ert_format_bits(b->format);
+    const int ka = ba && ba <= 4 ? 1 : ba ? 2 : 0, kb = bb && bb <= 4 ? 1 : bb ? 2 : 0;
+    return ka == kb && a->cols == b->cols && (!ka || a->group_size == b->group_size);
+}
+
+int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, int n, float *const *y, int threads) {
     init();
-    int rc = check_weight(w);
-    if (rc) return rc;
-    if (!x || !y || n < 0) return ERT_EINVAL;
-    if (n == 0 || w->rows == 0) return ERT_OK;
+    if (nw < 1 || nw > MAX_PRODUCTS || !w || !y) return ERT_EINVAL;
+    for (int i = 0; i < nw; i++) {
+        int rc = check_weight(w[i]);
+        if (rc) return rc;
+        if (!y[i]) return ERT_EINVAL;
+    }
+    if (!x || n < 0) return ERT_EINVAL;
+    for (int i = 1; i < nw; i++)
+        if (!same_input(w[0], w[i])) { /* one region each */
+            for (int k = 0; k < nw; k++) {
+                int rc = ert_matmul_many(1, w + k, x, n, y + k, threads);
+                if (rc) return rc;
+            }
+            return ERT_OK;
+        }
+    if (n == 0) return ERT_OK;
 
     ert_act a;
     memset(&a, 0, sizeof a);
     a.n = n;
-    a.cols = w->cols;
+    a.cols = w[0]->cols;
     a.x = x;
     void *scratch = NULL;
-    const int bits = ert_format_bits(w->format);
+    const int bits = ert_format_bits(w[0]->format);
+    int rc = ERT_OK;
     if (bits && bits <= 4) {
-        rc = prepare_lut(w, x, n, &a, &scratch);
+        rc = prepare_lut(w[0], x, n, &a, &scratch);
     } else if (bits) {
-        rc = prepare_int8(w, x, n, &a, &scratch);
+        rc = prepare_int8(w[0], x, n, &a, &scratch);
     }
     if (rc) return rc;
-    run_rows(g_sel[w->format].k.matmul, w, &a, y, threads);
+    const ert_weight *ws[MAX_PRODUCTS];
+    float *ys[MAX_PRODUCTS];
+    int m = 0;
+    for (int i = 0; i < nw; i++)
+        if (w[i]->rows) ws[m] = w[i], ys[m++] = y[i];
+    if (m) run_rows(m, ws, &a, ys, threads);
     free(scratch);
     return ERT_OK;
+}
+
+int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads) {
+    return ert_matmul_many(1, &w, x, n, &y, threads);
 }
 
 int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out) {

@@ -40,76 +40,234 @@ static half f2h(float f) {
 }
 #endif
 
-static float dot_c(const float *a, const float *b, int n) {
-    float s[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (; i < n; i++) s[0] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+/* The attention of one token for R query heads that share a key/value head (R <= 4):
+ *   scores(q, R, K, stride, L, hd, scale, s, ss):  s[r ss + j] = scale * q[r hd ..] . K[j]   (j < L)
+ *   softmax(s, L):                                 s = exp(s - max s) / sum (in place)
+ *   mix(out, R, p, ps, V, stride, L, hd):          out[r hd ..] = sum_j p[r ps + j] V[j]
+ * K[j] = K + j * stride, float or half by the cache's type; the R query (and output) rows
+ * follow each other. Each key and value row is read once for the R heads. */
+typedef void (*scores_fn)(const float *q, int R, const void *k, size_t stride, int L, int hd, float scale, float *s,
+                          size_t ss);
+typedef void (*mix_fn)(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L, int hd);
+
+#define PORTABLE_ATTENTION(name, T, TO_F32)                                                     \
+    static void scores##name##_c(const float *q, int R, const void *k, size_t stride, int L, int hd, float scale, \
+                                 float *sc, size_t ss) {                                        \
+        for (int j = 0; j < L; j++) {                                                           \
+            const T *kj = (const T *)k + (size_t)j * stride;                                    \
+            for (int r = 0; r < R; r++) {                                                       \
+                const float *qr = q + (size_t)r * hd;                                           \
+                float s[8] = {0};                                                               \
+                int i = 0;                                                                      \
+                for (; i + 8 <= hd; i += 8)                                                     \
+                    for (int u = 0; u < 8; u++) s[u] += qr[i + u] * TO_F32(kj[i + u]);         \
+                for (; i < hd; i++) s[0] += qr[i] * TO_F32(kj[i]);                              \
+                sc[r * ss + j] = (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) * scale; \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    static void mix##name##_c(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L, \
+                              int hd) {                                                         \
+        memset(out, 0, sizeof(float) * R * hd);                                                 \
+        for (int j = 0; j < L; j++) {                                                           \
+            const T *vj = (const T *)v + (size_t)j * stride;                                    \
+            for (int r = 0; r < R; r++)                                                         \
+                for (int i = 0; i < hd; i++) out[r * hd + i] += p[r * ps + j] * TO_F32(vj[i]);  \
+        }                                                                                       \
+    }
+#define AS_F32(v) (v)
+PORTABLE_ATTENTION(, float, AS_F32)
+PORTABLE_ATTENTION(_h, half, h2f)
+
+static void softmax_c(float *s, int L) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < L; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int j = 0; j < L; j++) sum += s[j] = expf(s[j] - mx);
+    for (int j = 0; j < L; j++) s[j] /= sum;
 }
 
-static float dot_h_c(const float *a, const half *b, int n) {
-    float s[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * h2f(b[i + k]);
-    for (; i < n; i++) s[0] += a[i] * h2f(b[i]);
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static float gelu_tanh(float x) {
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
 }
 
-static void axpy_c(float *y, float a, const float *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-static void axpy_h_c(float *y, float a, const half *x, int n) {
-    for (int i = 0; i < n; i++) y[i] += a * h2f(x[i]);
+/* g = act(g) * u, n values */
+static void glu_c(float *g, const float *u, int n, int act) {
+    for (int j = 0; j < n; j++) g[j] = (act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE AVX2 __attribute__((always_inline)) static inline
 #define LOAD_F32(p) _mm256_loadu_ps(p)
 #define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define UNROLL _Pragma("GCC unroll 4")
 
-AVX2 static float hsum(__m256 v) {
+AVX2_INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-#define AVX2_DOT_AXPY(name, T, LOAD, TO_F32)                                              \
-    AVX2 static float dot##name##_avx2(const float *a, const T *b, int n) {              \
-        __m256 s = _mm256_setzero_ps();                                                  \
-        int i = 0;                                                                       \
-        for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), LOAD(b + i), s); \
-        float r = hsum(s);                                                               \
-        for (; i < n; i++) r += a[i] * TO_F32(b[i]);                                     \
-        return r;                                                                        \
-    }                                                                                    \
-    AVX2 static void axpy##name##_avx2(float *y, float a, const T *x, int n) {           \
-        const __m256 va = _mm256_set1_ps(a);                                             \
-        int i = 0;                                                                       \
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, LOAD(x + i), _mm256_loadu_ps(y + i))); \
-        for (; i < n; i++) y[i] += a * TO_F32(x[i]);                                     \
+AVX2_INLINE float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* e^x to about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial in r,
+ * times 2^n); x is clamped to [-87.3, 88.4], the range of normal results */
+AVX2_INLINE __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AVX2 static void softmax_avx2(float *s, int L) {
+    int j = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= L; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+    float mx = hmax(vm);
+    for (; j < L; j++) mx = s[j] > mx ? s[j] : mx;
+    vm = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= L; j += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        vs = _mm256_add_ps(vs, e);
     }
-#define AS_F32(v) (v)
-AVX2_DOT_AXPY(, float, LOAD_F32, AS_F32)
-AVX2_DOT_AXPY(_h, half, LOAD_F16, h2f)
+    float sum = hsum(vs);
+    for (; j < L; j++) sum += s[j] = expf(s[j] - mx);
+    const __m256 vsum = _mm256_set1_ps(sum);
+    for (j = 0; j + 8 <= L; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), vsum));
+    for (; j < L; j++) s[j] /= sum;
+}
+
+/* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
+ * as 0.5 (1 + tanh(z)) = sigmoid(2z) */
+AVX2 static void glu_avx2(float *g, const float *u, int n, int act) {
+    const __m256 one = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(-2.0f * 0.7978845608028654f);
+    const __m256 c3 = _mm256_set1_ps(0.044715f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(g + j);
+        const __m256 mk = act == ERT_ACT_GELU_TANH ? _mm256_mul_ps(c2, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x))
+                                                   : _mm256_sub_ps(_mm256_setzero_ps(), x); /* -k */
+        const __m256 a = _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(mk)));
+        _mm256_storeu_ps(g + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
+    }
+    glu_c(g + j, u + j, n - j, act);
+}
+
+/* the KB (1, 2 or 4) sums of a[0..KB-1], times scale, stored at s[0..KB-1] */
+AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
+    if (KB == 1) {
+        s[0] = hsum(a[0]) * scale;
+        return;
+    }
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]); /* a0 01 23, a1 01 23 | a0 45 67, a1 45 67 */
+    const __m256 t = KB == 4 ? _mm256_hadd_ps(t0, _mm256_hadd_ps(a[2], a[3])) : _mm256_hadd_ps(t0, t0);
+    const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), _mm_set1_ps(scale));
+    if (KB == 4) _mm_storeu_ps(s, r);
+    else _mm_storel_pi((__m64 *)s, r);
+}
+
+/* Scores: R heads x KB keys of accumulators (R KB <= 12 stay in registers), each chunk of a
+ * key row converted once. Mix: out chunks of R heads += KB keys' weighted value chunks. Both
+ * are specialized for each R (the switches), so the accumulator arrays are registers. */
+#define AVX2_ATTENTION(name, T, LOAD)                                                           \
+    AVX2_INLINE void scores##name##_block(const float *q, const int R, const int KB, const T *k, size_t stride, \
+                                          int hd, float scale, float *s, size_t ss) {           \
+        __m256 acc[4][4];                                                                       \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) acc[r][b] = _mm256_setzero_ps(); \
+        for (int c = 0; c < hd; c += 8) {                                                       \
+            UNROLL for (int b = 0; b < KB; b++) {                                               \
+                const __m256 kv = LOAD(k + b * stride + c);                                     \
+                UNROLL for (int r = 0; r < R; r++)                                              \
+                    acc[r][b] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + r * hd + c), acc[r][b]); \
+            }                                                                                   \
+        }                                                                                       \
+        UNROLL for (int r = 0; r < R; r++) hsums(acc[r], KB, scale, s + r * ss);                \
+    }                                                                                           \
+    AVX2_INLINE void scores##name##_rows(const float *q, const int R, const T *k, size_t stride, int L, int hd, \
+                                         float scale, float *s, size_t ss) {                    \
+        const int KB = R <= 3 ? 4 : 2;                                                          \
+        int j = 0;                                                                              \
+        for (; j + KB <= L; j += KB) scores##name##_block(q, R, KB, k + j * stride, stride, hd, scale, s + j, ss); \
+        for (; j < L; j++) scores##name##_block(q, R, 1, k + j * stride, stride, hd, scale, s + j, ss); \
+    }                                                                                           \
+    AVX2 static void scores##name##_avx2(const float *q, int R, const void *k, size_t stride, int L, int hd, \
+                                         float scale, float *s, size_t ss) {                    \
+        switch (R) {                                                                            \
+        case 1: scores##name##_rows(q, 1, k, stride, L, hd, scale, s, ss); break;               \
+        case 2: scores##name##_rows(q, 2, k, stride, L, hd, scale, s, ss); break;               \
+        case 3: scores##name##_rows(q, 3, k, stride, L, hd, scale, s, ss); break;               \
+        default: scores##name##_rows(q, 4, k, stride, L, hd, scale, s, ss); break;              \
+        }                                                                                       \
+    }                                                                                           \
+    AVX2_INLINE void mix##name##_block(float *out, const int R, const int KB, const float *p, size_t ps, \
+                                       const T *v, size_t stride, int hd) {                     \
+        __m256 w[4][4];                                                                         \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) w[r][b] = _mm256_broadcast_ss(p + r * ps + b); \
+        for (int c = 0; c < hd; c += 8) {                                                       \
+            __m256 acc[4];                                                                      \
+            UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_loadu_ps(out + r * hd + c);      \
+            UNROLL for (int b = 0; b < KB; b++) {                                               \
+                const __m256 vv = LOAD(v + b * stride + c);                                     \
+                UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w[r][b], vv, acc[r]); \
+            }                                                                                   \
+            UNROLL for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * hd + c, acc[r]);     \
+        }                                                                                       \
+    }                                                                                           \
+    AVX2_INLINE void mix##name##_rows(float *out, const int R, const float *p, size_t ps, const T *v, size_t stride, \
+                                      int L, int hd) {                                          \
+        const int KB = R <= 2 ? 4 : 2;                                                          \
+        memset(out, 0, sizeof(float) * R * hd);                                                 \
+        int j = 0;                                                                              \
+        for (; j + KB <= L; j += KB) mix##name##_block(out, R, KB, p + j, ps, v + j * stride, stride, hd); \
+        for (; j < L; j++) mix##name##_block(out, R, 1, p + j, ps, v + j * stride, stride, hd); \
+    }                                                                                           \
+    AVX2 static void mix##name##_avx2(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, \
+                                      int L, int hd) {                                          \
+        switch (R) {                                                                            \
+        case 1: mix##name##_rows(out, 1, p, ps, v, stride, L, hd); break;                       \
+        case 2: mix##name##_rows(out, 2, p, ps, v, stride, L, hd); break;                       \
+        case 3: mix##name##_rows(out, 3, p, ps, v, stride, L, hd); break;                       \
+        default: mix##name##_rows(out, 4, p, ps, v, stride, L, hd); break;                      \
+        }                                                                                       \
+    }
+AVX2_ATTENTION(, float, LOAD_F32)
+AVX2_ATTENTION(_h, half, LOAD_F16)
 #endif
 
 static struct {
-    float (*dot)(const float *, const float *, int);
-    float (*dot_h)(const float *, const half *, int);
-    void (*axpy)(float *, float, const float *, int);
-    void (*axpy_h)(float *, float, const half *, int);
-} V = {dot_c, dot_h_c, axpy_c, axpy_h_c};
+    scores_fn scores[2]; /* by the cache's type: [float32, half] */
+    mix_fn mix[2];
+    void (*softmax)(float *, int);
+    void (*glu)(float *, const float *, int, int);
+} V = {{scores_c, scores_h_c}, {mix_c, mix_h_c}, softmax_c, glu_c};
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((constructor)) static void pick_vector_helpers(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        V.dot = dot_avx2, V.dot_h = dot_h_avx2, V.axpy = axpy_avx2, V.axpy_h = axpy_h_avx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        V.scores[0] = scores_avx2, V.scores[1] = scores_h_avx2, V.mix[0] = mix_avx2, V.mix[1] = mix_h_avx2;
+        V.softmax = softmax_avx2, V.glu = glu_avx2;
+    }
 }
 #endif
 
@@ -146,23 +304,17 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-static float silu(float x) { return x / (1.0f + expf(-x)); }
-
-static float gelu_tanh(float x) {
-    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
-}
-
-/* rotates the first rope_dim features of each of nh heads of x[nh][hd] by pos */
-static void rope(const ert_layer *l, float *x, int nh, int pos) {
+/* rotates the first rope_dim features of each head of x[nh][hd] and of x2[nh2][hd] (the
+ * keys of the same position: the angles are computed once) by pos */
+static void rope(const ert_layer *l, int pos, float *x, int nh, float *x2, int nh2) {
     const int half = l->rope_dim / 2;
     for (int i = 0; i < half; i++) {
         double inv_freq = pow(l->rope_base, -2.0 * i / l->rope_dim);
         if (l->rope_factors) inv_freq /= l->rope_factors[i];
         const float angle = (float)(pos / (double)l->rope_scale * inv_freq);
         const float c = cosf(angle), s = sinf(angle);
-        for (int h = 0; h < nh; h++) {
-            float *v = x + (size_t)h * l->head_dim;
+        for (int h = 0; h < nh + nh2; h++) {
+            float *v = h < nh ? x + (size_t)h * l->head_dim : x2 + (size_t)(h - nh) * l->head_dim;
             float *a = l->rope_neox ? v + i : v + 2 * i, *b = l->rope_neox ? v + i + half : v + 2 * i + 1;
             const float a0 = *a, b0 = *b;
             *a = a0 * c - b0 * s;
@@ -178,7 +330,7 @@ typedef struct {
     int n, pos0;
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *scores;
     void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim], float32 or half */
-    int scores_stride;
+    int scores_stride, parts; /* parts: of the heads of a key/value head, one attention item each */
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
 } step;
@@ -211,38 +363,31 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
             for (int h = 0; h < l->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, l->q_norm, hd, l->norm_eps);
             for (int h = 0; h < l->n_kv_heads; h++) rmsnorm(k + h * hd, k + h * hd, l->k_norm, hd, l->norm_eps);
         }
-        rope(l, q, l->n_heads, s->pos0 + i);
-        rope(l, k, l->n_kv_heads, s->pos0 + i);
+        rope(l, s->pos0 + i, q, l->n_heads, k, l->n_kv_heads);
         kv_store(l, s->kc, s->pos0 + i, k);
         kv_store(l, s->vc, s->pos0 + i, v);
     }
 }
 
+/* One item is a token and a part of the heads sharing a key/value head (all of them when there
+ * are enough items for the threads): its keys and values are read once for the part. */
 static void attention_task(void *ctx, int ith, int nth) {
     step *s = ctx;
     const ert_layer *l = s->l;
-    const int hd = l->head_dim, H = l->n_heads, group = H / l->n_kv_heads;
-    float *scores = s->scores + (size_t)ith * s->scores_stride;
-    for (int t; (t = take(s)) < s->n * H;) { /* one (token, head) pair at a time */
-        const int i = t / H, h = t % H, p = s->pos0 + i, g = h / group;
-        const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0;
-        const float *q = s->q + (size_t)i * H * hd + (size_t)h * hd;
-        float mx = -INFINITY;
-        for (int j = first; j <= p; j++) {
-            const void *k = kv_row(l, s->kc, j, g * hd);
-            float sc = (l->kv_f16 ? V.dot_h(q, k, hd) : V.dot(q, k, hd)) * l->attn_scale;
-            scores[j - first] = sc;
-            if (sc > mx) mx = sc;
-        }
-        float sum = 0.0f;
-        for (int j = first; j <= p; j++) sum += scores[j - first] = expf(scores[j - first] - mx);
-        float *out = s->att + (size_t)i * H * hd + (size_t)h * hd;
-        memset(out, 0, sizeof(float) * hd);
-        for (int j = first; j <= p; j++) {
-            const void *v = kv_row(l, s->vc, j, g * hd);
-            if (l->kv_f16) V.axpy_h(out, scores[j - first] / sum, v, hd);
-            else V.axpy(out, scores[j - first] / sum, v, hd);
-        }
+    const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts;
+    const size_t stride = (size_t)KV * hd;
+    const int simd = hd % 8 == 0, f16 = l->kv_f16 != 0;
+    const scores_fn scores = simd ? V.scores[f16] : f16 ? scores_h_c : scores_c;
+    const mix_fn mix = simd ? V.mix[f16] : f16 ? mix_h_c : mix_c;
+    float *sc = s->scores + (size_t)ith * 4 * s->scores_stride; /* four rows of scores */
+    for (int t; (t = take(s)) < s->n * KV * P;) {
+        const int i = t / (KV * P), g = t / P % KV, part = t % P, p = s->pos0 + i;
+        const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 (see parts) */
+        const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0, L = p - first + 1;
+        const size_t at = ((size_t)i * H + h0) * hd;
+        scores(s->q + at, R, kv_row(l, s->kc, first, g * hd), stride, L, hd, l->attn_scale, sc, s->scores_stride);
+        for (int r = 0; r < R; r++) V.softmax(sc + (size_t)r * s->scores_stride, L);
+        mix(s->att + at, R, sc, s->scores_stride, kv_row(l, s->vc, first, g * hd), stride, L, hd);
     }
 }
 
@@ -263,7 +408,7 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
     for (int i; (i = take(s)) < s->n;) {
         float *g = s->gate + (size_t)i * ff;
         const float *u = s->up + (size_t)i * ff;
-        for (int j = 0; j < ff; j++) g[j] = (s->l->act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
+        V.glu(g, u, ff, s->l->act);
     }
 }
 
@@ -272,8 +417,8 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
 size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) {
     if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
-    /* h, q, attention, k, v, o, gate, up; a row of scores per thread */
-    return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * ctx);
+    /* h, q, attention, k, v, o, gate, up; four rows of scores per thread */
+    return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * 4 * ctx);
 }
 
 int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
@@ -297,15 +442,20 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     s.up = p, p += n * (size_t)l->d_ff;
     s.scores = p;
     const int per_token = n < threads ? n : threads; /* work taken a token at a time */
+    /* attention items: a token and a part of a key/value head's G query heads, at most 4 heads
+     * a part, and the fewest parts that share the items evenly among the threads or give each two */
+    const int G = l->n_heads / l->n_kv_heads, items = n * l->n_kv_heads;
+    for (s.parts = (G + 3) / 4; s.parts < G; s.parts++)
+        if (items * s.parts >= 2 * threads || items * s.parts % threads == 0) break;
     int rc;
 #define MATMUL(w, in, out) \
     if ((rc = ert_matmul(&l->w, in, n, out, threads)) != ERT_OK) return rc
     /* attention */
     s.norm = l->attn_norm, s.post_norm = l->post_attn_norm;
     run(&s, norm_task, per_token);
-    MATMUL(wq, s.h, s.q);
-    MATMUL(wk, s.h, s.k);
-    MATMUL(wv, s.h, s.v);
+    const ert_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gate_up[2] = {&l->gate, &l->up};
+    float *qkv_out[3] = {s.q, s.k, s.v}, *gate_up_out[2] = {s.gate, s.up};
+    if ((rc = ert_matmul_many(3, qkv, s.h, n, qkv_out, threads)) != ERT_OK) return rc;
     run(&s, qk_task, per_token);
     run(&s, attention_task, threads);
     MATMUL(wo, s.att, s.o);
@@ -313,8 +463,7 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     /* feed-forward */
     s.norm = l->ffn_norm, s.post_norm = l->post_ffn_norm;
     run(&s, norm_task, per_token);
-    MATMUL(gate, s.h, s.gate);
-    MATMUL(up, s.h, s.up);
+    if ((rc = ert_matmul_many(2, gate_up, s.h, n, gate_up_out, threads)) != ERT_OK) return rc;
     run(&s, glu_task, per_token);
     MATMUL(down, s.gate, s.o);
     run(&s, residual_task, per_token);
@@ -326,7 +475,7 @@ int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int kee
     if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
     for (int j = keep + discard; j < used; j++) {
         kv_load(l, k_cache, j, row);
-        rope(l, row, l->n_kv_heads, -discard); /* RoPE turns by an angle linear in the position */
+        rope(l, -discard, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
         kv_store(l, k_cache, j - discard, row);
         kv_load(l, v_cache, j, row);
         kv_store(l, v_cache, j - discard, row);

@@ -12,6 +12,7 @@
  */
 #define ERT_BUILDING
 #include "edgert.h"
+#include "tiles.h"
 
 #include <math.h>
 #include <string.h>
@@ -65,30 +66,24 @@ void ert_quant_act_ref(const float *x, int n, int cols, int8_t *q, float *da, in
 
 /* tables of formats.lut_tables, in the same float32 order (this file is compiled with
  * -ffp-contract=off), and the group sums of x */
-void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
-    for (int j = 0; j < n; j++) {
-        const float *xj = x + (size_t)j * cols;
-        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = xj + (size_t)b * ERT_BLOCK;
-            const float amax = ert_lut_amax(xb);
-            float bsum = 0.0f;
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                int8_t *t = lut + ((size_t)j * cols / 4 + (size_t)b * 8 + q) * 16;
-                for (int p = 0; p < 16; p++) {
-                    float e = (((p & 1) ? v[0] : -v[0]) + ((p & 2) ? v[1] : -v[1])) + ((p & 4) ? v[2] : -v[2]);
-                    e = e + ((p & 8) ? v[3] : -v[3]);
-                    t[p] = (int8_t)rintf(e * inv);
-                }
-            }
-            for (int i = 0; i < ERT_BLOCK; i++) bsum += xb[i];
-            ls[(size_t)j * nblk + b] = amax / 127.0f;
-            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += bsum;
+static inline float lut_block_ref(const float *xb, float amax, int8_t *tb) {
+    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        int8_t *t = tb + 16 * q;
+        for (int p = 0; p < 16; p++) {
+            float e = (((p & 1) ? v[0] : -v[0]) + ((p & 2) ? v[1] : -v[1])) + ((p & 4) ? v[2] : -v[2]);
+            e = e + ((p & 8) ? v[3] : -v[3]);
+            t[p] = (int8_t)rintf(e * inv);
         }
     }
+    float bsum = 0.0f;
+    for (int i = 0; i < ERT_BLOCK; i++) bsum += xb[i];
+    return bsum;
+}
+
+void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_ref);
 }
 
 /* ---- f32 / f16 -------------------------------------------------------------------- */

@@ -145,3 +145,32 @@ def test_sink_window_generates_past_the_context(tiny):
     stop = subprocess.run([sys.executable, "-m", "edge_rt.cli", "run", str(tiny("llama", 8)), "-p", "Once upon a time",
                            "-n", "100", "--ctx", "32"], capture_output=True, text=True, timeout=300)
     assert stop.returncode == 1 and "--kv-policy sink-window" in stop.stderr
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("heads", [(2, 2, 8), (9, 3, 16), (4, 1, 32), (5, 1, 12)], ids=lambda h: "H%d-KV%d-HD%d" % h)
+def test_attention_head_groups_match_the_twin(tmp_path, smollm2_gguf, monkeypatch, heads, kv_type):
+    """The C attention reads each key/value row once for up to 4 query heads of a group
+    (SmolLM2: 9 heads on 3, Gemma-3: 4 on 1) and splits a group when the threads need
+    more items; head sizes that are not a multiple of 8 take the portable path. A gemma3
+    (16-token window), in one batch and token by token, at 1 and 2 threads."""
+    import tiny as tiny_module
+    monkeypatch.setattr(tiny_module, "H", heads[0])
+    monkeypatch.setattr(tiny_module, "KV", heads[1])
+    monkeypatch.setattr(tiny_module, "HD", heads[2])
+    path = write_tiny("gemma3", smollm2_gguf, tmp_path / "tiny.gguf", bits=32)
+    g = GGUFFile(path)
+    spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), path)
+    toks = tokens(6)
+    twin_W = ReferenceWeights(g, same_arithmetic=True)
+    twin = logits(twin_W, forward(spec, twin_W, toks, 0, KVCache(spec, 64, kv_type), layer))
+    # float16 caches round keys and values computed in a different order: last-bit
+    # differences become float16 steps
+    tol = 1e-4 if kv_type == "f32" else 2e-3
+    for threads in (1, 2):
+        W = Weights(g, threads=threads)
+        batch = logits(W, forward(spec, W, toks, 0, KVCache(spec, 64, kv_type), CLayers(spec, W, threads, 64, kv_type).run))
+        kv, run = KVCache(spec, 64, kv_type), CLayers(spec, W, threads, 64, kv_type).run
+        steps = np.concatenate([logits(W, forward(spec, W, toks[i:i + 1], i, kv, run)) for i in range(len(toks))])
+        for ours in (batch, steps):
+            assert np.abs(ours - twin).max() < tol * np.abs(twin).max(), (threads, np.abs(ours - twin).max() / np.abs(twin).max())

@@ -64,8 +64,10 @@ def test_streamed_run_generates_the_resident_runs_tokens(model, resident, fracti
     assert r["flash_bytes_per_token"] >= 0.9 * r["streamed_weight_bytes"], r
 
 
-# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output head too
-@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True)])
+# one slot; two; an odd count wraps across tokens; the embedding table and (tied) output
+# head too, alone (the plan for Gemma-3, whose head is most of the model) or with layers
+@pytest.mark.parametrize("streamed", [(1, False), (2, False), (29, False), (30, False), (30, True), (0, True),
+                                      (2, True)])
 def test_streamed_logits_are_bit_identical(model, streamed):
     resident = load(model, ctx=64, threads=1)
     full, short = resident.logits(TOKENS), resident.logits(TOKENS[:5])
@@ -133,3 +135,32 @@ def test_truncated_while_streaming_through_the_cli(model, tmp_path):
     assert proc.returncode == 1, err
     assert err.strip().startswith("edge-rt: error:") and len(err.strip().splitlines()) == 1, err
     assert "truncated" in err
+
+
+def flip_byte(src, dst, name: str, at: float) -> None:
+    """A copy of src with one byte of tensor `name` (at fraction `at` of it) flipped."""
+    from edge_rt.gguf_file import GGUFFile
+    shutil.copy(src, dst)
+    t = GGUFFile(dst).tensors[name]
+    with open(dst, "r+b") as f:
+        f.seek(t.offset + int(at * t.nbytes))
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+# a streamed layer (checked at every read), a resident layer (the arena, checked once),
+# the streamed tied head (checked across its chunks every token)
+@pytest.mark.parametrize("name,streamed", [("blk.1.ffn_down.weight", (2, False)), ("blk.5.attn_q.weight", (2, False)),
+                                           ("token_embd.weight", (30, True))])
+def test_damaged_weights_are_caught_when_streamed(model, tmp_path, name, streamed):
+    path = tmp_path / "m.gguf"
+    flip_byte(model, path, name, 0.9)
+    m = load(path, ctx=64, threads=1)
+    m.streamed = streamed
+    with pytest.raises(EdgeRtError, match=f"tensor {name}: checksum mismatch.*damaged"):
+        m.logits(TOKENS[:4])
+    m = load(path, ctx=64, threads=1, verify=False)  # unchecked, the same file runs
+    m.streamed = streamed
+    assert m.logits(TOKENS[:4]).shape == (4, m.spec.n_vocab)
+    assert m.weights.check_seconds == 0.0

@@ -182,6 +182,22 @@ def test_matmul_vector_and_out():
 
 # --------------------------------------------------------------------------- layout, table approximation
 
+@pytest.mark.parametrize("fmts", [("q2-g64", "q3-g64", "q4-g64"), ("q4-g64", "q8-g64", "f16"), ("q4-g64", "q4-g128"),
+                                  ("q8-g32", "q8-g32")])
+def test_matmul_many_equals_one_at_a_time(fmts):
+    """q, k, v (gate, up) in one call: one prepared input when the weights take the same
+    kind (tables, int8, floats) over the same groups, one at a time otherwise; the results
+    are those of separate products, bit for bit, at any thread count."""
+    rng = np.random.default_rng(7)
+    by_name = {p.id: p.values[0] for p in fmt_cases()}
+    ws = [K.Weight.from_float(by_name[f], rand_weight(rng, rows, 192)) for f, rows in zip(fmts, (67, 32, 130))]
+    for n in (1, 17):
+        x = rand_act(rng, n, 192)
+        for threads in (1, 2):
+            for w, y in zip(ws, K.matmul_many(ws, x, threads=threads)):
+                assert np.array_equal(y, K.matmul(w, x, threads=threads))
+
+
 @pytest.mark.parametrize("bits", GROUP_BITS)
 def test_pack_layout(bits):
     """pack/unpack are inverse for any row count, keep the [rows, cols*bits/8] shape, and

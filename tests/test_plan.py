@@ -61,8 +61,21 @@ def test_plan_names_what_streams_and_refuses_below_the_minimum(cold_model):
     smallest = named_minimum(edge_rt("plan", cold_model, "--ctx", 256, "--mem-budget", "10M"))
     assert 0 < smallest < full["total_bytes"] * 0.8
     least = last_json(edge_rt("plan", cold_model, "--ctx", 256, "--json", "--mem-budget", smallest))
-    assert least["streamed_layers"] == 30 and least["streamed_head"]  # the head streams only as a last resort
+    assert least["streamed_layers"] == 30 and least["streamed_head"]  # at the minimum, everything streams
     assert "token_embd.weight" in least["streamed_tensors"]
+
+
+def test_plan_streams_a_head_larger_than_the_layers_first(converted):
+    """Gemma-3's tied 262k x 640 table is most of the model: at half its weights the
+    plan streams the head and keeps every layer, reading fewer bytes per token than
+    streaming every layer and the head."""
+    model = converted("gemma3-270m", 8)
+    full = last_json(edge_rt("plan", model, "--ctx", 256, "--json"))
+    half = last_json(edge_rt("plan", model, "--ctx", 256, "--json", "--mem-budget",
+                             full["total_bytes"] - full["weights_bytes"] // 2))
+    assert half["streamed_head"] and half["streamed_layers"] == 0
+    assert "token_embd.weight" in half["streamed_tensors"] and "blk.0.ffn_up.weight" in half["resident_tensors"]
+    assert half["streamed_bytes"] < 0.7 * full["weights_bytes"]
 
 
 def test_budget_sweep_holds_under_enforce(cold_model):
@@ -76,8 +89,11 @@ def test_budget_sweep_holds_under_enforce(cold_model):
         assert r["peak_rss_bytes"] <= budget, r
         if r["enforced_by"].startswith("cgroup"):
             assert 0 < r["cgroup_peak_bytes"] <= budget and r["cgroup_failcnt"] == 0, r
-    below = edge_rt("run", cold_model, *ARGS, "--mem-budget", int(smallest * 0.97), "--enforce")
-    assert abs(named_minimum(below) - smallest) <= 0.02 * smallest  # the interpreter's footprint varies by ~1 MiB
+    # The minimum counts the interpreter's resident pages as measured at start; under memory
+    # pressure the kernel drops some of its file-backed pages (seen: 3% less on a loaded
+    # machine), so the budget below it and the named minimum's tolerance leave room for that.
+    below = edge_rt("run", cold_model, *ARGS, "--mem-budget", int(smallest * 0.9), "--enforce")
+    assert abs(named_minimum(below) - smallest) <= 0.05 * smallest
 
 
 def test_enforce_leaves_no_cgroup_behind(cold_model):
@@ -115,3 +131,20 @@ def test_rss_watchdog_ends_the_run_in_one_line():
     code = "from edge_rt.enforce import Watchdog; import time; Watchdog(1 << 20); time.sleep(5)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("edge-rt: error: resident memory") and "watchdog" in r.stderr
+
+
+def test_a_cgroup_below_the_budget_is_refused_in_one_line(cold_model):
+    """Run inside a memory cgroup limited below --mem-budget: the kernel would kill the
+    run without a word once it passed the limit, so it refuses up front, naming the limit."""
+    from edge_rt.simulate import run_limited
+    limit = 300 << 20
+    try:
+        r = run_limited([*CLI, "run", str(cold_model), *map(str, ARGS), "--mem-budget", "400M", "--json"],
+                        cold_model, limit, None, None)
+    except Exception as e:  # no child cgroups here (not root, or no memory controller)
+        pytest.skip(str(e))
+    assert r["exit_status"] == 1 and not r["oom_killed"], r
+    assert r["error"].startswith("edge-rt: error: ") and "memory cgroup it runs in is limited to 300" in r["error"], r
+    ok = run_limited([*CLI, "run", str(cold_model), *map(str, ARGS), "--mem-budget", "290M", "--json"],
+                     cold_model, limit, None, None)
+    assert ok["exit_status"] == 0 and ok["peak_rss_bytes"] <= 290 << 20 and ok["cgroup_failcnt"] == 0, ok

@@ -311,35 +311,28 @@ LUT_KERNELS(q4, 4)
  * sub-group the entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, as two vectors (the
  * sign flips are exact, and a + (-b) == a - b), rounded to nearest even like rintf;
  * entries 8..15 are the negated mirror (t[15-p] = -t[p]). */
-void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+INLINE float lut_block_neon(const float *xb, float amax, int8_t *tb) {
     static const uint32_t S0[4] = {0x80000000u, 0, 0x80000000u, 0}, S1[4] = {0x80000000u, 0x80000000u, 0, 0};
     const uint32x4_t s0 = vld1q_u32(S0), s1 = vld1q_u32(S1);
-    for (int j = 0; j < n; j++) {
-        const float *xj = x + (size_t)j * cols;
-        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = xj + (size_t)b * ERT_BLOCK;
-            const float amax = ert_lut_amax(xb);
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
-            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                const float32x4_t u = vaddq_f32(vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[0])), s0)),
-                                                vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[1])), s1)));
-                const float32x4_t e0 = vsubq_f32(vsubq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 0..3 */
-                const float32x4_t e1 = vsubq_f32(vaddq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 4..7 */
-                const int16x8_t h = vcombine_s16(vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e0, inv))),
-                                                 vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e1, inv))));
-                const int8x8_t lo = vmovn_s16(h);
-                vst1q_s8(tb + 16 * q, vcombine_s8(lo, vneg_s8(vrev64_s8(lo))));
-            }
-            const float32x4_t sum = vaddq_f32(vaddq_f32(vaddq_f32(vld1q_f32(xb), vld1q_f32(xb + 4)), vaddq_f32(vld1q_f32(xb + 8), vld1q_f32(xb + 12))),
-                                              vaddq_f32(vaddq_f32(vld1q_f32(xb + 16), vld1q_f32(xb + 20)), vaddq_f32(vld1q_f32(xb + 24), vld1q_f32(xb + 28))));
-            ls[(size_t)j * nblk + b] = amax / 127.0f;
-            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += vaddvq_f32(sum);
-        }
+    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        const float32x4_t u = vaddq_f32(vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[0])), s0)),
+                                        vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[1])), s1)));
+        const float32x4_t e0 = vsubq_f32(vsubq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 0..3 */
+        const float32x4_t e1 = vsubq_f32(vaddq_f32(u, vdupq_n_f32(v[2])), vdupq_n_f32(v[3])); /* p = 4..7 */
+        const int16x8_t h = vcombine_s16(vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e0, inv))),
+                                         vmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(e1, inv))));
+        const int8x8_t lo = vmovn_s16(h);
+        vst1q_s8(tb + 16 * q, vcombine_s8(lo, vneg_s8(vrev64_s8(lo))));
     }
+    const float32x4_t sum = vaddq_f32(vaddq_f32(vaddq_f32(vld1q_f32(xb), vld1q_f32(xb + 4)), vaddq_f32(vld1q_f32(xb + 8), vld1q_f32(xb + 12))),
+                                      vaddq_f32(vaddq_f32(vld1q_f32(xb + 16), vld1q_f32(xb + 20)), vaddq_f32(vld1q_f32(xb + 24), vld1q_f32(xb + 28))));
+    return vaddvq_f32(sum);
+}
+
+void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_neon);
 }
 
 /* ---- f32 / f16 ----------------------------------------------------------------------------------- */
@@ -379,20 +372,7 @@ INLINE void float_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-#define F32_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
-#define F16_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
-
-void ert_f32_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F32_ROWS)
-}
-
-void ert_f16_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F16_ROWS)
-}
-
-void ert_f32_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
-    ert_f32_dequant_ref(w, rows, row0, k, out); /* a copy */
-}
+ERT_FLOAT_MATMULS(neon)
 
 void ert_f16_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
     const int cols = w->cols;

@@ -68,6 +68,11 @@ typedef struct {
  * output alone or in a batch). Returns ERT_OK or < 0. */
 ERT_API int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads);
 
+/* y[i] = x . w[i]^T for nw <= 3 weights of the same input (q, k, v; gate, up): the input
+ * is prepared once (tables, int8) and all the products run in one parallel region when
+ * the weights take the same kind of input; otherwise one after the other. */
+ERT_API int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, int n, float *const *y, int threads);
+
 /* One transformer layer (kernels_c/layer.c; the numpy twin is models/transformer.py
  * `layer`): the sizes and switches of the family's Spec, this layer's weights. */
 enum ert_activation { ERT_ACT_SILU = 0, ERT_ACT_GELU_TANH = 1 };

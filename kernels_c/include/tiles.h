@@ -40,4 +40,39 @@
         if (rf_ < (r1)) ert_lut_matmul_ref(w, a, rf_, r1, y, bits);          \
     } while (0);
 
+/* The activation-table builders' loop (ref.c, avx2.c, neon.c; formats.lut_tables): for
+ * activation row j and block b of 32 columns at xb, largest |x| amax, BLOCK(xb, amax, tb)
+ * writes the block's 8 sub-group tables at tb and is the sum of its 32 values (in each
+ * file's own order); the loop stores the table scale amax/127 and the sums per group. */
+#define ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, BLOCK)                                        \
+    do {                                                                                                \
+        const int nblk_ = (cols) / ERT_BLOCK, ng_ = ((cols) + (group_size) - 1) / (group_size);         \
+        for (int j_ = 0; j_ < (n); j_++) {                                                              \
+            for (int g_ = 0; g_ < ng_; g_++) (xsum)[(size_t)j_ * ng_ + g_] = 0.0f;                      \
+            for (int b_ = 0; b_ < nblk_; b_++) {                                                        \
+                const float *xb_ = (x) + (size_t)j_ * (cols) + (size_t)b_ * ERT_BLOCK;                  \
+                const float amax_ = ert_lut_amax(xb_);                                                  \
+                const float bsum_ = BLOCK(xb_, amax_, (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16); \
+                (ls)[(size_t)j_ * nblk_ + b_] = amax_ / 127.0f;                                          \
+                (xsum)[(size_t)j_ * ng_ + b_ * ERT_BLOCK / (group_size)] += bsum_;                       \
+            }                                                                                           \
+        }                                                                                               \
+    } while (0)
+
+/* The float formats' entry points of a SIMD file (isa: avx2, neon) whose
+ * float_rows(w, a, t0, t1, j0, y, NR, half) computes rows t0..t1-1 of f32 (half = 0) or
+ * f16 (half = 1) weights for activation rows j0..j0+NR-1 */
+#define ERT_F32_ROWS_(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
+#define ERT_F16_ROWS_(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
+#define ERT_FLOAT_MATMULS(isa)                                                                          \
+    void ert_f32_matmul_##isa(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {         \
+        ERT_FOR_TILES(r0, r1, a->n, ERT_F32_ROWS_)                                                      \
+    }                                                                                                   \
+    void ert_f16_matmul_##isa(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {         \
+        ERT_FOR_TILES(r0, r1, a->n, ERT_F16_ROWS_)                                                      \
+    }                                                                                                   \
+    void ert_f32_dequant_##isa(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {  \
+        ert_f32_dequant_ref(w, rows, row0, k, out); /* a copy */                                        \
+    }
+
 #endif /* ERT_TILES_H */

@@ -94,8 +94,7 @@ INLINE void transpose8(__m256 v[8]) {
  * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
  * 8..15 are the negated mirror (t[15-p] = -t[p]). Four sub-groups are packed and
  * stored at a time. */
-void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    const int nblk = cols / ERT_BLOCK, ng = (cols + group_size - 1) / group_size;
+INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
     const __m256 s0 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
     const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN, 0, 0));
     const __m256 s2 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, 0, 0, 0, 0));
@@ -103,39 +102,32 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
     const __m256i rev = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 15,
                                          14, 13, 12, 11, 10, 9, 8);
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    for (int j = 0; j < n; j++) {
-        const float *xj = x + (size_t)j * cols;
-        for (int g = 0; g < ng; g++) xsum[(size_t)j * ng + g] = 0.0f;
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = xj + (size_t)b * ERT_BLOCK;
-            const float amax = ert_lut_amax(xb);
-            const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-            __m256i e[8];
-            for (int q = 0; q < 8; q++) {
-                const float *v = xb + 4 * q;
-                __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
-                t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
-                t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
-                e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
-            }
-            int8_t *tb = lut + ((size_t)j * cols / 4 + (size_t)b * 8) * 16;
-            for (int q = 0; q < 8; q += 4) {
-                /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
-                __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
-                lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
-                const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
-                const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
-                _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
-                _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
-            }
-            const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                             _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-            ls[(size_t)j * nblk + b] = amax / 127.0f;
-            xsum[(size_t)j * ng + b * ERT_BLOCK / group_size] += hsum(sum);
-        }
+    const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i e[8];
+    for (int q = 0; q < 8; q++) {
+        const float *v = xb + 4 * q;
+        __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
+        t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
+        t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
+        e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
     }
+    for (int q = 0; q < 8; q += 4) {
+        /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
+        __m256i lo = _mm256_packs_epi16(_mm256_packs_epi32(e[q], e[q + 1]), _mm256_packs_epi32(e[q + 2], e[q + 3]));
+        lo = _mm256_permutevar8x32_epi32(lo, perm); /* 8 bytes per sub-group, in order */
+        const __m256i hi = _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_shuffle_epi8(lo, rev));
+        const __m256i a = _mm256_unpacklo_epi64(lo, hi), c = _mm256_unpackhi_epi64(lo, hi);
+        _mm_storeu_si128((__m128i *)(tb + 16 * q), _mm256_castsi256_si128(a));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 1)), _mm256_castsi256_si128(c));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 2)), _mm256_extracti128_si256(a, 1));
+        _mm_storeu_si128((__m128i *)(tb + 16 * (q + 3)), _mm256_extracti128_si256(c, 1));
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                              _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
+}
+
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_avx2);
 }
 
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
@@ -155,6 +147,24 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
 
 #define GCHUNK 32 /* groups whose scales are converted at a time */
 
+/* tile_scales of cnt (1 or 2) groups of 8 rows r0..r0+7, into columns 8q..8q+7: the rows'
+ * halfs gathered (kept out of line: inlined, it slows the common path by ~10%) */
+__attribute__((noinline)) static void few_scales(const ert_weight *w, int r0, int g, int cnt, float off,
+                                                 float (*dh)[ERT_TILE], float (*mb)[ERT_TILE], int q) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    for (int i = 0; i < cnt; i++) {
+        const size_t at = (size_t)r0 * ng + g + i;
+        __m128i dv = _mm_setzero_si128(), mv = _mm_setzero_si128();
+#define GATHER_ROW(k) dv = _mm_insert_epi16(dv, w->scale[at + (size_t)(k) * ng], k), mv = _mm_insert_epi16(mv, w->min[at + (size_t)(k) * ng], k)
+        GATHER_ROW(0); GATHER_ROW(1); GATHER_ROW(2); GATHER_ROW(3);
+        GATHER_ROW(4); GATHER_ROW(5); GATHER_ROW(6); GATHER_ROW(7);
+#undef GATHER_ROW
+        const __m256 d = _mm256_cvtph_ps(dv), m = _mm256_cvtph_ps(mv);
+        _mm256_store_ps(dh[i] + 8 * q, _mm256_mul_ps(d, _mm256_set1_ps(0.5f)));
+        _mm256_store_ps(mb[i] + 8 * q, _mm256_fmadd_ps(d, _mm256_set1_ps(off), m));
+    }
+}
+
 /* dh[g][r] = d/2 and mb[g][r] = m + d*off of groups g0..g0+gn-1 of the tile's 32 rows:
  * per 8 rows, 8 groups at a time are converted (one F16C instruction per row) and
  * transposed 8x8. */
@@ -165,6 +175,10 @@ INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, 
     for (int q = 0; q < 4; q++)
         for (int g = 0; g < gn; g += 8) {
             const int cnt = gn - g < 8 ? gn - g : 8;
+            if (cnt <= 2) { /* a group or two (cols = 9 groups of 64): no transposes */
+                few_scales(w, t0 + 8 * q, g0 + g, cnt, off, dh + g, mb + g, q);
+                continue;
+            }
             __m256 d[8], m[8];
             for (int i = 0; i < 8; i++) {
                 const int r = t0 + 8 * q + i;
@@ -237,7 +251,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
     float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
     float yacc[4][ERT_TILE] __attribute__((aligned(32))); /* in memory: updated once per group */
-    memset(yacc, 0, sizeof yacc);
+    for (int k = 0; k < NR; k++) memset(yacc[k], 0, sizeof yacc[k]);
     for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
         const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
         tile_scales(w, t0, g0, gn, off, dh, mb);
@@ -472,20 +486,7 @@ INLINE void float_rows(const ert_weight *w, const ert_act *a, int r0, int r1, in
     }
 }
 
-#define F32_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 0)
-#define F16_ROWS(t0, t1, j0, NR) float_rows(w, a, t0, t1, j0, y, NR, 1)
-
-void ert_f32_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F32_ROWS)
-}
-
-void ert_f16_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, F16_ROWS)
-}
-
-void ert_f32_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
-    ert_f32_dequant_ref(w, rows, row0, k, out); /* a copy */
-}
+ERT_FLOAT_MATMULS(avx2)
 
 void ert_f16_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
     const int cols = w->cols;
