@@ -63,6 +63,27 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
     return ids
 
 
+def emit(tokenizer: Tokenizer, m: Metrics, tok: int, n: int, next_token) -> Iterator[str]:
+    """The text of tok and of the tokens next_token(tok) gives after it, until n tokens or an
+    end-of-generation token; each counted in m, and m.decode_s timed from the first call to
+    next_token's last return (the last text flushed after it)."""
+    decoder = tokenizer.stream_decoder()
+    t1 = time.perf_counter()
+    while tok not in tokenizer.eos_ids:
+        m.n_generated += 1
+        m.tokens.append(int(tok))
+        piece = decoder.push(tok)
+        if piece:
+            yield piece
+        if m.n_generated >= n:
+            break
+        tok = next_token(tok)
+    m.decode_s = time.perf_counter() - t1
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
 def nll_of(z: np.ndarray, targets: np.ndarray) -> float:
     """Negative log-likelihood of targets[j] under logits z[j]."""
     z = z.astype(np.float64)
@@ -169,7 +190,6 @@ class Model:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) does not fit --ctx {self.ctx}")
         self._reserve(self.plan_for(len(ids), n))
         sample = Sampler(temperature, top_k, top_p, seed)
-        decoder = self.tokenizer.stream_decoder()
         m = self.metrics = Metrics(n_prompt=len(ids))
         io0 = metrics.storage_read_bytes()
         with threadpool_limits(self.threads):
@@ -177,17 +197,12 @@ class Model:
             h = self._forward(np.array(ids), len(ids) - 1)
             tok = sample(logits(self.weights, h)[0])
             m.prefill_s = m.ttft_s = time.perf_counter() - t0
-            pos, t1, io1 = len(ids), time.perf_counter(), metrics.storage_read_bytes()
+            pos, io1 = len(ids), metrics.storage_read_bytes()
             in_c = -self.layers.seconds  # time inside the C calls of the decode loop
             kv_shifts = 0
-            while tok not in self.tokenizer.eos_ids:
-                m.n_generated += 1
-                m.tokens.append(int(tok))
-                piece = decoder.push(tok)
-                if piece:
-                    yield piece
-                if m.n_generated >= n:
-                    break
+
+            def next_token(tok):
+                nonlocal pos, in_c, kv_shifts
                 if pos == self.ctx:  # full (sink-window only)
                     pos -= self._drop_older_half(SINK_TOKENS, pos)
                     kv_shifts += 1
@@ -195,13 +210,10 @@ class Model:
                 t = time.perf_counter()
                 z = logits(self.weights, h[-1:])[0]
                 in_c += time.perf_counter() - t
-                tok = sample(z)
                 pos += 1
-            m.decode_s = time.perf_counter() - t1
+                return sample(z)
+            yield from emit(self.tokenizer, m, tok, n, next_token)
             in_c += self.layers.seconds
-        rest = decoder.flush()
-        if rest:
-            yield rest
         io2 = metrics.storage_read_bytes()
         m.values = self._info() | {"kv_shifts": kv_shifts, "orchestrator_fraction": 1 - in_c / m.decode_s if m.decode_s else 0.0,
                                    "peak_rss_bytes": metrics.peak_rss_bytes(), "storage_read_bytes": io2 - io0,

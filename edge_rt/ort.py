@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .api import Metrics, nll_of, prompt_ids
+from .api import Metrics, emit, nll_of, prompt_ids
 from .errors import EdgeRtError
 from .gguf_file import os_message
 from .models import spec_from_meta
@@ -114,27 +114,17 @@ class OrtModel:
         if len(ids) + n > self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx}")
         sample = Sampler(temperature, top_k, top_p, seed)
-        decoder = self.tokenizer.stream_decoder()
         m = self.metrics = Metrics(n_prompt=len(ids))
         t0 = time.perf_counter()
         z, past = self._step(ids, self._cache(), 1)
         tok = sample(z[-1])
         m.prefill_s = m.ttft_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        while tok not in self.tokenizer.eos_ids:
-            m.n_generated += 1
-            m.tokens.append(int(tok))
-            piece = decoder.push(tok)
-            if piece:
-                yield piece
-            if m.n_generated >= n:
-                break
+
+        def next_token(tok):
+            nonlocal past
             z, past = self._step([tok], past, 1)
-            tok = sample(z[-1])
-        m.decode_s = time.perf_counter() - t1
-        rest = decoder.flush()
-        if rest:
-            yield rest
+            return sample(z[-1])
+        yield from emit(self.tokenizer, m, tok, n, next_token)
         m.values = self._info() | {"peak_rss_bytes": metrics.peak_rss_bytes()}
 
     def logits(self, tokens) -> np.ndarray:
