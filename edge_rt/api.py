@@ -63,6 +63,36 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
     return ids
 
 
+def perplexity_windows(tokenizer: Tokenizer, text: str, ctx: int, loaded_ctx: int,
+                       windows: int | None) -> tuple[np.ndarray, int]:
+    """The text's token ids and how many whole windows of ctx tokens eval scores."""
+    if ctx > loaded_ctx:
+        raise EdgeRtError(f"--ctx {ctx} is larger than the context this model was loaded with ({loaded_ctx})")
+    ids = np.array(tokenizer.encode(text))
+    available = len(ids) // ctx
+    if available < 1:
+        raise EdgeRtError(f"the text has {len(ids)} tokens: fewer than one window of --ctx {ctx}")
+    return ids, min(windows or available, available)
+
+
+def score_windows(tokenizer: Tokenizer, ids: np.ndarray, ctx: int, windows: int, progress, window_nll) -> dict:
+    """Perplexity as llama.cpp's llama-perplexity computes it: non-overlapping windows of
+    ctx tokens, each window's first token replaced by BOS where the model adds one, the
+    second half of each window scored; window_nll(chunk, first) is the summed negative
+    log-likelihood of chunk[first + 1:]."""
+    first, nll, count = ctx // 2, 0.0, 0
+    for w in range(windows):
+        chunk = ids[w * ctx:(w + 1) * ctx].copy()
+        if tokenizer.add_bos:
+            chunk[0] = tokenizer.bos_id
+        nll += window_nll(chunk, first)
+        count += ctx - 1 - first
+        if progress:
+            progress(w + 1, windows, float(np.exp(nll / count)))
+    return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "ctx": ctx, "windows": windows,
+            "peak_rss_bytes": metrics.peak_rss_bytes()}
+
+
 def emit(tokenizer: Tokenizer, m: Metrics, tok: int, n: int, next_token) -> Iterator[str]:
     """The text of tok and of the tokens next_token(tok) gives after it, until n tokens or an
     end-of-generation token; each counted in m, and m.decode_s timed from the first call to
@@ -279,29 +309,12 @@ class Model:
         """Perplexity as llama.cpp's llama-perplexity computes it: the text tokenized once,
         cut into non-overlapping windows of ctx tokens, each window's first token replaced
         by BOS where the model adds one, the second half of each window scored."""
-        if ctx > self.ctx:
-            raise EdgeRtError(f"--ctx {ctx} is larger than the context this model was loaded with ({self.ctx})")
-        ids = np.array(self.tokenizer.encode(text))
-        available = len(ids) // ctx
-        if available < 1:
-            raise EdgeRtError(f"the text has {len(ids)} tokens: fewer than one window of --ctx {ctx}")
-        windows = min(windows or available, available)
+        ids, windows = perplexity_windows(self.tokenizer, text, ctx, self.ctx, windows)
         self._reserve(self.plan_for(ctx, 0, LOGIT_ROWS, scored=True))
-        first = ctx // 2
-        nll, count = 0.0, 0
-        with threadpool_limits(self.threads):
-            for w in range(windows):
-                chunk = ids[w * ctx:(w + 1) * ctx].copy()
-                if self.tokenizer.add_bos:
-                    chunk[0] = self.tokenizer.bos_id
-                h = self._forward(chunk, first)  # h[j] is position first + j
-                nll += self._nll(h[:ctx - 1 - first], chunk[first + 1:])
-                count += ctx - 1 - first
-                if progress:
-                    progress(w + 1, windows, float(np.exp(nll / count)))
-        return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "ctx": ctx, "windows": windows,
-                "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
-
+        with threadpool_limits(self.threads):  # h[j] is position first + j
+            return score_windows(self.tokenizer, ids, ctx, windows, progress,
+                                 lambda chunk, first: self._nll(self._forward(chunk, first)[:ctx - 1 - first],
+                                                                chunk[first + 1:])) | self._info()
 
 def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
          kv_policy: str = "stop", verify: bool = True) -> Model:

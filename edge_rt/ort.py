@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .api import Metrics, emit, nll_of, prompt_ids
+from .api import Metrics, emit, nll_of, perplexity_windows, prompt_ids, score_windows
 from .errors import EdgeRtError
 from .gguf_file import os_message
 from .models import spec_from_meta
@@ -141,22 +141,7 @@ class OrtModel:
 
     def eval_perplexity(self, text: str, ctx: int = 512, windows: int | None = None, progress=None) -> dict:
         """Perplexity scored as api.Model.eval_perplexity (llama-perplexity's way)."""
-        if ctx > self.ctx:
-            raise EdgeRtError(f"--ctx {ctx} is larger than the context this model was loaded with ({self.ctx})")
-        ids = np.array(self.tokenizer.encode(text))
-        available = len(ids) // ctx
-        if available < 1:
-            raise EdgeRtError(f"the text has {len(ids)} tokens: fewer than one window of --ctx {ctx}")
-        windows = min(windows or available, available)
-        first, nll, count = ctx // 2, 0.0, 0
-        for w in range(windows):
-            chunk = ids[w * ctx:(w + 1) * ctx].copy()
-            if self.tokenizer.add_bos:
-                chunk[0] = self.tokenizer.bos_id
-            z, _ = self._step(chunk, self._cache(), ctx - first)  # positions first..ctx-1
-            nll += nll_of(z[:-1], chunk[first + 1:])
-            count += ctx - 1 - first
-            if progress:
-                progress(w + 1, windows, float(np.exp(nll / count)))
-        return {"ppl": float(np.exp(nll / count)), "tokens_scored": count, "ctx": ctx, "windows": windows,
-                "peak_rss_bytes": metrics.peak_rss_bytes()} | self._info()
+        ids, windows = perplexity_windows(self.tokenizer, text, ctx, self.ctx, windows)
+        return score_windows(self.tokenizer, ids, ctx, windows, progress,  # positions first..ctx-1
+                             lambda chunk, first: nll_of(self._step(chunk, self._cache(), ctx - first)[0][:-1],
+                                                         chunk[first + 1:])) | self._info()
