@@ -62,7 +62,8 @@ def streamable(g: GGUFFile, name: str) -> int | None:
     return int(m.group(1)) if base in g.tensors and is_matrix(g, base) else None
 
 
-HEAD = ("token_embd.weight", "output.weight")  # the embedding table and the output head (or the tied table)
+EMBD, OUTPUT = "token_embd.weight", "output.weight"
+HEAD = (EMBD, OUTPUT)  # the embedding table and the output head (or the tied table)
 
 
 def is_head(name: str) -> bool:
@@ -86,6 +87,7 @@ class Layout:
     span: tuple[tuple[int, int], ...]   # aligned [start, end) in the file, per layer
     head_bytes: int                     # the embedding table and output head
     total_bytes: int
+    row_crc_bytes: int                  # an untied embedding table's per-row CRC-32s, kept when the head streams
 
     @classmethod
     def of(cls, g: GGUFFile, n_layers: int) -> "Layout":
@@ -99,13 +101,14 @@ class Layout:
             lo[i], hi[i] = min(lo[i], t.offset), max(hi[i], t.offset + t.nbytes)
         head = sum(t.nbytes for t in g.tensors.values() if is_head(t.name))
         total = sum(t.nbytes for t in g.tensors.values())
-        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total)
+        row_crcs = 4 * g.tensors[EMBD].shape[0] if EMBD in g.tensors and OUTPUT in g.tensors else 0
+        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total, row_crcs)
 
     def slot_bytes(self, streamed: int) -> int:
         return max((b - a for a, b in self.span[:streamed]), default=0)
 
     def pool_bytes(self, streamed: int, head: bool = False) -> int:
-        return (min(2, streamed) * self.slot_bytes(streamed) + (HEAD_BUFFER if head else 0)
+        return (min(2, streamed) * self.slot_bytes(streamed) + (HEAD_BUFFER + self.row_crc_bytes if head else 0)
                 + (THREAD_BYTES if streamed or head else 0))
 
     def streamed_bytes(self, streamed: int, head: bool = False) -> int:
@@ -210,6 +213,14 @@ def _retarget(w: kernels.Weight, src: kernels.Weight) -> None:
     w.parts, w._arrays = src.parts, src._arrays
 
 
+def _row_crc(w: kernels.Weight, i: int) -> int:
+    """CRC-32 of row i of w, its parts (codes, scale, min) one after the other."""
+    c = 0
+    for part in w.parts.values():
+        c = crc32(np.ascontiguousarray(part[i]), c)
+    return c
+
+
 class StreamedWeights(Weights):
     """Weights with layers 0..streamed-1 read from storage into a pool at begin_layer;
     with head, the embedding table's rows are read on demand and the output head in
@@ -269,6 +280,10 @@ class StreamedWeights(Weights):
         self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
         self.pending: tuple[int, int, Future] | None = None
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
+        # an embedding row read on demand is checked against its own CRC-32, taken here in
+        # one pass that checks the whole table (untied tables; a tied table is read and
+        # checked whole by the head pass of every token, so damage to it is caught there)
+        self.row_crcs = self._row_crcs() if head and EMBD in self.want and OUTPUT in g.tensors else None
 
     def _load(self, layer: int, slot: int) -> None:
         a, b = self.layout.span[layer]
@@ -318,22 +333,39 @@ class StreamedWeights(Weights):
                   for k in self.matrices[name].parts) // self.matrices[name].rows
         return max(1, (HEAD_BUFFER - 3 * 2 * ALIGN) // row)
 
+    def _head_pass(self, name: str):
+        """(first row, Weight) of each chunk of a streamed head matrix, read in order;
+        verified, each part's CRC-32 over the whole pass is checked at its end."""
+        w, step, crcs = self.matrices[name], self._head_chunk(name), {} if self.want else None
+        for r in range(0, w.rows, step):
+            yield r, self._head_rows(name, r, min(r + step, w.rows), crcs)
+        damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
+                         if n in self.want and got != self.want[n]])
+
+    def _row_crcs(self) -> np.ndarray:
+        """The CRC-32 of every row of the embedding table, read once (and checked whole)."""
+        out = np.zeros(self.matrices[EMBD].rows, np.uint32)
+        for r, w in self._head_pass(EMBD):
+            t0 = time.perf_counter()
+            out[r:r + w.rows] = [_row_crc(w, i) for i in range(w.rows)]
+            self.check_seconds += time.perf_counter() - t0
+        return out
+
     def embed(self, tokens) -> np.ndarray:
         if not self.head:
             return super().embed(tokens)
-        rows = np.asarray(tokens).reshape(-1)
-        return np.concatenate([kernels.dequantize_rows(self._head_rows("token_embd.weight", r, r + 1), [0])
-                               for r in rows]).reshape(*np.shape(tokens), -1)
+        out = []
+        for r in np.asarray(tokens).reshape(-1):
+            w = self._head_rows(EMBD, r, r + 1)
+            if self.row_crcs is not None and (got := _row_crc(w, 0)) != self.row_crcs[r]:
+                damaged(self.g, [mismatch(f"{EMBD} row {r}", got, int(self.row_crcs[r]))])
+            out.append(kernels.dequantize_rows(w, [0]))
+        return np.concatenate(out).reshape(*np.shape(tokens), -1)
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         if not (self.head and is_head(name)):
             return super().linear(name, x)
-        w, step, crcs = self.matrices[name], self._head_chunk(name), {} if self.want else None
-        y = np.concatenate([kernels.matmul(self._head_rows(name, r, min(r + step, w.rows), crcs), x, self.threads)
-                            for r in range(0, w.rows, step)], axis=-1)
-        damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
-                         if n in self.want and got != self.want[n]])
-        return y  # (embedding rows read one at a time in embed are not checked: a tied head checks the table)
+        return np.concatenate([kernels.matmul(w, x, self.threads) for _, w in self._head_pass(name)], axis=-1)
 
     def begin_layer(self, i: int) -> None:
         if i >= self.streamed:

@@ -164,3 +164,35 @@ def test_damaged_weights_are_caught_when_streamed(model, tmp_path, name, streame
     m.streamed = streamed
     assert m.logits(TOKENS[:4]).shape == (4, m.spec.n_vocab)
     assert m.weights.check_seconds == 0.0
+
+
+@pytest.mark.parametrize("when", ["on disk", "while streaming"])
+def test_damaged_untied_embedding_rows_are_caught(smollm2_gguf, tmp_path, when):
+    """An untied table's rows are read one per token: the table is checked whole at load
+    (damage already on disk), and every row read later against that row's checksum
+    (bytes that changed under the run without a new modification time: the storage)."""
+    from tests.tiny import write_tiny
+    path = write_tiny("llama", smollm2_gguf, tmp_path / "untied.gguf", bits=8, tied=False)
+    row = int(TOKENS[2])
+    m = load(path, ctx=64, threads=1)
+    m.streamed = (0, True)
+    t = m.g.tensors["token_embd.weight"]
+    at = (row + 0.5) / t.shape[0]  # a byte in the middle of the row
+    if when == "on disk":
+        flip_byte(path, tmp_path / "damaged.gguf", "token_embd.weight", at)
+        m = load(tmp_path / "damaged.gguf", ctx=64, threads=1)
+        m.streamed = (0, True)
+        with pytest.raises(EdgeRtError, match="tensor token_embd.weight: checksum mismatch.*damaged"):
+            m.logits(TOKENS[:4])
+    else:
+        want = load(path, ctx=64, threads=1).logits(TOKENS[:4])
+        assert np.array_equal(m.logits(TOKENS[:4]), want) and m.weights.row_crcs is not None
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(t.offset + int(at * t.nbytes))
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x10]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(EdgeRtError, match=f"tensor token_embd.weight row {row}: checksum mismatch"):
+            m.logits(TOKENS[:4])
