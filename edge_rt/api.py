@@ -207,7 +207,9 @@ class Model:
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
-                "flash_checksum_seconds": self.weights.check_seconds}
+                "flash_checksum_seconds": self.weights.check_seconds,
+                "window_hit_rate": (self.weights.layer_hits / self.weights.layer_uses
+                                    if self.weights.layer_uses else None)}
 
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:

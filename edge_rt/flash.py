@@ -279,6 +279,7 @@ class StreamedWeights(Weights):
         self.in_slot = [None] * self.n_slots     # layer held by each slot
         self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
         self.pending: tuple[int, int, Future] | None = None
+        self.fresh = set()  # layers read into a slot and not used since
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
         # an embedding row read on demand is checked against its own CRC-32, taken here in
         # one pass that checks the whole table (untied tables; a tied table is read and
@@ -303,6 +304,7 @@ class StreamedWeights(Weights):
             self.pending = None
             fut.result()  # re-raises the reader's EdgeRtError here, in the forward pass
             self.in_slot[slot] = layer
+            self.fresh.add(layer)
 
     # -- the streamed head ------------------------------------------------------------
     def _head_rows(self, name: str, r0: int, r1: int, crcs: dict | None = None) -> kernels.Weight:
@@ -378,6 +380,12 @@ class StreamedWeights(Weights):
             self.in_slot[slot] = None
             self._load(i, slot)
             self.in_slot[slot] = i
+            self.fresh.add(i)
+        self.layer_uses += 1
+        if i in self.fresh:
+            self.fresh.discard(i)
+        else:  # still in its slot from its last use (one or two streamed layers)
+            self.layer_hits += 1
         self.current = self.in_slot.index(i)
         for name in self.layer_names[i]:
             _retarget(self.matrices[name], self.slot_views[i, self.current, name])

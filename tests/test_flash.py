@@ -57,7 +57,7 @@ def test_streamed_run_generates_the_resident_runs_tokens(model, resident, fracti
     r = last_json(edge_rt("run", model, "-p", PROMPT, "-n", 12, "--ctx", 256, "--threads", 1, "--json",
                           "--mem-budget", budget))
     assert r["tokens"] == resident["tokens"] and len(r["tokens"]) == 12
-    assert r["streamed_layers"] > 0
+    assert r["streamed_layers"] > 0 and 0 <= r["window_hit_rate"] <= 1
     assert r["resident_weight_bytes"] + r["pool_bytes"] <= (fraction + 0.05) * resident["resident_weight_bytes"]
     assert r["peak_rss_bytes"] <= budget
     # every decode step reads the streamed layers from storage (page cache bypassed or dropped)
@@ -75,7 +75,10 @@ def test_streamed_logits_are_bit_identical(model, streamed):
     m.streamed = streamed  # the layout by hand: layers 0..streamed[0]-1 stream (and the head)
     assert np.array_equal(m.logits(TOKENS), full)
     assert np.array_equal(m.logits(TOKENS[:5]), short)  # again: the slots now hold other layers
-    assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
+    # one or two streamed layers stay in the pool's two slots; more are read at every use
+    assert (m.weights.layer_hits > 0) == (streamed[0] in (1, 2)), (m.weights.layer_hits, m.weights.layer_uses)
+    if streamed[0] > 2:
+        assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
 
 
 def test_reader_survives_short_reads(model):
