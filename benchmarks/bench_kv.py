@@ -2,9 +2,10 @@
 of wikitext-2 test read as ONE sequence (Model.eval_stream), the same tokens scored in
 every configuration, through caches of several sizes with the sink-window policy
 (4 sink positions kept) and without sinks (a plain sliding window), against a cache
-that holds the whole text. Also the cache's bytes at each size and precision.
+that holds the whole text, for each cache precision (--kv-types: f16, f32, q8_0). Also
+the cache's bytes at each size and precision.
 
-    python benchmarks/bench_kv.py --models smollm2-135m --bits 8 --tokens 4096 --score-from 1024 --json
+    python benchmarks/bench_kv.py --models smollm2-135m --bits 8 --tokens 4096 --score-from 1024 --kv-types f16,q8_0 --json
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--score-from", type=int, default=1024)
     ap.add_argument("--caches", default="256,512,1024", help="KV cache sizes (positions) to try")
-    ap.add_argument("--kv-type", default="f16")
+    ap.add_argument("--kv-types", default="f16", help="cache precisions to try, e.g. f16,q8_0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -37,16 +38,17 @@ def main() -> None:
     for name in args.models.split(","):
         path = _converted(name, args.bits)
         configs = [(c, keep) for c in map(int, args.caches.split(",")) for keep in (4, 0)] + [(args.tokens, 4)]
-        for ctx, keep in configs:
-            m = edge_rt.load(path, ctx=ctx, threads=args.threads, kv_type=args.kv_type)
-            r = m.eval_stream(text, args.tokens, score_from=args.score_from, keep=keep)
-            row = {"model": name, "bits": args.bits, "cache_positions": ctx, "sinks": keep, "ppl": r["ppl"],
-                   "tokens_scored": r["tokens_scored"], "kv_shifts": r["kv_shifts"],
-                   "kv_bytes": KVCache.nbytes(m.spec, ctx, args.kv_type), "kv_type": args.kv_type}
-            rows.append(row)
-            print(f"{name} {args.bits}-bit, cache {ctx:5d} ({row['kv_bytes'] / 2**20:6.1f} MiB {args.kv_type}), "
-                  f"sinks {keep}: ppl {r['ppl']:.3f} over {r['tokens_scored']} tokens, {r['kv_shifts']} shifts",
-                  file=sys.stderr)
+        for kv_type in args.kv_types.split(","):
+            for ctx, keep in configs:
+                m = edge_rt.load(path, ctx=ctx, threads=args.threads, kv_type=kv_type)
+                r = m.eval_stream(text, args.tokens, score_from=args.score_from, keep=keep)
+                row = {"model": name, "bits": args.bits, "kv_type": kv_type, "cache_positions": ctx, "sinks": keep,
+                       "ppl": r["ppl"], "tokens_scored": r["tokens_scored"], "kv_shifts": r["kv_shifts"],
+                       "kv_bytes": KVCache.nbytes(m.spec, ctx, kv_type)}
+                rows.append(row)
+                print(f"{name} {args.bits}-bit, cache {ctx:5d} ({row['kv_bytes'] / 2**20:6.1f} MiB {kv_type}), "
+                      f"sinks {keep}: ppl {r['ppl']:.3f} over {r['tokens_scored']} tokens, {r['kv_shifts']} shifts",
+                      file=sys.stderr)
     if args.json:
         print(json.dumps(rows))
 
