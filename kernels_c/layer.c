@@ -329,13 +329,14 @@ static struct {
     void (*glu)(float *, const float *, int, int);
 } V = {scores_c, mix_c, softmax_c, glu_c};
 
+void ert_layer_select(int simd) { /* dispatch.c, at load and by ert_force_isa */
+    V.scores = scores_c, V.mix = mix_c, V.softmax = softmax_c, V.glu = glu_c;
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((constructor)) static void pick_vector_helpers(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         V.scores = scores_avx2, V.mix = mix_avx2, V.softmax = softmax_avx2, V.glu = glu_avx2;
-}
 #endif
+}
 
 /* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on (q8_0: f
  * at a block's start) */

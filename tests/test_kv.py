@@ -14,11 +14,12 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 import tiny as tiny_module
+from edge_rt import kernels
 from edge_rt.gguf_file import GGUFFile
 from edge_rt.layer import CLayers
 from edge_rt.models import spec_from_meta
-from edge_rt.models.transformer import KVCache, dequantize_q8_0, forward, quantize_q8_0
-from edge_rt.weights import Weights
+from edge_rt.models.transformer import KVCache, dequantize_q8_0, forward, layer, logits, quantize_q8_0
+from edge_rt.weights import ReferenceWeights, Weights
 from tiny import write_tiny
 
 CLI = [sys.executable, "-m", "edge_rt.cli"]
@@ -72,6 +73,35 @@ def test_the_c_layer_writes_the_twins_blocks(tiny_llama):
         # later layers read the quantized cache: close to the float32 run, not equal
         rel = np.abs(q8.decode(ours[-1, :n]) - floats[-1, :n]).max() / np.abs(floats[-1, :n]).max()
         assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_the_portable_attention_matches_the_twin(tmp_path, smollm2_gguf, monkeypatch, kv_type):
+    """force_isa("ref") selects the portable attention of ARM builds (each row converted
+    once for its head group); x86 takes it otherwise only for head sizes that are not a
+    multiple of 8, never with q8_0. A gemma3 (window 16) with 9 heads on 3 of 64 values,
+    in one batch and token by token, against the twin and against the AVX2 path."""
+    for name, value in (("H", 9), ("KV", 3), ("HD", 64)):
+        monkeypatch.setattr(tiny_module, name, value)
+    g = GGUFFile(write_tiny("gemma3", smollm2_gguf, tmp_path / "tiny.gguf", bits=32))
+    spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")
+    toks = np.random.default_rng(6).integers(100, 40000, 40)
+    twin_W, W = ReferenceWeights(g, same_arithmetic=True), Weights(g, threads=2)
+    twin = logits(twin_W, forward(spec, twin_W, toks, 0, KVCache(spec, 64, kv_type), layer))
+    out = {}
+    try:
+        for isa in ("ref", "auto"):
+            kernels.force_isa(isa)
+            kv, run = KVCache(spec, 64, kv_type), CLayers(spec, W, 2, 64, kv_type).run
+            batch = logits(W, forward(spec, W, toks[:30], 0, kv, run))
+            out[isa] = np.concatenate([batch] + [logits(W, forward(spec, W, toks[i:i + 1], i, kv, run))
+                                                 for i in range(30, len(toks))])
+    finally:
+        kernels.force_isa("auto")
+    scale = np.abs(twin).max()
+    for isa, ours in out.items():
+        assert np.abs(ours - twin).max() < {"f16": 2e-3, "q8_0": 5e-4}[kv_type] * scale, (isa, np.abs(ours - twin).max() / scale)
+    assert np.abs(out["ref"] - out["auto"]).max() < 5e-4 * scale
 
 
 def test_plan_counts_34_bytes_per_32_values(tiny_llama):

@@ -160,6 +160,10 @@ ERT_API int ert_version(void);
 typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 
+/* layer.c: its vector helpers (attention, softmax, GLU) SIMD where the CPU has them (simd != 0)
+ * or portable; dispatch.c calls it with the kernels it selects (portable for "ref") */
+void ert_layer_select(int simd);
+
 #define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
 
 /* Activations prepared once per ert_matmul call. */
