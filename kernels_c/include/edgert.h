@@ -133,7 +133,8 @@ ERT_API const char *ert_cpu_features(void);
 
 /* "ref", "avx2", "neon", "neon-dotprod" forces that instruction set (formats it has
  * no kernel for fall back to the next lower one, finally ref); "auto" or NULL goes
- * back to the best one. Returns ERT_OK, or ERT_EUNAVAIL (nothing changed) if the
+ * back to the best one ("ref" also makes the layer's attention, softmax and GLU the
+ * portable C of layer.c). Returns ERT_OK, or ERT_EUNAVAIL (nothing changed) if the
  * ISA is not compiled in or this CPU lacks it. Not thread safe: call it before
  * running kernels. */
 ERT_API int ert_force_isa(const char *isa);
