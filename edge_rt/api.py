@@ -145,6 +145,9 @@ class Model:
         self.spec.check_tensors(self.weights.shapes(), self.path)
         if kv_type not in KVCache.DTYPES:
             raise EdgeRtError(f"--kv-type {kv_type}: use one of {', '.join(KVCache.DTYPES)}")
+        if self.spec.head_dim % KVCache.PER_ELEMENT[kv_type]:
+            raise EdgeRtError(f"--kv-type {kv_type} stores blocks of {KVCache.PER_ELEMENT[kv_type]} values along a head "
+                              f"(as llama.cpp); this model's heads have {self.spec.head_dim} values: use --kv-type f16")
         if kv_policy not in KV_POLICIES:
             raise EdgeRtError(f"--kv-policy {kv_policy}: use one of {', '.join(KV_POLICIES)}")
         if kv_policy == "sink-window" and ctx < 4 * SINK_TOKENS:
@@ -321,7 +324,8 @@ class Model:
 def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
          kv_policy: str = "stop", verify: bool = True) -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
-    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16' or 'f32';
+    against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16', 'f32' or
+    'q8_0' (llama.cpp's 8-bit blocks of 32 values; head sizes that are a multiple of 32);
     kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
     positions and the most recent ones, and go on). verify: check the weights against the
     checksums convert stored, when they are first made resident (streamed layers and a

@@ -69,7 +69,7 @@ def _load(model, backend: str, mem_budget, threads, ctx, kv_type, **kw):
             raise EdgeRtError(f"{model}: an ONNX graph; run it with --backend onnxruntime")
         from .api import load
         return load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, **kw)
-    refused = [flag for flag, given in (("--mem-budget", mem_budget is not None), ("--kv-type f32", kv_type == "f32"),
+    refused = [flag for flag, given in (("--mem-budget", mem_budget is not None), (f"--kv-type {kv_type}", kv_type != "f16"),
                                         ("--kv-policy sink-window", kw.get("kv_policy") == "sink-window")) if given]
     if refused:
         raise EdgeRtError(f"{', '.join(refused)}: not offered by --backend onnxruntime")
@@ -77,8 +77,8 @@ def _load(model, backend: str, mem_budget, threads, ctx, kv_type, **kw):
     return OrtModel(model, threads=threads, ctx=ctx)
 
 
-KV_TYPE = click.option("--kv-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
-                       help="KV cache precision.")
+KV_TYPE = click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+                       help="KV cache precision (q8_0: llama.cpp's 8-bit blocks of 32 values, head sizes 32k).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

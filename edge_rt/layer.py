@@ -14,13 +14,14 @@ from .models.transformer import KVCache, rope_base_scale
 
 _F = ctypes.POINTER(ctypes.c_float)
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # enum ert_activation
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 2}  # enum ert_kv_type
 
 
 class _CLayer(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_int) for k in ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")]
                 + [("norm_eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("window", ctypes.c_int),
                    ("rope_dim", ctypes.c_int), ("rope_neox", ctypes.c_int), ("rope_base", ctypes.c_float),
-                   ("rope_scale", ctypes.c_float), ("rope_factors", _F), ("act", ctypes.c_int), ("kv_f16", ctypes.c_int)]
+                   ("rope_scale", ctypes.c_float), ("rope_factors", _F), ("act", ctypes.c_int), ("kv_type", ctypes.c_int)]
                 + [(k, _F) for k in ("attn_norm", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "post_attn_norm",
                                      "ffn_norm", "post_ffn_norm")]
                 + [(k, kernels._CWeight) for k in ("wq", "wk", "wv", "wo", "gate", "up", "down")])
@@ -70,7 +71,7 @@ class CLayers:
                     d_ff=spec.d_ff, norm_eps=spec.norm_eps, attn_scale=spec.attn_scale or 1.0 / np.sqrt(spec.head_dim),
                     window=spec.sliding_window if spec.is_local(i) else 0, rope_dim=spec.rope_dim,
                     rope_neox=int(spec.rope_style == "neox"), rope_base=base, rope_scale=scale,
-                    act=ACTIVATIONS[spec.act], kv_f16=int(self.kv_type == "f16"))
+                    act=ACTIVATIONS[spec.act], kv_type=KV_TYPES[self.kv_type])
         if factors is not None:
             c.rope_factors = factors
         for field, name in VECTORS.items():

@@ -39,7 +39,7 @@ class Plan:
     base_bytes: int      # the interpreter, libraries and tokenizer, measured before loading weights
                          # (+ CALL_BYTES: what the first call allocates beyond its arrays)
     weights_bytes: int   # resident tensors: the mapped file, or (streaming) an arena read once
-    kv_bytes: int        # the KV cache for ctx positions (float16 or float32)
+    kv_bytes: int        # the KV cache for ctx positions (float16, float32, or q8_0: 34 bytes per 32 values)
     buffer_bytes: int    # activations, attention scores and logits of the largest step
     ctx: int
     n_batch: int

@@ -194,6 +194,7 @@ static void select_kernels(int isa) {
     g_quant_act = QUANT_ACT[i < 0 ? ISA_REF : i];
     for (i = isa; i > 0 && (!g_isa_ok[i] || !LUT_ACT[i]);) i = ISA_FALLBACK[i];
     g_lut_act = LUT_ACT[i < 0 ? ISA_REF : i];
+    ert_layer_select(isa != ISA_REF);
 }
 
 static void init(void) {

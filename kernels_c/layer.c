@@ -20,7 +20,8 @@
 /* ---- vector helpers ----------------------------------------------------------------
  * Portable C (eight partial sums: compilers vectorize them without -ffast-math), and on
  * x86 AVX2+FMA+F16C twins chosen at load time (the library's baseline is SSE2). The KV
- * cache holds float32 or IEEE half, rounded to nearest even like numpy's float16. */
+ * cache holds float32, IEEE half (rounded to nearest even like numpy's float16) or q8_0
+ * (enum ert_kv_type). */
 
 typedef uint16_t half;
 
@@ -40,44 +41,88 @@ static half f2h(float f) {
 }
 #endif
 
-/* The attention of one token for R query heads that share a key/value head (R <= 4):
- *   scores(q, R, K, stride, L, hd, scale, s, ss):  s[r ss + j] = scale * q[r hd ..] . K[j]   (j < L)
- *   softmax(s, L):                                 s = exp(s - max s) / sum (in place)
- *   mix(out, R, p, ps, V, stride, L, hd):          out[r hd ..] = sum_j p[r ps + j] V[j]
- * K[j] = K + j * stride, float or half by the cache's type; the R query (and output) rows
- * follow each other. Each key and value row is read once for the R heads. */
-typedef void (*scores_fn)(const float *q, int R, const void *k, size_t stride, int L, int hd, float scale, float *s,
-                          size_t ss);
-typedef void (*mix_fn)(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L, int hd);
+/* llama.cpp's block_q8_0: 32 values x ~ d * qs */
+typedef struct {
+    half d;
+    int8_t qs[32];
+} block_q8_0;
+_Static_assert(sizeof(block_q8_0) == 34, "q8_0 blocks are 34 bytes");
 
-#define PORTABLE_ATTENTION(name, T, TO_F32)                                                     \
-    static void scores##name##_c(const float *q, int R, const void *k, size_t stride, int L, int hd, float scale, \
-                                 float *sc, size_t ss) {                                        \
-        for (int j = 0; j < L; j++) {                                                           \
-            const T *kj = (const T *)k + (size_t)j * stride;                                    \
-            for (int r = 0; r < R; r++) {                                                       \
-                const float *qr = q + (size_t)r * hd;                                           \
-                float s[8] = {0};                                                               \
-                int i = 0;                                                                      \
-                for (; i + 8 <= hd; i += 8)                                                     \
-                    for (int u = 0; u < 8; u++) s[u] += qr[i + u] * TO_F32(kj[i + u]);         \
-                for (; i < hd; i++) s[0] += qr[i] * TO_F32(kj[i]);                              \
-                sc[r * ss + j] = (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) * scale; \
-            }                                                                                   \
-        }                                                                                       \
-    }                                                                                           \
-    static void mix##name##_c(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L, \
-                              int hd) {                                                         \
-        memset(out, 0, sizeof(float) * R * hd);                                                 \
-        for (int j = 0; j < L; j++) {                                                           \
-            const T *vj = (const T *)v + (size_t)j * stride;                                    \
-            for (int r = 0; r < R; r++)                                                         \
-                for (int i = 0; i < hd; i++) out[r * hd + i] += p[r * ps + j] * TO_F32(vj[i]);  \
-        }                                                                                       \
+/* bytes of n values of a cache row (q8_0: n a multiple of 32) */
+static size_t kv_bytes(int type, size_t n) {
+    return type == ERT_KV_Q8_0 ? n / 32 * sizeof(block_q8_0) : n * (type == ERT_KV_F16 ? sizeof(half) : sizeof(float));
+}
+
+/* n values of a cache row as float32: the row itself (float32), or converted into x */
+static const float *kv_to_f32(int type, const void *row, int n, float *x) {
+    if (type == ERT_KV_F32) return row;
+    if (type == ERT_KV_F16)
+        for (int i = 0; i < n; i++) x[i] = h2f(((const half *)row)[i]);
+    else
+        for (int b = 0; b < n / 32; b++) {
+            const block_q8_0 *blk = (const block_q8_0 *)row + b;
+            const float d = h2f(blk->d);
+            for (int i = 0; i < 32; i++) x[32 * b + i] = d * blk->qs[i];
+        }
+    return x;
+}
+
+/* n values x into a cache row; q8_0 as llama.cpp's quantize_row_q8_0_ref (and gguf-py):
+ * d = max|x| / 127, codes roundf(x / d) (halves away from zero) with the float32 d */
+static void kv_from_f32(int type, const float *x, int n, void *row) {
+    if (type == ERT_KV_F32) memcpy(row, x, sizeof(float) * n);
+    else if (type == ERT_KV_F16)
+        for (int i = 0; i < n; i++) ((half *)row)[i] = f2h(x[i]);
+    else
+        for (int b = 0; b < n / 32; b++) {
+            block_q8_0 *blk = (block_q8_0 *)row + b;
+            const float *xb = x + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            blk->d = f2h(d);
+            for (int i = 0; i < 32; i++) blk->qs[i] = (int8_t)roundf(xb[i] * id);
+        }
+}
+
+/* The attention of one token for R query heads that share a key/value head (R <= 4):
+ *   scores(type, q, R, K, stride, L, hd, scale, s, ss):  s[r ss + j] = scale * q[r hd ..] . K[j]   (j < L)
+ *   softmax(s, L):                                       s = exp(s - max s) / sum (in place)
+ *   mix(type, out, R, p, ps, V, stride, L, hd):          out[r hd ..] = sum_j p[r ps + j] V[j]
+ * K[j] = K + j * stride bytes, a row of hd values of the cache's type; the R query (and
+ * output) rows follow each other. Each key and value row is read (and converted) once for
+ * the R heads. */
+typedef void (*scores_fn)(int type, const float *q, int R, const void *k, size_t stride, int L, int hd, float scale,
+                          float *s, size_t ss);
+typedef void (*mix_fn)(int type, float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L,
+                       int hd);
+
+static void scores_c(int type, const float *q, int R, const void *k, size_t stride, int L, int hd, float scale,
+                     float *sc, size_t ss) {
+    float buf[hd];
+    for (int j = 0; j < L; j++) {
+        const float *kj = kv_to_f32(type, (const char *)k + j * stride, hd, buf);
+        for (int r = 0; r < R; r++) {
+            const float *qr = q + (size_t)r * hd;
+            float s[8] = {0};
+            int i = 0;
+            for (; i + 8 <= hd; i += 8)
+                for (int u = 0; u < 8; u++) s[u] += qr[i + u] * kj[i + u];
+            for (; i < hd; i++) s[0] += qr[i] * kj[i];
+            sc[r * ss + j] = (((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))) * scale;
+        }
     }
-#define AS_F32(v) (v)
-PORTABLE_ATTENTION(, float, AS_F32)
-PORTABLE_ATTENTION(_h, half, h2f)
+}
+
+static void mix_c(int type, float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L, int hd) {
+    float buf[hd];
+    memset(out, 0, sizeof(float) * R * hd);
+    for (int j = 0; j < L; j++) {
+        const float *vj = kv_to_f32(type, (const char *)v + j * stride, hd, buf);
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < hd; i++) out[r * hd + i] += p[r * ps + j] * vj[i];
+    }
+}
 
 static void softmax_c(float *s, int L) {
     float mx = -INFINITY, sum = 0.0f;
@@ -102,9 +147,17 @@ static void glu_c(float *g, const float *u, int n, int act) {
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE AVX2 __attribute__((always_inline)) static inline
-#define LOAD_F32(p) _mm256_loadu_ps(p)
-#define LOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+/* values c..c+7 of a cache row (c a multiple of 8) */
+#define LOAD_F32(row, c) _mm256_loadu_ps((row) + (c))
+#define LOAD_F16(row, c) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((row) + (c))))
+#define LOAD_Q8_0(row, c) load_q8_0(row, c)
 #define UNROLL _Pragma("GCC unroll 4")
+
+AVX2_INLINE __m256 load_q8_0(const block_q8_0 *row, int c) {
+    const block_q8_0 *b = row + c / 32;
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + c % 32))));
+    return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)), q); /* d q: exact in float32 */
+}
 
 AVX2_INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -196,7 +249,7 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) acc[r][b] = _mm256_setzero_ps(); \
         for (int c = 0; c < hd; c += 8) {                                                       \
             UNROLL for (int b = 0; b < KB; b++) {                                               \
-                const __m256 kv = LOAD(k + b * stride + c);                                     \
+                const __m256 kv = LOAD(k + b * stride, c);                                      \
                 UNROLL for (int r = 0; r < R; r++)                                              \
                     acc[r][b] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + r * hd + c), acc[r][b]); \
             }                                                                                   \
@@ -212,6 +265,7 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
     }                                                                                           \
     AVX2 static void scores##name##_avx2(const float *q, int R, const void *k, size_t stride, int L, int hd, \
                                          float scale, float *s, size_t ss) {                    \
+        stride /= sizeof(T);                                                                    \
         switch (R) {                                                                            \
         case 1: scores##name##_rows(q, 1, k, stride, L, hd, scale, s, ss); break;               \
         case 2: scores##name##_rows(q, 2, k, stride, L, hd, scale, s, ss); break;               \
@@ -227,7 +281,7 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
             __m256 acc[4];                                                                      \
             UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_loadu_ps(out + r * hd + c);      \
             UNROLL for (int b = 0; b < KB; b++) {                                               \
-                const __m256 vv = LOAD(v + b * stride + c);                                     \
+                const __m256 vv = LOAD(v + b * stride, c);                                      \
                 UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w[r][b], vv, acc[r]); \
             }                                                                                   \
             UNROLL for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * hd + c, acc[r]);     \
@@ -243,6 +297,7 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
     }                                                                                           \
     AVX2 static void mix##name##_avx2(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, \
                                       int L, int hd) {                                          \
+        stride /= sizeof(T);                                                                    \
         switch (R) {                                                                            \
         case 1: mix##name##_rows(out, 1, p, ps, v, stride, L, hd); break;                       \
         case 2: mix##name##_rows(out, 2, p, ps, v, stride, L, hd); break;                       \
@@ -250,51 +305,59 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
         default: mix##name##_rows(out, 4, p, ps, v, stride, L, hd); break;                      \
         }                                                                                       \
     }
-AVX2_ATTENTION(, float, LOAD_F32)
-AVX2_ATTENTION(_h, half, LOAD_F16)
-#endif
+AVX2_ATTENTION(_f32, float, LOAD_F32)
+AVX2_ATTENTION(_f16, half, LOAD_F16)
+AVX2_ATTENTION(_q8_0, block_q8_0, LOAD_Q8_0)
 
-static struct {
-    scores_fn scores[2]; /* by the cache's type: [float32, half] */
-    mix_fn mix[2];
-    void (*softmax)(float *, int);
-    void (*glu)(float *, const float *, int, int);
-} V = {{scores_c, scores_h_c}, {mix_c, mix_h_c}, softmax_c, glu_c};
+/* the cache's type picks the instance (head_dim a multiple of 8) */
+AVX2 static void scores_avx2(int type, const float *q, int R, const void *k, size_t stride, int L, int hd, float scale,
+                             float *s, size_t ss) {
+    (type == ERT_KV_F32 ? scores_f32_avx2 : type == ERT_KV_F16 ? scores_f16_avx2 : scores_q8_0_avx2)(q, R, k, stride, L,
+                                                                                                  hd, scale, s, ss);
+}
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((constructor)) static void pick_vector_helpers(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-        V.scores[0] = scores_avx2, V.scores[1] = scores_h_avx2, V.mix[0] = mix_avx2, V.mix[1] = mix_h_avx2;
-        V.softmax = softmax_avx2, V.glu = glu_avx2;
-    }
+AVX2 static void mix_avx2(int type, float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L,
+                          int hd) {
+    (type == ERT_KV_F32 ? mix_f32_avx2 : type == ERT_KV_F16 ? mix_f16_avx2 : mix_q8_0_avx2)(out, R, p, ps, v, stride, L, hd);
 }
 #endif
 
-/* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on */
-static const void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
-    const size_t at = (size_t)j * l->n_kv_heads * l->head_dim + f;
-    return l->kv_f16 ? (const void *)((const half *)cache + at) : (const void *)((const float *)cache + at);
+static struct {
+    scores_fn scores; /* for head_dim a multiple of 8 */
+    mix_fn mix;
+    void (*softmax)(float *, int);
+    void (*glu)(float *, const float *, int, int);
+} V = {scores_c, mix_c, softmax_c, glu_c};
+
+void ert_layer_select(int simd) { /* dispatch.c, at load and by ert_force_isa */
+    V.scores = scores_c, V.mix = mix_c, V.softmax = softmax_c, V.glu = glu_c;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        V.scores = scores_avx2, V.mix = mix_avx2, V.softmax = softmax_avx2, V.glu = glu_avx2;
+#endif
+}
+
+/* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on (q8_0: f
+ * at a block's start) */
+static void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
+    return (char *)cache + kv_bytes(l->kv_type, (size_t)j * l->n_kv_heads * l->head_dim + f);
 }
 
 static void kv_load(const ert_layer *l, const void *cache, int j, float *x) {
     const int dkv = l->n_kv_heads * l->head_dim;
-    const void *row = kv_row(l, cache, j, 0);
-    if (!l->kv_f16) {
-        memcpy(x, row, sizeof(float) * dkv);
-        return;
-    }
-    for (int i = 0; i < dkv; i++) x[i] = h2f(((const half *)row)[i]);
+    const float *row = kv_to_f32(l->kv_type, kv_row(l, cache, j, 0), dkv, x);
+    if (row != x) memcpy(x, row, sizeof(float) * dkv);
 }
 
 static void kv_store(const ert_layer *l, void *cache, int j, const float *x) {
-    const int dkv = l->n_kv_heads * l->head_dim;
-    if (!l->kv_f16) {
-        memcpy((float *)cache + (size_t)j * dkv, x, sizeof(float) * dkv);
-        return;
-    }
-    half *row = (half *)cache + (size_t)j * dkv;
-    for (int i = 0; i < dkv; i++) row[i] = f2h(x[i]);
+    kv_from_f32(l->kv_type, x, l->n_kv_heads * l->head_dim, kv_row(l, cache, j, 0));
+}
+
+/* ERT_OK, or why the layer's cache type cannot be used */
+static int kv_check(const ert_layer *l) {
+    if (l->kv_type < ERT_KV_F32 || l->kv_type > ERT_KV_Q8_0) return ERT_EINVAL;
+    return l->kv_type == ERT_KV_Q8_0 && l->head_dim % 32 ? ERT_ESHAPE : ERT_OK; /* q8_0: blocks of 32 along a head */
 }
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -329,7 +392,7 @@ typedef struct {
     const ert_layer *l;
     int n, pos0;
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *scores;
-    void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim], float32 or half */
+    void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim] of its kv_type */
     int scores_stride, parts; /* parts: of the heads of a key/value head, one attention item each */
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
@@ -375,19 +438,19 @@ static void attention_task(void *ctx, int ith, int nth) {
     step *s = ctx;
     const ert_layer *l = s->l;
     const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts;
-    const size_t stride = (size_t)KV * hd;
-    const int simd = hd % 8 == 0, f16 = l->kv_f16 != 0;
-    const scores_fn scores = simd ? V.scores[f16] : f16 ? scores_h_c : scores_c;
-    const mix_fn mix = simd ? V.mix[f16] : f16 ? mix_h_c : mix_c;
+    const int type = l->kv_type;
+    const size_t stride = kv_bytes(type, (size_t)KV * hd); /* bytes from a position's row to the next */
+    const scores_fn scores = hd % 8 == 0 ? V.scores : scores_c;
+    const mix_fn mix = hd % 8 == 0 ? V.mix : mix_c;
     float *sc = s->scores + (size_t)ith * 4 * s->scores_stride; /* four rows of scores */
     for (int t; (t = take(s)) < s->n * KV * P;) {
         const int i = t / (KV * P), g = t / P % KV, part = t % P, p = s->pos0 + i;
         const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 (see parts) */
         const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0, L = p - first + 1;
         const size_t at = ((size_t)i * H + h0) * hd;
-        scores(s->q + at, R, kv_row(l, s->kc, first, g * hd), stride, L, hd, l->attn_scale, sc, s->scores_stride);
+        scores(type, s->q + at, R, kv_row(l, s->kc, first, g * hd), stride, L, hd, l->attn_scale, sc, s->scores_stride);
         for (int r = 0; r < R; r++) V.softmax(sc + (size_t)r * s->scores_stride, L);
-        mix(s->att + at, R, sc, s->scores_stride, kv_row(l, s->vc, first, g * hd), stride, L, hd);
+        mix(type, s->att + at, R, sc, s->scores_stride, kv_row(l, s->vc, first, g * hd), stride, L, hd);
     }
 }
 
@@ -425,6 +488,7 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
                       float *scratch, int threads) {
     if (!l || !x || !k_cache || !v_cache || !scratch || n < 0 || pos0 < 0 || pos0 + n > ctx) return ERT_EINVAL;
     if (l->n_kv_heads <= 0 || l->n_heads % l->n_kv_heads || l->rope_dim > l->head_dim || l->rope_dim % 2) return ERT_ESHAPE;
+    if (kv_check(l) != ERT_OK) return kv_check(l);
     if (!l->attn_norm || !l->ffn_norm || (l->q_norm && !l->k_norm) || (l->q_bias && (!l->k_bias || !l->v_bias)))
         return ERT_EINVAL;
     if (n == 0) return ERT_OK;
@@ -473,12 +537,13 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
 
 int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used, float *row) {
     if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
+    if (kv_check(l) != ERT_OK) return kv_check(l);
     for (int j = keep + discard; j < used; j++) {
         kv_load(l, k_cache, j, row);
         rope(l, -discard, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
         kv_store(l, k_cache, j - discard, row);
-        kv_load(l, v_cache, j, row);
-        kv_store(l, v_cache, j - discard, row);
     }
+    memmove(kv_row(l, v_cache, keep, 0), kv_row(l, v_cache, keep + discard, 0),
+            kv_bytes(l->kv_type, (size_t)(used - keep - discard) * l->n_kv_heads * l->head_dim));
     return ERT_OK;
 }

@@ -49,22 +49,59 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndar
     return out
 
 
+# llama.cpp's block_q8_0: 32 values x ~ d * qs, 34 bytes
+Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """x[..., n] (n a multiple of 32) as q8_0 blocks [..., n/32], as llama.cpp's
+    quantize_row_q8_0_ref: d = max|x| / 127 of each 32 values, codes round(x / d)
+    (halves away from zero) with the float32 d, then d stored as float16."""
+    x = np.asarray(x, np.float32).reshape(*np.shape(x)[:-1], -1, 32)
+    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+    xd = x * np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    a = np.abs(xd)
+    blocks = np.empty(x.shape[:-1], Q8_0)
+    blocks["d"], blocks["qs"] = d[..., 0], np.sign(xd) * (np.floor(a) + np.floor(2 * (a - np.floor(a))))
+    return blocks
+
+
+def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """q8_0 blocks [..., m] -> float32 [..., 32 m] (d * code: exact in float32)."""
+    x = blocks["d"].astype(np.float32)[..., None] * blocks["qs"]
+    return x.reshape(*blocks.shape[:-1], -1)
+
+
 class KVCache:
     """Keys and values of every layer for positions 0..ctx-1: float16 (as llama.cpp
-    keeps them by default; rounded to nearest even) or float32."""
+    keeps them by default; rounded to nearest even), float32, or q8_0 (llama.cpp's
+    8-bit blocks of 32 values along a head: head sizes that are a multiple of 32).
+    encode / decode turn float32 keys or values [..., head_dim] into stored elements
+    and back."""
 
-    DTYPES = {"f16": np.float16, "f32": np.float32}
+    DTYPES = {"f16": np.float16, "f32": np.float32, "q8_0": Q8_0}
+    PER_ELEMENT = {"f16": 1, "f32": 1, "q8_0": 32}  # values an element holds
 
     def __init__(self, spec: Spec, ctx: int, dtype: str = "f16"):
-        shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim)
+        per = self.PER_ELEMENT[dtype]
+        if spec.head_dim % per:
+            raise ValueError(f"a {dtype} KV cache needs a head size that is a multiple of {per}, not {spec.head_dim}")
+        shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim // per)
         self.dtype, self.ctx = dtype, ctx
         self.k, self.v = np.empty(shape, self.DTYPES[dtype]), np.empty(shape, self.DTYPES[dtype])
-        self.k.fill(0)  # written now, so the whole cache is resident from the start
-        self.v.fill(0)
+        self.k.view(np.uint8).fill(0)  # written now, so the whole cache is resident from the start
+        self.v.view(np.uint8).fill(0)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return quantize_q8_0(x) if self.dtype == "q8_0" else x.astype(self.DTYPES[self.dtype])
+
+    def decode(self, a: np.ndarray) -> np.ndarray:
+        return dequantize_q8_0(a) if self.dtype == "q8_0" else a.astype(np.float32)
 
     @classmethod
     def nbytes(cls, spec: Spec, ctx: int, dtype: str = "f16") -> int:
-        return 2 * np.dtype(cls.DTYPES[dtype]).itemsize * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
+        values = 2 * spec.n_layers * ctx * spec.n_kv_heads * spec.head_dim
+        return values // cls.PER_ELEMENT[dtype] * np.dtype(cls.DTYPES[dtype]).itemsize
 
 
 def attention(q, k, v, pos, first, window, scale):
@@ -112,10 +149,10 @@ def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.nd
     base, scale = rope_base_scale(spec, i)
     cos, sin = rope_tables(pos, base, spec.rope_dim, scale, factors)
     q, k = rope(q, cos, sin, spec.rope_style), rope(k, cos, sin, spec.rope_style)
-    kv.k[i, pos0:pos0 + n], kv.v[i, pos0:pos0 + n] = k, v
+    kv.k[i, pos0:pos0 + n], kv.v[i, pos0:pos0 + n] = kv.encode(k), kv.encode(v)
     window = spec.sliding_window if spec.is_local(i) else 0
     first = max(0, pos0 - window + 1) if window else 0
-    keys, values = kv.k[i, first:pos0 + n].astype(np.float32), kv.v[i, first:pos0 + n].astype(np.float32)
+    keys, values = kv.decode(kv.k[i, first:pos0 + n]), kv.decode(kv.v[i, first:pos0 + n])
     a = attention(q, keys, values, pos, first, window,
                   spec.attn_scale or 1.0 / np.sqrt(hd))
     a = W.linear(p + "attn_output.weight", a)
@@ -134,13 +171,14 @@ def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.nd
 def kv_shift(spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> None:
     """Drop cache positions keep..keep+discard-1 (of 0..used-1): later positions move
     down by `discard`, their keys turned back by `discard` positions of RoPE (a turn by
-    an angle linear in the position), so they read as if written there."""
+    an angle linear in the position), so they read as if written there (q8_0 keys:
+    dequantized, turned, quantized again; values move as they are)."""
     factors = W.vec("rope_freqs.weight") if W.has("rope_freqs.weight") else None
     for i in range(spec.n_layers):
         base, scale = rope_base_scale(spec, i)
         cos, sin = rope_tables(np.array([-discard]), base, spec.rope_dim, scale, factors)
-        k = kv.k[i, keep + discard:used].astype(np.float32)
-        kv.k[i, keep:used - discard] = rope(k, cos, sin, spec.rope_style)
+        k = kv.decode(kv.k[i, keep + discard:used])
+        kv.k[i, keep:used - discard] = kv.encode(rope(k, cos, sin, spec.rope_style))
         kv.v[i, keep:used - discard] = kv.v[i, keep + discard:used]
 
 

@@ -107,11 +107,12 @@ def test_decoding_token_by_token_equals_one_batch(tiny, arch):
     assert np.abs(steps - batch).max() < 1e-4 * np.abs(batch).max()
 
 
-@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_kv_shift_in_c_equals_the_numpy_twin(tiny, arch, kv_type):
     """The sink-window policy's cache shift: positions 4..4+d-1 dropped, later ones
-    moved down with their keys turned back by d RoPE positions (gemma3: two bases)."""
+    moved down with their keys turned back by d RoPE positions (gemma3: two bases;
+    q8_0: dequantized, turned, quantized again)."""
     g = GGUFFile(tiny(arch, 8))
     spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")
     W, toks = Weights(g, threads=2), tokens(5)
@@ -123,15 +124,15 @@ def test_kv_shift_in_c_equals_the_numpy_twin(tiny, arch, kv_type):
     kv_shift(spec, W, twin, 4, 17, N_TOKENS)
     used = N_TOKENS - 17
     assert np.array_equal(kv.v[:, :used], twin.v[:, :used])
-    k, t = kv.k[:, :used].astype(np.float32), twin.k[:, :used].astype(np.float32)
-    ulp = 1e-3 if kv_type == "f16" else 1e-6  # one float16 / float32 rounding apart at most
+    k, t = kv.decode(kv.k[:, :used]), twin.decode(twin.k[:, :used])
+    ulp = {"f32": 1e-6, "f16": 1e-3, "q8_0": 1 / 127}[kv_type]  # one float32 / float16 rounding, one q8_0 step
     assert np.abs(k - t).max() <= ulp * np.abs(t).max()
     assert np.array_equal(kv.k[:, :4], twin.k[:, :4])  # the sinks stay
     # layer 0's keys depend only on the token and its position: the shifted cache holds
     # what a fresh run of the kept tokens writes there
     fresh = KVCache(spec, 64, kv_type)
     forward(spec, W, np.concatenate([toks[:4], toks[4 + 17:]]), 0, fresh, CLayers(spec, W, 2, 64, kv_type).run)
-    f0, k0 = fresh.k[0, :used].astype(np.float32), kv.k[0, :used].astype(np.float32)
+    f0, k0 = fresh.decode(fresh.k[0, :used]), kv.decode(kv.k[0, :used])
     assert np.abs(f0 - k0).max() <= 10 * ulp * np.abs(f0).max()
 
 
@@ -147,13 +148,19 @@ def test_sink_window_generates_past_the_context(tiny):
     assert stop.returncode == 1 and "--kv-policy sink-window" in stop.stderr
 
 
-@pytest.mark.parametrize("kv_type", ["f32", "f16"])
-@pytest.mark.parametrize("heads", [(2, 2, 8), (9, 3, 16), (4, 1, 32), (5, 1, 12)], ids=lambda h: "H%d-KV%d-HD%d" % h)
+HEAD_GROUPS = [(2, 2, 8), (9, 3, 16), (4, 1, 32), (5, 1, 12)]
+Q8_0_HEAD_GROUPS = [(2, 2, 32), (4, 2, 32), (9, 3, 64), (4, 1, 32), (5, 1, 64)]  # q8_0: head sizes 32k
+
+
+@pytest.mark.parametrize("heads,kv_type", [(h, t) for t in ("f32", "f16") for h in HEAD_GROUPS]
+                         + [(h, "q8_0") for h in Q8_0_HEAD_GROUPS],
+                         ids=lambda a: "H%d-KV%d-HD%d" % a if isinstance(a, tuple) else a)
 def test_attention_head_groups_match_the_twin(tmp_path, smollm2_gguf, monkeypatch, heads, kv_type):
     """The C attention reads each key/value row once for up to 4 query heads of a group
     (SmolLM2: 9 heads on 3, Gemma-3: 4 on 1) and splits a group when the threads need
     more items; head sizes that are not a multiple of 8 take the portable path. A gemma3
-    (16-token window), in one batch and token by token, at 1 and 2 threads."""
+    (16-token window), in one batch and token by token, at 1 and 2 threads; the twin
+    keeps the same kind of cache (q8_0: numpy's llama.cpp blocks)."""
     import tiny as tiny_module
     monkeypatch.setattr(tiny_module, "H", heads[0])
     monkeypatch.setattr(tiny_module, "KV", heads[1])
@@ -165,8 +172,8 @@ def test_attention_head_groups_match_the_twin(tmp_path, smollm2_gguf, monkeypatc
     twin_W = ReferenceWeights(g, same_arithmetic=True)
     twin = logits(twin_W, forward(spec, twin_W, toks, 0, KVCache(spec, 64, kv_type), layer))
     # float16 caches round keys and values computed in a different order: last-bit
-    # differences become float16 steps
-    tol = 1e-4 if kv_type == "f32" else 2e-3
+    # differences become float16 steps (q8_0: a code one step apart, now and then)
+    tol = {"f32": 1e-4, "f16": 2e-3, "q8_0": 5e-4}[kv_type]  # (q8_0 against an f16 twin: ~1.5e-3)
     for threads in (1, 2):
         W = Weights(g, threads=threads)
         batch = logits(W, forward(spec, W, toks, 0, KVCache(spec, 64, kv_type), CLayers(spec, W, threads, 64, kv_type).run))

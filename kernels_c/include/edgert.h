@@ -76,6 +76,10 @@ ERT_API int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, 
 /* One transformer layer (kernels_c/layer.c; the numpy twin is models/transformer.py
  * `layer`): the sizes and switches of the family's Spec, this layer's weights. */
 enum ert_activation { ERT_ACT_SILU = 0, ERT_ACT_GELU_TANH = 1 };
+/* KV cache elements: float32; IEEE half (rounded to nearest even); llama.cpp's q8_0 (blocks of
+ * 32 values along a head: a half scale d = max|x|/127 and 32 int8 codes round(x/d), 34 bytes;
+ * head_dim a multiple of 32) */
+enum ert_kv_type { ERT_KV_F32 = 0, ERT_KV_F16 = 1, ERT_KV_Q8_0 = 2 };
 
 typedef struct {
     int d_model, n_heads, n_kv_heads, head_dim, d_ff;
@@ -87,7 +91,7 @@ typedef struct {
     float rope_base, rope_scale; /* angle = pos / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i] */
     const float *rope_factors; /* NULL, or [rope_dim/2] */
     int act;                   /* enum ert_activation: FFN gate activation */
-    int kv_f16;                /* KV cache elements: 0 float32, 1 IEEE half (rounded to nearest even) */
+    int kv_type;               /* enum ert_kv_type: the KV cache's elements */
     /* float32 vectors; NULL where the family has none (norms of the attention and FFN inputs are required) */
     const float *attn_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *post_attn_norm;
     const float *ffn_norm, *post_ffn_norm;
@@ -100,7 +104,7 @@ ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int t
 
 /* Runs n tokens at positions pos0.. through the layer: x[n][d_model] is updated in
  * place; their keys and values are written to k_cache, v_cache ([ctx][n_kv_heads]
- * [head_dim] of float32 or half, this layer's) at pos0.., and attention reads
+ * [head_dim] of the layer's kv_type, this layer's) at pos0.., and attention reads
  * positions up to each token's own. Returns ERT_OK or < 0. */
 ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
                               float *scratch, int threads);
@@ -108,7 +112,8 @@ ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int
 /* Drops cache positions keep .. keep+discard-1 of this layer's cache (filled up to
  * `used`): later positions move down by `discard`, their keys turned back by
  * `discard` positions of RoPE, so they read as if written there (the sink-and-window
- * policy of a full context). row: scratch of n_kv_heads*head_dim floats. */
+ * policy of a full context; q8_0 keys are dequantized, turned and quantized again, values
+ * move as they are). row: scratch of n_kv_heads*head_dim floats. */
 ERT_API int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used,
                                float *row);
 
@@ -128,7 +133,8 @@ ERT_API const char *ert_cpu_features(void);
 
 /* "ref", "avx2", "neon", "neon-dotprod" forces that instruction set (formats it has
  * no kernel for fall back to the next lower one, finally ref); "auto" or NULL goes
- * back to the best one. Returns ERT_OK, or ERT_EUNAVAIL (nothing changed) if the
+ * back to the best one ("ref" also makes the layer's attention, softmax and GLU the
+ * portable C of layer.c). Returns ERT_OK, or ERT_EUNAVAIL (nothing changed) if the
  * ISA is not compiled in or this CPU lacks it. Not thread safe: call it before
  * running kernels. */
 ERT_API int ert_force_isa(const char *isa);
@@ -154,6 +160,10 @@ ERT_API int ert_version(void);
  * from inside a region) the caller runs fn(ctx, 0, 1) and takes everything. */
 typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
+
+/* layer.c: its vector helpers (attention, softmax, GLU) SIMD where the CPU has them (simd != 0)
+ * or portable; dispatch.c calls it with the kernels it selects (portable for "ref") */
+void ert_layer_select(int simd);
 
 #define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
 
