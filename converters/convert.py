@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from edge_rt.atomic import check_output
 from edge_rt.errors import EdgeRtError
 from edge_rt.formats import DEFAULT_GROUP_SIZE, GroupQuant
 from edge_rt.models import spec_from_meta
@@ -62,6 +63,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
     if target == "onnx":
         from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
         onnx_export.check_options(bits, group_size, embed_bits)
+    check_output(out_path)  # before the source is read and calibrated
     src = open_source(src_path)
     known = by_sha256(src.sha256)
     if known and known.chat_template and "tokenizer.chat_template" not in src.meta:

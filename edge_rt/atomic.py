@@ -14,14 +14,20 @@ from pathlib import Path
 from .errors import EdgeRtError
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike):
-    """Yields a temporary path in OUT's folder; renames it to OUT if the block succeeds."""
+def check_output(path: str | os.PathLike) -> Path:
+    """OUT as a Path, if a file can be written there (checked before long work starts)."""
     out = Path(path)
     if out.is_dir():
         raise EdgeRtError(f"{out}: is a folder; give a file name for the output")
     if not out.parent.is_dir():
         raise EdgeRtError(f"{out.parent}: no such folder")
+    return out
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yields a temporary path in OUT's folder; renames it to OUT if the block succeeds."""
+    out = check_output(path)
     _remove_stale(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".part", dir=out.parent)
     os.close(fd)
