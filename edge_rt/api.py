@@ -220,8 +220,10 @@ class Model:
                               f"(--kv-policy sink-window keeps generating past it)")
         if len(ids) >= self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) does not fit --ctx {self.ctx}")
+        rss = metrics.rss_bytes()  # the sampler's set-up is runtime, measured: above temperature 0 it loads
+        sample = Sampler(temperature, top_k, top_p, seed)  # numpy.random (~7 MiB resident), greedy runs never
+        self.base_bytes += max(metrics.rss_bytes() - rss, 0)
         self._reserve(self.plan_for(len(ids), n))
-        sample = Sampler(temperature, top_k, top_p, seed)
         m = self.metrics = Metrics(n_prompt=len(ids))
         io0 = metrics.storage_read_bytes()
         with threadpool_limits(self.threads):
