@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
 from threadpoolctl import threadpool_limits
 
 from . import enforce, formats, memory, metrics
@@ -171,7 +170,7 @@ class Model:
         """Check the plan against the budget, then make the resident weights and the KV
         cache resident (and the stream pool, when the plan streams layers)."""
         grown = metrics.rss_bytes() - self.base_bytes
-        check(plan, self.budget, psutil.virtual_memory().available + grown)
+        check(plan, self.budget, metrics.available_bytes() + grown)
         cgroup = enforce.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
         if cgroup is not None and cgroup[0] + (1 << 20) < (self.budget or plan.total_bytes):  # (--enforce rounds it to pages)
             raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"

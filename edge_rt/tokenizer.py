@@ -57,6 +57,7 @@ import re
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Sequence
 from functools import wraps
 from typing import Any, Iterable
@@ -285,7 +286,8 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> Sequence[tuple[str, st
 
 class _Pairs(Sequence):
     """The merges (tokens[a[i]], tokens[b[i]]), made one at a time as the BPE model reads
-    them: as a list, Gemma-3's 515k pairs would hold ~40 MiB more while it is built."""
+    them: as a list of tuples, Gemma-3's 515k SPM pairs would hold ~40 MiB more while it is
+    built."""
 
     def __init__(self, tokens: list[str], a: np.ndarray, b: np.ndarray):
         self.tokens, self.a, self.b = tokens, a, b
@@ -303,18 +305,26 @@ class _Pairs(Sequence):
                 yield t[a], t[b]
 
 
-def _build_bpe(vocab: dict[str, int], pre: _Pre, merges: list[str]) -> HFTokenizer:
-    pairs, seen = [], set()
-    for m in merges:  # llama.cpp: split at the first space after position 0; first rank wins
+def _bpe_pairs(tokens: list[str], vocab: dict[str, int], merges: list[str]) -> Sequence[tuple[str, str]]:
+    """The merges as llama.cpp reads them: split at the first space after position 0, the
+    first rank of a pair winning; those whose parts or result are not tokens are dropped
+    (they cannot produce a token id)."""
+    a, b = array("i"), array("i")
+    for m in merges:
         i = m.find(" ", 1)
         if i < 0:
             continue
-        a, b = m[:i], m[i + 1:]
-        # merges whose parts or result are not tokens cannot produce a token id
-        if (a, b) in seen or a not in vocab or b not in vocab or a + b not in vocab:
-            continue
-        seen.add((a, b))
-        pairs.append((a, b))
+        x, y = m[:i], m[i + 1:]
+        if x in vocab and y in vocab and x + y in vocab:
+            a.append(vocab[x])
+            b.append(vocab[y])
+    a, b = np.frombuffer(a, np.int32), np.frombuffer(b, np.int32)
+    first = np.sort(np.unique(a.astype(np.int64) * len(tokens) + b, return_index=True)[1])
+    return _Pairs(tokens, a[first], b[first])
+
+
+def _build_bpe(tokens: list[str], vocab: dict[str, int], pre: _Pre, merges: list[str]) -> HFTokenizer:
+    pairs = _bpe_pairs(tokens, vocab, merges)
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), "isolated") for r in pre.regexes]
@@ -474,7 +484,7 @@ class Tokenizer:
         if model == "gpt2":
             merges = _as_str_list(meta, "tokenizer.ggml.merges", where)
             self._merges = _Texts(merges)
-            self.hf = _build_bpe(vocab, pre, merges)
+            self.hf = _build_bpe(tokens, vocab, pre, merges)
         else:
             self._merges = None
             self.hf = self._build_spm(tokens, vocab)
