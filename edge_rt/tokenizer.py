@@ -424,7 +424,7 @@ class Tokenizer:
         self = cls()
         self.model = model
         self.n_vocab = n
-        self._types = types
+        self._types = types.astype(np.uint8) if ((types >= 0) & (types < 256)).all() else types  # for gguf_meta()
         self._src_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.") and k not in _REBUILT[model]}
         self.chat_template = meta.get("tokenizer.chat_template")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
