@@ -171,7 +171,7 @@ def _as_str_list(meta: dict, key: str, where: str) -> list[str]:
         _fail(f"{where}: tokenizer metadata has no {key}")
     if isinstance(v, np.ndarray) or not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
         _fail(f"{where}: {key} is not an array of strings")
-    return list(v)
+    return v if isinstance(v, list) else list(v)  # (not copied: Gemma-3's tokens are 2 MiB of pointers)
 
 
 def _as_num_array(meta: dict, key: str, n: int, dtype, where: str) -> np.ndarray | None:
@@ -409,9 +409,8 @@ class Tokenizer:
         n = len(tokens)
         if n == 0:
             _fail(f"{where}: tokenizer.ggml.tokens is empty")
-        for i, s in enumerate(tokens):  # llama.cpp renames empty tokens
-            if not s:
-                tokens[i] = f"[EMPTY_{i}]"
+        if not all(tokens):  # llama.cpp renames empty tokens
+            tokens = [s or f"[EMPTY_{i}]" for i, s in enumerate(tokens)]
         vocab = dict(zip(tokens, range(n)))
         if len(vocab) != n:
             dup = next(s for i, s in enumerate(tokens) if vocab[s] != i)
