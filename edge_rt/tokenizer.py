@@ -351,7 +351,7 @@ class _Texts(Sequence):
 
 
 # The metadata arrays a Tokenizer holds in its own form once built (a GGUFFile's meta need not
-# keep them: Gemma-3's 262k token texts are ~30 MiB as Python strings); gguf_meta() rebuilds them.
+# keep them: Gemma-3's 262k token texts are ~27 MiB as Python strings); gguf_meta() rebuilds them.
 ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
 _REBUILT = {"gpt2": set(ARRAY_KEYS), "llama": set(ARRAY_KEYS) - {"tokenizer.ggml.merges"}}
 
