@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
 from threadpoolctl import threadpool_limits
 
 from . import enforce, formats, memory, metrics
@@ -20,7 +19,7 @@ from .plan import Plan, check, format_size, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
 from .layer import CLayers
-from .tokenizer import Tokenizer
+from .tokenizer import ARRAY_KEYS as TOKENIZER_ARRAYS, Tokenizer
 from .verify import check_loaded
 from .weights import Weights
 
@@ -135,6 +134,8 @@ class Model:
             raise EdgeRtError(f"{self.path}: made by edge-rt with layout version {version}; this edge-rt reads "
                               f"version {formats.FORMAT_VERSION}: convert the source model again")
         self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta)
+        for key in TOKENIZER_ARRAYS:  # the tokenizer holds them now
+            self.g.meta.pop(key, None)
         memory.trim()
         self.spec = spec_from_meta(self.g.meta, self.tokenizer.n_vocab, self.path)
         if ctx < 2 or ctx > self.spec.ctx_train:
@@ -172,7 +173,7 @@ class Model:
         """Check the plan against the budget, then make the resident weights and the KV
         cache resident (and the stream pool, when the plan streams layers)."""
         grown = metrics.rss_bytes() - self.base_bytes
-        check(plan, self.budget, psutil.virtual_memory().available + grown)
+        check(plan, self.budget, metrics.available_bytes() + grown)
         cgroup = enforce.cgroup_limit()  # its OOM kill would end us without a word: refuse now instead
         if cgroup is not None and cgroup[0] + (1 << 20) < (self.budget or plan.total_bytes):  # (--enforce rounds it to pages)
             raise EdgeRtError(f"this run needs {format_size(plan.total_bytes)}"
@@ -217,14 +218,16 @@ class Model:
     def generate(self, prompt: str, n: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                  seed: int | None = None, chat: bool = False) -> Iterator[str]:
         """Stream the text of up to n new tokens; stops at the model's end-of-generation tokens."""
-        ids = prompt_ids(self.tokenizer, prompt, chat)
+        rss = metrics.rss_bytes()  # the call's set-up is runtime, measured: with --chat, jinja2 (~10 MiB resident);
+        ids = prompt_ids(self.tokenizer, prompt, chat)  # above temperature 0, numpy.random (~6 MiB)
         if self.kv_policy == "stop" and len(ids) + n > self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds --ctx {self.ctx} "
                               f"(--kv-policy sink-window keeps generating past it)")
         if len(ids) >= self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) does not fit --ctx {self.ctx}")
-        self._reserve(self.plan_for(len(ids), n))
         sample = Sampler(temperature, top_k, top_p, seed)
+        self.base_bytes += max(metrics.rss_bytes() - rss, 0)
+        self._reserve(self.plan_for(len(ids), n))
         m = self.metrics = Metrics(n_prompt=len(ids))
         io0 = metrics.storage_read_bytes()
         with threadpool_limits(self.threads):

@@ -123,6 +123,10 @@ class GGUFFile:
             raise EdgeRtError(f"{short(self.path)}: {os_message(e)}") from None
         self.size = size
         self._parse()
+        try:  # the header's pages were read once into `meta`: out of this process's resident memory
+            self._mm.madvise(mmap.MADV_DONTNEED, 0, self.data_start // mmap.PAGESIZE * mmap.PAGESIZE)
+        except (AttributeError, OSError, ValueError):  # no madvise (not Linux), or a header under a page
+            pass
 
     def _parse(self):
         c = _Cursor(self._mm, self.path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 _done = False
@@ -17,7 +16,7 @@ def return_freed_memory() -> None:
         return
     _done = True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library the interpreter runs on (ctypes.util would load subprocess: ~1 MiB)
         libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):  # not glibc: musl and others return memory already
@@ -29,6 +28,6 @@ def trim() -> None:
     together (a 262k-token vocabulary's build: ~30 MiB) leave pages the trim threshold
     alone does not release, because live objects sit above them."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,6 +62,7 @@ def _die_with_parent() -> None:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib  # noqa: PLC0415 (here and in pull: a run of a cached model needs none of these, ~6 MiB resident)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -75,6 +71,7 @@ def sha256_file(path: Path) -> str:
 
 
 def pull(name: str, log=None) -> Path:
+    import shutil, subprocess, tempfile, zipfile  # noqa: E401, PLC0415
     e = entry(name)
     out = cached_path(e)
     log = log or (lambda msg: print(msg, file=sys.stderr))

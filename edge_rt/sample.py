@@ -15,7 +15,8 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self):
-        self.rng = np.random.default_rng(self.seed)
+        # greedy decoding draws nothing: numpy.random (~7 MiB resident with what it imports) stays unloaded
+        self.rng = np.random.default_rng(self.seed) if self.temperature > 0 else None
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature <= 0:

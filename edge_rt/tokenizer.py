@@ -57,6 +57,8 @@ import re
 import sys
 import threading
 import time
+from array import array
+from collections.abc import Sequence
 from functools import wraps
 from typing import Any, Iterable
 
@@ -169,7 +171,7 @@ def _as_str_list(meta: dict, key: str, where: str) -> list[str]:
         _fail(f"{where}: tokenizer metadata has no {key}")
     if isinstance(v, np.ndarray) or not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
         _fail(f"{where}: {key} is not an array of strings")
-    return list(v)
+    return v if isinstance(v, list) else list(v)  # (not copied: Gemma-3's tokens are 2 MiB of pointers)
 
 
 def _as_num_array(meta: dict, key: str, n: int, dtype, where: str) -> np.ndarray | None:
@@ -210,7 +212,7 @@ def _as_bool(meta: dict, key: str, default: bool, where: str) -> bool:
 SPM_CHUNK = 1 << 15  # tokens hashed at once: bounds the transient arrays (~100 bytes a character)
 
 
-def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
+def _spm_merges(tokens: list[str], scores: np.ndarray) -> Sequence[tuple[str, str]]:
     """Every split (a, b) of every token t with a and b tokens, ordered by t's score
     (highest first), then t's id, then the split position. Vectorized: polynomial hashes
     of every prefix/suffix are looked up among the tokens' hashes, and each candidate is
@@ -273,14 +275,85 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
         found.append((tok[okb], ia[okb], ib_[okb], k[okb]))
     tok, ia, ib_, k = (np.concatenate(c) for c in zip(*found)) if found else (np.zeros(0, np.int64),) * 4
     o = np.lexsort((k, tok, -scores[tok].astype(np.float64)))
-    out = []
+    tok, ia, ib_ = tok[o], ia[o].astype(np.int32), ib_[o].astype(np.int32)
+    exact = np.zeros(len(o), bool)
     for s in range(0, len(o), SPM_CHUNK):  # (as Python ints a few at a time, for the same reason)
-        oo = o[s:s + SPM_CHUNK]
-        for t, a, c in zip(tok[oo].tolist(), ia[oo].tolist(), ib_[oo].tolist()):
-            x, y = tokens[a], tokens[c]
-            if x + y == tokens[t]:  # the hash is only a filter
-                out.append((x, y))
-    return out
+        exact[s:s + SPM_CHUNK] = [tokens[a] + tokens[c] == tokens[t] for t, a, c in  # the hash is only a filter
+                                  zip(tok[s:s + SPM_CHUNK].tolist(), ia[s:s + SPM_CHUNK].tolist(),
+                                      ib_[s:s + SPM_CHUNK].tolist())]
+    return _Pairs(tokens, ia[exact], ib_[exact])
+
+
+class _Pairs(Sequence):
+    """The merges (tokens[a[i]], tokens[b[i]]), made one at a time as the BPE model reads
+    them: as a list of tuples, Gemma-3's 515k SPM pairs would hold ~40 MiB more while it is
+    built."""
+
+    def __init__(self, tokens: list[str], a: np.ndarray, b: np.ndarray):
+        self.tokens, self.a, self.b = tokens, a, b
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, i: int) -> tuple[str, str]:
+        return self.tokens[self.a[i]], self.tokens[self.b[i]]
+
+    def __iter__(self):
+        t = self.tokens
+        for s in range(0, len(self.a), SPM_CHUNK):
+            for a, b in zip(self.a[s:s + SPM_CHUNK].tolist(), self.b[s:s + SPM_CHUNK].tolist()):
+                yield t[a], t[b]
+
+
+def _bpe_pairs(tokens: list[str], vocab: dict[str, int], merges: list[str]) -> Sequence[tuple[str, str]]:
+    """The merges as llama.cpp reads them: split at the first space after position 0, the
+    first rank of a pair winning; those whose parts or result are not tokens are dropped
+    (they cannot produce a token id)."""
+    a, b = array("i"), array("i")
+    for m in merges:
+        i = m.find(" ", 1)
+        if i < 0:
+            continue
+        x, y = m[:i], m[i + 1:]
+        if x in vocab and y in vocab and x + y in vocab:
+            a.append(vocab[x])
+            b.append(vocab[y])
+    a, b = np.frombuffer(a, np.int32), np.frombuffer(b, np.int32)
+    first = np.sort(np.unique(a.astype(np.int64) * len(tokens) + b, return_index=True)[1])
+    return _Pairs(tokens, a[first], b[first])
+
+
+def _build_bpe(tokens: list[str], vocab: dict[str, int], pre: _Pre, merges: list[str]) -> HFTokenizer:
+    pairs = _bpe_pairs(tokens, vocab, merges)
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), "isolated") for r in pre.regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+class _Texts(Sequence):
+    """A list of strings kept as one UTF-8 buffer and offsets (as str objects, SmolLM2's
+    49k merges take ~4 MiB); lone surrogates (from a tokenizer.json) round-trip."""
+
+    def __init__(self, texts: list[str]):
+        data = [t.encode("utf-8", "surrogatepass") for t in texts]
+        self.ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
+        self.data = b"".join(data)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = int(self.ends[i - 1]) if i else 0
+        return self.data[start:int(self.ends[i])].decode("utf-8", "surrogatepass")
+
+
+# The metadata arrays a Tokenizer holds in its own form once built (a GGUFFile's meta need not
+# keep them: Gemma-3's 262k token texts are ~27 MiB as Python strings); gguf_meta() rebuilds them.
+ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
+_REBUILT = {"gpt2": set(ARRAY_KEYS), "llama": set(ARRAY_KEYS) - {"tokenizer.ggml.merges"}}
 
 
 # --- the tokenizer --------------------------------------------------------------------------
@@ -319,7 +392,7 @@ class Tokenizer:
 
     def __init__(self):  # use from_gguf_meta / from_hf_json
         self._lock = threading.Lock()
-        self._pieces: list[bytes | None] = []
+        self._pieces: dict[int, bytes] = {}  # token_to_piece of the tokens decoded so far
         self._template_cache: tuple[str, Any] | None = None
 
     # ---- construction -----------------------------------------------------------------------
@@ -336,9 +409,8 @@ class Tokenizer:
         n = len(tokens)
         if n == 0:
             _fail(f"{where}: tokenizer.ggml.tokens is empty")
-        for i, s in enumerate(tokens):  # llama.cpp renames empty tokens
-            if not s:
-                tokens[i] = f"[EMPTY_{i}]"
+        if not all(tokens):  # llama.cpp renames empty tokens
+            tokens = [s or f"[EMPTY_{i}]" for i, s in enumerate(tokens)]
         vocab = dict(zip(tokens, range(n)))
         if len(vocab) != n:
             dup = next(s for i, s in enumerate(tokens) if vocab[s] != i)
@@ -351,10 +423,8 @@ class Tokenizer:
         self = cls()
         self.model = model
         self.n_vocab = n
-        self._tokens = tokens
-        self._vocab = vocab
-        self._types = types
-        self._src_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+        self._types = types.astype(np.uint8) if ((types >= 0) & (types < 256)).all() else types  # for gguf_meta()
+        self._src_meta = {k: v for k, v in meta.items() if k.startswith("tokenizer.") and k not in _REBUILT[model]}
         self.chat_template = meta.get("tokenizer.chat_template")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             _fail(f"{where}: tokenizer.chat_template is not a string")
@@ -398,10 +468,10 @@ class Tokenizer:
         self.add_bos = _as_bool(meta, "tokenizer.ggml.add_bos_token", add_bos, where)
         self.add_eos = _as_bool(meta, "tokenizer.ggml.add_eos_token", False, where)
 
-        attr = np.zeros(n, np.int32)
+        attr = np.zeros(n, np.uint8)
         for t, a in _TYPE_TO_ATTR.items():
             attr[types == t] = a
-        self._adjust_attrs(attr, special)
+        self._adjust_attrs(tokens, vocab, attr, special)
         self._attr = attr
         self.bos_id, self.eos_id, self.unk_id = special["bos"], special["eos"], special["unknown"]
         if self.add_bos and self.bos_id is None:
@@ -412,19 +482,17 @@ class Tokenizer:
 
         if model == "gpt2":
             merges = _as_str_list(meta, "tokenizer.ggml.merges", where)
-            self._merges = merges
-            self.hf = self._build_bpe(pre, merges)
+            self._merges = _Texts(merges)
+            self.hf = _build_bpe(tokens, vocab, pre, merges)
         else:
             self._merges = None
-            self.hf = self._build_spm()
-        self._add_tokens()
-        self._pieces = [None] * n
+            self.hf = self._build_spm(tokens, vocab)
+        self._add_tokens(tokens)  # from here on, token texts come from self.hf: no Python copy of the vocabulary
         return self
 
-    def _adjust_attrs(self, attr: np.ndarray, special: dict) -> None:
+    def _adjust_attrs(self, tokens: list[str], vocab: dict[str, int], attr: np.ndarray, special: dict) -> None:
         """llama.cpp's loader: auto-detected EOT/EOM/FIM tokens and every end-of-generation
         text become CONTROL; the EOG set."""
-        vocab = self._vocab
 
         def find(texts):
             ids = [vocab[t] for t in texts if t in vocab]
@@ -449,7 +517,7 @@ class Tokenizer:
         for k in ("eos", "eot", "eom"):
             if special[k] is not None:
                 eog.add(special[k])
-        texts = {self._tokens[i]: i for i in eog}
+        texts = {tokens[i]: i for i in eog}
         if "<|end|>" in texts and (("<|return|>" in texts and "<|call|>" in texts)
                                    or ("<|calls|>" in texts and "<|flush|>" in texts)):
             eog.discard(texts["<|end|>"])
@@ -459,30 +527,10 @@ class Tokenizer:
             attr[texts["</s>"]] = A_NORMAL
         self.eos_ids = eog
 
-    def _build_bpe(self, pre: _Pre, merges: list[str]) -> HFTokenizer:
-        vocab = self._vocab
-        pairs, seen = [], set()
-        for m in merges:  # llama.cpp: split at the first space after position 0; first rank wins
-            i = m.find(" ", 1)
-            if i < 0:
-                continue
-            a, b = m[:i], m[i + 1:]
-            # merges whose parts or result are not tokens cannot produce a token id
-            if (a, b) in seen or a not in vocab or b not in vocab or a + b not in vocab:
-                continue
-            seen.add((a, b))
-            pairs.append((a, b))
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r), "isolated") for r in pre.regexes]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-        tk.decoder = decoders.ByteLevel()
-        return tk
-
-    def _build_spm(self) -> HFTokenizer:
-        merges = _spm_merges(self._tokens, self._scores)
-        unk = self._tokens[self.unk_id] if self.unk_id is not None else None
-        tk = HFTokenizer(models.BPE(vocab=self._vocab, merges=merges, byte_fallback=True, unk_token=unk))
+    def _build_spm(self, tokens: list[str], vocab: dict[str, int]) -> HFTokenizer:
+        merges = _spm_merges(tokens, self._scores)
+        unk = tokens[self.unk_id] if self.unk_id is not None else None
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=unk))
         norm = [normalizers.Replace(" ", SPACE)]
         if self.add_space_prefix:
             norm.insert(0, normalizers.Prepend(SPACE))
@@ -493,8 +541,8 @@ class Tokenizer:
         tk.decoder = decoders.Sequence(dec)
         return tk
 
-    def _add_tokens(self) -> None:
-        attr, toks = self._attr, self._tokens
+    def _add_tokens(self, toks: list[str]) -> None:
+        attr = self._attr
         special = np.nonzero(attr & (A_CONTROL | A_UNKNOWN))[0]
         user = np.nonzero(((attr & A_USER_DEFINED) != 0) & ((attr & (A_CONTROL | A_UNKNOWN)) == 0))[0]
         self.hf.add_special_tokens([AddedToken(toks[i], special=True, normalized=False) for i in special.tolist()])
@@ -530,7 +578,7 @@ class Tokenizer:
         m = dict(self._src_meta)
         m["tokenizer.ggml.model"] = self.model
         m["tokenizer.ggml.pre"] = self.pre
-        m["tokenizer.ggml.tokens"] = list(self._tokens)
+        m["tokenizer.ggml.tokens"] = [self.hf.id_to_token(i) for i in range(self.n_vocab)]
         m["tokenizer.ggml.token_type"] = np.asarray(self._types, np.int32)
         if self.model == "llama":
             m["tokenizer.ggml.scores"] = np.asarray(self._scores, np.float32)
@@ -550,10 +598,10 @@ class Tokenizer:
     # ---- text <-> ids ---------------------------------------------------------------------------
     @property
     def bos_text(self) -> str:
-        return self._tokens[self.bos_id] if self.bos_id is not None else ""
+        return self.token_text(self.bos_id) if self.bos_id is not None else ""
 
     def token_text(self, token_id: int) -> str:
-        return self._tokens[token_id]
+        return self.hf.id_to_token(token_id)
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of text. add_bos None: as llama.cpp's add_special (BOS if the model adds
@@ -586,10 +634,10 @@ class Tokenizer:
             raise EdgeRtError(f"token id {tid} is out of range (vocabulary of {self.n_vocab})")
         a = int(self._attr[tid])
         if a & (A_CONTROL | A_UNKNOWN):
-            return self._tokens[tid].encode() if special else b""
-        p = self._pieces[tid]
+            return self.token_text(tid).encode() if special else b""
+        p = self._pieces.get(tid)
         if p is None:
-            s = self._tokens[tid]
+            s = self.token_text(tid)
             if a & A_USER_DEFINED:
                 p = s.encode()
             elif a & A_NORMAL:
@@ -627,7 +675,7 @@ class Tokenizer:
         if self._template_cache is None or self._template_cache[0] != self.chat_template:
             self._template_cache = (self.chat_template, _compile_template(self.chat_template))
         ctx = {"bos_token": self.bos_text,
-               "eos_token": self._tokens[self.eos_id] if self.eos_id is not None else "",
+               "eos_token": self.token_text(self.eos_id) if self.eos_id is not None else "",
                **kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt}
         return _render(self._template_cache[1], ctx)
 

@@ -302,15 +302,15 @@ def test_decode_round_trip_and_stream(name, models, text):
 
 
 def test_stream_decoder_holds_back_partial_utf8(gemma, smol):
-    byte = [gemma._vocab[f"<0x{b:02X}>"] for b in "😀".encode()]
+    byte = [gemma.hf.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
     d = gemma.stream_decoder()
     assert [d.push(t) for t in byte] == ["", "", "", "😀"]
     assert d.flush() == ""
     d = gemma.stream_decoder()
     assert d.push(byte[0]) == "" and d.push(byte[1]) == "" and d.flush() == "\ufffd"
-    assert gemma.decode(byte[:2] + [gemma._vocab["<0x41>"]]) == "\ufffdA"
+    assert gemma.decode(byte[:2] + [gemma.hf.token_to_id("<0x41>")]) == "\ufffdA"
     # byte-level BPE: the single-byte tokens of a 4-byte character
-    ids = [smol._vocab[T._BYTE_ENCODER[b]] for b in "𝄞".encode()]
+    ids = [smol.hf.token_to_id(T._BYTE_ENCODER[b]) for b in "𝄞".encode()]
     d = smol.stream_decoder()
     assert [d.push(t) for t in ids] == ["", "", "", "𝄞"]
 
@@ -602,15 +602,15 @@ def test_regexes_split_as_llama_cpp(kind, regex, text):
 def test_qwen2_random_vocab_round_trip():
     tok = Tokenizer.from_gguf_meta(_fake_bpe_meta("qwen2"))
     assert tok.pre == "qwen2" and not tok.add_bos
-    assert tok.eos_ids == {tok._vocab[t] for t in ("<|im_end|>", "<|endoftext|>")}
+    assert tok.eos_ids == {tok.hf.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
     for s in SAMPLES + _random_strings(300, seed=6, max_len=80):
         ids = tok.encode(s)
         assert tok.decode(ids) == s
         d = tok.stream_decoder()
         assert "".join(d.push(t) for t in ids) + d.flush() == s
-    assert tok.encode("<tool>x")[0] == tok._vocab["<tool>"]  # user-defined: always cut out
-    assert tok.encode("<|im_end|>")[0] != tok._vocab["<|im_end|>"]  # control: text unless special=True
-    assert tok.encode("<|im_end|>", special=True) == [tok._vocab["<|im_end|>"]]
+    assert tok.encode("<tool>x")[0] == tok.hf.token_to_id("<tool>")  # user-defined: always cut out
+    assert tok.encode("<|im_end|>")[0] != tok.hf.token_to_id("<|im_end|>")  # control: text unless special=True
+    assert tok.encode("<|im_end|>", special=True) == [tok.hf.token_to_id("<|im_end|>")]
 
 
 # --- 6. malformed metadata --------------------------------------------------------------------------------
