@@ -61,7 +61,10 @@ def test_plan_names_what_streams_and_refuses_below_the_minimum(cold_model):
     smallest = named_minimum(edge_rt("plan", cold_model, "--ctx", 256, "--mem-budget", "10M"))
     assert 0 < smallest < full["total_bytes"] * 0.8
     least = last_json(edge_rt("plan", cold_model, "--ctx", 256, "--json", "--mem-budget", smallest))
-    assert least["streamed_layers"] == 30 and least["streamed_head"]  # at the minimum, everything streams
+    # at the minimum everything streams; the next process's measured runtime can come out
+    # ~1 MiB smaller than this one's (numpy's BLAS threads), and with the MiB the minimum
+    # was rounded up to, one 3.6 MiB layer may then fit resident
+    assert least["streamed_layers"] >= 29 and least["streamed_head"] and least["total_bytes"] <= smallest
     assert "token_embd.weight" in least["streamed_tensors"]
 
 
