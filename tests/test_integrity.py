@@ -70,8 +70,10 @@ def test_llama_cpp_output_carries_checksums(tiny_models, tmp_path):
 
 
 def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, tmp_path):
-    """20 converts killed at uniformly random moments of their run; then one more that
-    finishes and removes the temporary files the killed ones left."""
+    """20 converts killed: the even ones at uniformly random moments of their run, the odd
+    ones as soon as their temporary file appears (so some die while writing, however the
+    machine's load stretches the run); then one more that finishes and removes the
+    temporary files the killed ones left."""
     out = tmp_path / "out.gguf"
     args = CLI + ["convert", str(tiny_models["src32"]), "-o", str(out), "--bits", "4"]
     t0 = time.monotonic()
@@ -84,7 +86,13 @@ def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, t
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=ENV)
         delay = float(rng.uniform(0.2, 1.0)) * full
-        time.sleep(delay)
+        if trial % 2:
+            t1 = time.monotonic()
+            while p.poll() is None and not list(tmp_path.glob(f".out.gguf.{p.pid}.*.part")):
+                time.sleep(0.001)
+            delay = time.monotonic() - t1
+        else:
+            time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
         killed = p.returncode == -signal.SIGKILL
