@@ -103,7 +103,7 @@ class ArithWeights(ReferenceWeights):
             return self._spread[key]
         c = fmt.unpack(parts["codes"], cols)[r0:r1]
         rows, J = r1 - r0, cols // 4
-        d = np.asarray(parts["scale"]).astype(np.float32)[r0:r1][:, (np.arange(J) * 4) // fmt.group_size]
+        d = fmt.unpack_groups(parts["scale"]).astype(np.float32)[r0:r1][:, (np.arange(J) * 4) // fmt.group_size]
         A = np.zeros((J, 16, rows), np.float32)
         quad = c.reshape(rows, J, 4)
         for k in range(fmt.bits):

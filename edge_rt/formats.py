@@ -10,7 +10,7 @@ Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
     group of a row may be shorter), each with a scale d and a minimum m (float16):
         w = d * c + m,   c = clip(round((w - m) / d), 0, 2^bits - 1)
   - parts: "codes" uint8[rows, cols*bits/8], "scale" and "min" float16[rows, groups]
-    (scale and min stay in row order; only the codes are tiled).
+    (q8: in row order; q1..q4: in tile order, see below).
   - q8 codes are stored row by row, one byte per code (the int8 dot-product kernels).
   - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
     of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
@@ -23,13 +23,15 @@ Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
     (a row's two nibbles of a pair, or of a lone plane, side by side: after the table
     lookups one multiply-add weighs and sums them into the row). A tile takes h*cols*bits/8
     bytes, so "codes" keeps its shape [rows, cols*bits/8] (a byte array whose row index
-    is not a matrix row).
+    is not a matrix row). "scale" and "min" go by the same tiles (pack_groups): inside a
+    tile, group by group, the h rows' values in row order (a group's scales of a tile are
+    what the kernels load at once); the shape stays [rows, groups].
 """
 from __future__ import annotations
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: q1..q4 scales and mins in tile order
 BLOCK = 32  # columns per code block
 DEFAULT_GROUP_SIZE = 64  # columns per (scale, min) pair unless asked otherwise
 BITS = (1, 2, 3, 4, 8)
@@ -87,7 +89,7 @@ class GroupQuant:
     # -- quantize ------------------------------------------------------------------
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         c, d, m = self.round(w)
-        return {"codes": self.pack(c), "scale": d, "min": m}
+        return {"codes": self.pack(c), "scale": self.pack_groups(d), "min": self.pack_groups(m)}
 
     def round(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Round-to-nearest: codes uint8 [rows, cols] and d, m float16 [rows, groups]."""
@@ -127,12 +129,34 @@ class GroupQuant:
         return np.concatenate([_unpack_tiles(flat[:cut], TILE, cols, self.bits),
                                _unpack_tiles(flat[cut:], rows - full, cols, self.bits)])
 
+    def pack_groups(self, a: np.ndarray) -> np.ndarray:
+        """float16 per-group values (scale or min) [rows, groups] in row order -> the
+        layout above (q8: unchanged; q1..q4: [tile][group][row of the tile]), same shape."""
+        a = np.asarray(a, dtype=np.float16)
+        if self.bits == 8:
+            return np.ascontiguousarray(a)
+        rows, ng = a.shape
+        full = rows - rows % TILE
+        tiles = a[:full].reshape(-1, TILE, ng).transpose(0, 2, 1).reshape(-1)
+        return np.concatenate([tiles, a[full:].T.reshape(-1)]).reshape(rows, ng)
+
+    def unpack_groups(self, a: np.ndarray) -> np.ndarray:
+        """The inverse of pack_groups: [rows, groups] in row order."""
+        a = np.asarray(a)
+        if self.bits == 8:
+            return a
+        rows, ng = a.shape
+        full = rows - rows % TILE
+        flat = a.reshape(-1)
+        tiles = flat[:full * ng].reshape(-1, ng, TILE).transpose(0, 2, 1).reshape(full, ng)
+        return np.concatenate([tiles, flat[full * ng:].reshape(ng, rows - full).T])
+
     # -- dequantize ----------------------------------------------------------------
     def dequantize(self, parts: dict[str, np.ndarray], cols: int) -> np.ndarray:
         c = self.unpack(np.asarray(parts["codes"]).view(np.uint8), cols).astype(np.float32)
         gidx = np.arange(cols) // self.group_size
-        d = np.asarray(parts["scale"]).astype(np.float32)[:, gidx]
-        m = np.asarray(parts["min"]).astype(np.float32)[:, gidx]
+        d = self.unpack_groups(parts["scale"]).astype(np.float32)[:, gidx]
+        m = self.unpack_groups(parts["min"]).astype(np.float32)[:, gidx]
         return d * c + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
 
 
@@ -227,7 +251,7 @@ def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray)
     most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls."""
     _, ls = lut_tables(np.atleast_2d(x))
     gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
-    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
     return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64) @ d.T)
 
 
@@ -247,8 +271,8 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     rows, nblk = parts["codes"].shape[0], cols // BLOCK
     c = fmt.unpack(parts["codes"], cols)
     gidx = (np.arange(nblk) * BLOCK) // fmt.group_size
-    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
-    m = np.asarray(parts["min"]).astype(np.float64)[:, gidx]
+    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    m = fmt.unpack_groups(parts["min"]).astype(np.float64)[:, gidx]
     if fmt.bits == 8:
         s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - 128
         qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]

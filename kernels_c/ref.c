@@ -150,7 +150,7 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 /* q8: integer dot products of int8 activations and s = c - 128 */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, off = 1 << (bits - 1);
+    const int nblk = a->nblk, off = 1 << (bits - 1);
     int8_t s[CHUNK * ERT_BLOCK];
     for (int r = r0; r < r1; r++) {
         for (int j = 0; j < a->n; j++) y[(size_t)j * w->rows + r] = 0.0f;
@@ -167,9 +167,9 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
                 const int32_t *qsum = a->qsum + (size_t)j * nblk + b0;
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    int g = (b0 + b) * ERT_BLOCK / w->group_size;
-                    float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-                    float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+                    const size_t gi = ert_group_offset(w, bits, r, (b0 + b) * ERT_BLOCK / w->group_size);
+                    float d = ert_half_to_float(w->scale[gi]);
+                    float m = ert_half_to_float(w->min[gi]);
                     int32_t isum = 0;
                     for (int i = 0; i < ERT_BLOCK; i++) isum += (int32_t)s[b * ERT_BLOCK + i] * q[b * ERT_BLOCK + i];
                     acc += da[b] * (d * (float)isum + (m + d * (float)off) * (float)qsum[b]);
@@ -191,8 +191,8 @@ void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, f
             const float *ls = a->ls + (size_t)j * nblk;
             float acc = 0.0f;
             for (int g = 0; g < ng; g++) {
-                const float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-                const float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+                const float d = ert_half_to_float(w->scale[ert_group_offset(w, bits, r, g)]);
+                const float m = ert_half_to_float(w->min[ert_group_offset(w, bits, r, g)]);
                 const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
                 float fsum = 0.0f;
                 for (int b = g * bpg; b < b1; b++) {
@@ -213,14 +213,13 @@ void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, f
 
 static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, int bits) {
     const int cols = w->cols, nblk = cols / ERT_BLOCK;
-    const int ng = (cols + w->group_size - 1) / w->group_size;
     for (int i = 0; i < k; i++) {
         int64_t r = rows ? rows[i] : row0 + i;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
-            int g = b * ERT_BLOCK / w->group_size;
-            float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-            float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+            const size_t gi = ert_group_offset(w, bits, (int)r, b * ERT_BLOCK / w->group_size);
+            float d = ert_half_to_float(w->scale[gi]);
+            float m = ert_half_to_float(w->min[gi]);
             uint8_t c[ERT_BLOCK];
             unpack_block(w, bits, (int)r, b, c);
             for (int t = 0; t < ERT_BLOCK; t++) o[b * ERT_BLOCK + t] = d * (float)c[t] + m;

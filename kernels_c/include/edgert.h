@@ -58,8 +58,9 @@ typedef struct {
     int group_size;     /* group formats: columns per (scale, min); multiple of 32; ignored for f32/f16 */
     const void *data;   /* f32: float[rows][cols]; f16: uint16 (IEEE half)[rows][cols];
                            group formats: codes uint8[rows][cols*bits/8] */
-    const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size) */
-    const uint16_t *min;   /* group formats: float16 [rows][ngroups] */
+    const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size);
+                              q8 in row order, q1..q4 in tile order (ert_group_offset) */
+    const uint16_t *min;   /* group formats: float16 [rows][ngroups], as scale */
 } ert_weight;
 
 /* y[n][rows] = x[n][cols] . W^T (y is overwritten; x and y must not overlap).
@@ -209,6 +210,16 @@ static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b,
     const int wu = bits - 2 * u >= 2 ? 2 : 1; /* planes in pair u */
     return (size_t)t0 * w->cols * bits / 8 + ((size_t)b * bits + 2 * u) * 4 * h + 2 * (size_t)h * (wu == 2 ? s : s >> 1) +
            2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
+}
+
+/* Index of row r's group g in the scale and min arrays (formats.pack_groups): q8 row by
+ * row; q1..q4 by tiles of 32 rows (h rows in the last), group by group, the tile's rows
+ * in order. */
+static inline size_t ert_group_offset(const ert_weight *w, int bits, int r, int g) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    if (bits == 8) return (size_t)r * ng + g;
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
+    return (size_t)t0 * ng + (size_t)g * h + (r - t0);
 }
 
 typedef struct {
