@@ -4,9 +4,9 @@
  *
  * Arithmetic (formats.matmul_reference):
  *   q1..q4, table lookups: per 4 columns a 16-entry int8 table t of the +-1 sums of
- *   the activations, scale ls per 32-block (formats.lut_tables); per block
- *   I = sum_k 2^k sum_j t[j][nibble of plane k]; per group
- *   y += d/2 * sum_b ls_b * I_b + (m + d*(2^bits-1)/2) * sum(x)
+ *   the activations, scale ls per group (formats.lut_tables); per group
+ *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
+ *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
  *   q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
  *   s = c - 128; y += da * (d*sum(s*q) + (m + 128*d) * sum(q))
  */
@@ -180,31 +180,28 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
     }
 }
 
-/* q1..q4: y = sum_g d/2 * sum_{b in g} ls_b * I_b + (m + d*(2^bits-1)/2) * xsum_g,
- * I_b = sum_k 2^k sum_{j in b} lut[j][nibble of plane k] (formats.matmul_reference) */
+/* q1..q4: y = sum_g d/2 * ls_g * I_g + (m + d*(2^bits-1)/2) * xsum_g,
+ * I_g = sum_k 2^k sum_{j in g} lut[j][nibble of plane k] (formats.matmul_reference) */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const float off = 0.5f * (float)((1 << bits) - 1);
     for (int r = r0; r < r1; r++)
         for (int j = 0; j < a->n; j++) {
             const int8_t *lut = a->lut + (size_t)j * a->cols / 4 * 16;
-            const float *ls = a->ls + (size_t)j * nblk;
             float acc = 0.0f;
             for (int g = 0; g < ng; g++) {
                 const float d = ert_half_to_float(w->scale[ert_group_offset(w, bits, r, g)]);
                 const float m = ert_half_to_float(w->min[ert_group_offset(w, bits, r, g)]);
                 const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-                float fsum = 0.0f;
-                for (int b = g * bpg; b < b1; b++) {
-                    int32_t isum = 0;
+                int32_t isum = 0;
+                for (int b = g * bpg; b < b1; b++)
                     for (int k = 0; k < bits; k++)
                         for (int s = 0; s < 4; s++) {
                             const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
                             const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
                             isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
                         }
-                    fsum += ls[b] * (float)isum;
-                }
+                const float fsum = a->ls[(size_t)j * ng + g] * (float)isum;
                 acc += 0.5f * d * fsum + (m + d * off) * a->xsum[(size_t)j * ng + g];
             }
             y[(size_t)j * w->rows + r] = acc;

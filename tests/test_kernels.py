@@ -234,24 +234,25 @@ def test_pack_layout(bits):
 
 
 def test_lut_tables():
-    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the block's
-    largest |sum|, which maps to +-127."""
+    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the group's
+    largest |sum|, which maps to +-127 (a last group shorter than the others too)."""
     rng = np.random.default_rng(4)
-    x = rand_act(rng, 2, 64)
-    t, ls = formats.lut_tables(x)
-    assert t.shape == (2, 16, 16) and ls.shape == (2, 2)
+    x = rand_act(rng, 2, 160)
+    t, ls = formats.lut_tables(x, 64)
+    assert t.shape == (2, 40, 16) and ls.shape == (2, 3)
     assert np.array_equal(t[..., ::-1], -t)
     sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
-    exact = x.reshape(2, 16, 4) @ sign.T  # [n, j, p]
-    scale = np.repeat(ls, 8, axis=1)[..., None]
+    exact = x.reshape(2, 40, 4) @ sign.T  # [n, j, p]
+    scale = np.repeat(ls, 16, axis=1)[:, :40, None]
     assert np.abs(t * scale - exact).max() <= 0.5 * scale.max() * (1 + 1e-5)
-    assert np.abs(t).reshape(2, 2, -1).max(axis=-1).min() == 127 or not ls.all()
+    big = np.abs(t).max(axis=-1)  # [n, j]
+    assert all(big[:, 16 * g:16 * g + 16].max(axis=-1).min() == 127 for g in range(3)) or not ls.all()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_lut_within_bound_of_float_product(bits):
     """The only approximation of the LUT path is the int8 rounding of the tables:
-    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_b per
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_g per
     row; float32 rounding is far below it). Also reports how tight the bound is."""
     rng = np.random.default_rng(bits + 40)
     for g in (32, 64, 128):

@@ -157,6 +157,9 @@ typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 
 #define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
+/* 32-column blocks whose table lookups a q1..q4 kernel may sum in int16 (one block's
+ * |sum| <= 8*127*(2^bits-1)): 32, 10, 4, 2 at 1..4 bits */
+#define ERT_LUT_SPAN(bits) (32767 / (8 * 127 * ((1 << (bits)) - 1)))
 
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
@@ -164,7 +167,7 @@ typedef struct {
     const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
     /* q1..q4 (table lookups; formats.lut_tables): */
     const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
-    const float *ls;    /* [n][nblk] table scale of each 32-column block */
+    const float *ls;    /* [n][ngroups] table scale of each group */
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
     /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
@@ -186,8 +189,9 @@ typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, flo
 /* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
  * (float32, any summation order) of x[n][cols]. */
 typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
-/* The table scale's amax of a 32-column block (formats.lut_tables): the largest
- * ((|x0| + |x1|) + |x2|) + |x3| over its 8 sub-groups; every table builder uses this. */
+/* The largest ((|x0| + |x1|) + |x2|) + |x3| over the 8 sub-groups of a 32-column block;
+ * a group's table scale is the largest of its blocks' /127 (formats.lut_tables); every
+ * table builder uses this. */
 static inline float ert_lut_amax(const float *xb) {
     float amax = 0.0f;
     for (int q = 0; q < 8; q++) {

@@ -122,10 +122,11 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * |block sum| <= 8*127*(2^bits-1) fits int16. Per block the int16 sums of the 32 rows
- * (rows in order) are converted and scaled by the table scale ls; per group by d/2 (per
- * row), and the min term (m + d*(2^bits-1)/2) * xsum is added: the group's 32 scales and
- * mins are side by side in the file (tile order), 4 F16C loads each. */
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time), then
+ * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
+ * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
+ * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
+ * each. */
 
 INLINE __m256i bcast_table(const int8_t *t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)); }
 
@@ -141,10 +142,9 @@ INLINE void nibbles(const uint8_t *p, __m256i *lo, __m256i *hi) {
  * whose partial results spill to the stack (~10% slower at 1 thread). */
 #define ACC_IN_ORDER(v) __asm__("" : "+x"(v))
 
-/* acc[k][h]: the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
+/* acc[k][h] += the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
 INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i (*acc)[2], const int NR,
                       const int bits) {
-    for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
     for (int p = 0; p < bits; p += 2) {
         const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
         if (bits - p >= 2) {
@@ -197,11 +197,13 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
         for (int k = 0; k < NR; k++)
             for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
         const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-        for (int b = g * bpg; b < b1; b++) {
+        for (int b0 = g * bpg; b0 < b1; b0 += ERT_LUT_SPAN(bits)) {
+            const int be = b0 + ERT_LUT_SPAN(bits) < b1 ? b0 + ERT_LUT_SPAN(bits) : b1;
             __m256i acc[4][2];
-            lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+            for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
+            for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
             for (int k = 0; k < NR; k++) {
-                const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * nblk + b]);
+                const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * ng + g]);
                 const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
                                          _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
                 for (int q = 0; q < 4; q++)
