@@ -69,8 +69,8 @@ class ArithWeights(ReferenceWeights):
     kernels' activation rounding added back on demand:
       float     x . W^T, nothing rounded (the float-arithmetic reference of issue 3)
       kernels   q8: x rounded as the int8 kernels round it (per 32 values, amax/127);
-                q1..q4: the LUT kernels' int8 tables (per 32 columns, scale amax/127
-                with amax the largest |sum of 4|): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
+                q1..q4: the LUT kernels' int8 tables (per group of the weights, scale
+                amax/127 with amax the largest |sum of 4|): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
                 e = t*ls - T the rounding error of table entry p of sub-group j
                 (formats.matmul_reference, reordered: the same numbers as the C kernels
                 up to float summation order)
@@ -85,13 +85,16 @@ class ArithWeights(ReferenceWeights):
         self.levels = np.float32(32767.0 if arith == "i16" else 127.0)
         self.c = Weights(g, threads=2) if arith == "c" else None
 
-    def _table_error(self, x):
+    def _table_error(self, x, group_size):
         """e[n, J*16]: the tables' rounding error t*ls - T for this arithmetic."""
         xs = x.reshape(len(x), -1, 4)
         sign = np.where(((np.arange(16)[:, None] >> np.arange(4)) & 1).astype(bool), 1.0, -1.0).astype(np.float32)
         T = xs @ sign.T  # [n, J, 16]
         a = np.abs(xs).sum(axis=-1)  # [n, J]
-        amax = a if self.arith == "lut-sub4" else np.repeat(a.reshape(len(x), -1, 8).max(axis=-1), 8, axis=-1)
+        J, sg = a.shape[1], group_size // 4
+        ng = -(-J // sg)
+        amax = a if self.arith == "lut-sub4" else np.repeat(
+            np.pad(a, ((0, 0), (0, ng * sg - J))).reshape(len(x), ng, sg).max(axis=-1), sg, axis=-1)[:, :J]
         ls = amax / self.levels
         inv = np.divide(1.0, ls, out=np.zeros_like(ls), where=ls != 0)
         return ((np.rint(T * inv[..., None]) * ls[..., None]) - T).reshape(len(x), -1)
@@ -103,7 +106,7 @@ class ArithWeights(ReferenceWeights):
             return self._spread[key]
         c = fmt.unpack(parts["codes"], cols)[r0:r1]
         rows, J = r1 - r0, cols // 4
-        d = np.asarray(parts["scale"]).astype(np.float32)[r0:r1][:, (np.arange(J) * 4) // fmt.group_size]
+        d = fmt.unpack_groups(parts["scale"]).astype(np.float32)[r0:r1][:, (np.arange(J) * 4) // fmt.group_size]
         A = np.zeros((J, 16, rows), np.float32)
         quad = c.reshape(rows, J, 4)
         for k in range(fmt.bits):
@@ -126,7 +129,7 @@ class ArithWeights(ReferenceWeights):
             amax = np.abs(xb).max(axis=-1, keepdims=True)
             inv = np.divide(self.levels, amax, out=np.zeros_like(amax), where=amax != 0)
             return (np.rint(xb * inv) * (amax / self.levels)).reshape(x.shape) @ self.matrix(name).T
-        y, e = x @ self.matrix(name).T, self._table_error(x)
+        y, e = x @ self.matrix(name).T, self._table_error(x, fmt.group_size)
         step = max(1, (16 << 20) // (cols * 16))  # rows per spread matrix of at most 64 MiB
         for r0 in range(0, rows, step):
             y[:, r0:r0 + step] += e @ self._spread_matrix(name, fmt, parts, cols, r0, min(r0 + step, rows))

@@ -120,8 +120,7 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
 
 def encode(fmt: formats.GroupQuant, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
     """The parts of fmt for codes c and float16 d, m: what fmt.quantize returns."""
-    return {"codes": fmt.pack(np.asarray(c, np.uint8)), "scale": np.asarray(d, np.float16),
-            "min": np.asarray(m, np.float16)}
+    return {"codes": fmt.pack(np.asarray(c, np.uint8)), "scale": fmt.pack_groups(d), "min": fmt.pack_groups(m)}
 
 
 def dequantize(c, d, m, group_size: int) -> np.ndarray:

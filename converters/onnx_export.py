@@ -133,7 +133,7 @@ class Weights:
         rows, cols = w.shape
         p = self.quantize(name, fmt, w)
         c = fmt.unpack(p["codes"], cols)
-        d, m = p["scale"].astype(np.float32), p["min"].astype(np.float32)
+        d, m = fmt.unpack_groups(p["scale"]).astype(np.float32), fmt.unpack_groups(p["min"]).astype(np.float32)
         centered = (m + (1 << fmt.bits - 1) * d).T  # the minimum term of d * (c - 2^(bits-1))
         if fmt.bits == 8:  # codes [cols, rows]: DequantizeLinear along axis 0, no transpose at run time
             zero = np.full(d.T.shape, 128, np.uint8)

@@ -10,7 +10,7 @@ Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
     group of a row may be shorter), each with a scale d and a minimum m (float16):
         w = d * c + m,   c = clip(round((w - m) / d), 0, 2^bits - 1)
   - parts: "codes" uint8[rows, cols*bits/8], "scale" and "min" float16[rows, groups]
-    (scale and min stay in row order; only the codes are tiled).
+    (q8: in row order; q1..q4: in tile order, see below).
   - q8 codes are stored row by row, one byte per code (the int8 dot-product kernels).
   - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
     of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
@@ -23,13 +23,15 @@ Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
     (a row's two nibbles of a pair, or of a lone plane, side by side: after the table
     lookups one multiply-add weighs and sums them into the row). A tile takes h*cols*bits/8
     bytes, so "codes" keeps its shape [rows, cols*bits/8] (a byte array whose row index
-    is not a matrix row).
+    is not a matrix row). "scale" and "min" go by the same tiles (pack_groups): inside a
+    tile, group by group, the h rows' values in row order (a group's scales of a tile are
+    what the kernels load at once); the shape stays [rows, groups].
 """
 from __future__ import annotations
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: q1..q4 scales and mins in tile order
 BLOCK = 32  # columns per code block
 DEFAULT_GROUP_SIZE = 64  # columns per (scale, min) pair unless asked otherwise
 BITS = (1, 2, 3, 4, 8)
@@ -87,7 +89,7 @@ class GroupQuant:
     # -- quantize ------------------------------------------------------------------
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
         c, d, m = self.round(w)
-        return {"codes": self.pack(c), "scale": d, "min": m}
+        return {"codes": self.pack(c), "scale": self.pack_groups(d), "min": self.pack_groups(m)}
 
     def round(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Round-to-nearest: codes uint8 [rows, cols] and d, m float16 [rows, groups]."""
@@ -127,12 +129,34 @@ class GroupQuant:
         return np.concatenate([_unpack_tiles(flat[:cut], TILE, cols, self.bits),
                                _unpack_tiles(flat[cut:], rows - full, cols, self.bits)])
 
+    def pack_groups(self, a: np.ndarray) -> np.ndarray:
+        """float16 per-group values (scale or min) [rows, groups] in row order -> the
+        layout above (q8: unchanged; q1..q4: [tile][group][row of the tile]), same shape."""
+        a = np.asarray(a, dtype=np.float16)
+        if self.bits == 8:
+            return np.ascontiguousarray(a)
+        rows, ng = a.shape
+        full = rows - rows % TILE
+        tiles = a[:full].reshape(-1, TILE, ng).transpose(0, 2, 1).reshape(-1)
+        return np.concatenate([tiles, a[full:].T.reshape(-1)]).reshape(rows, ng)
+
+    def unpack_groups(self, a: np.ndarray) -> np.ndarray:
+        """The inverse of pack_groups: [rows, groups] in row order."""
+        a = np.asarray(a)
+        if self.bits == 8:
+            return a
+        rows, ng = a.shape
+        full = rows - rows % TILE
+        flat = a.reshape(-1)
+        tiles = flat[:full * ng].reshape(-1, ng, TILE).transpose(0, 2, 1).reshape(full, ng)
+        return np.concatenate([tiles, flat[full * ng:].reshape(ng, rows - full).T])
+
     # -- dequantize ----------------------------------------------------------------
     def dequantize(self, parts: dict[str, np.ndarray], cols: int) -> np.ndarray:
         c = self.unpack(np.asarray(parts["codes"]).view(np.uint8), cols).astype(np.float32)
         gidx = np.arange(cols) // self.group_size
-        d = np.asarray(parts["scale"]).astype(np.float32)[:, gidx]
-        m = np.asarray(parts["min"]).astype(np.float32)[:, gidx]
+        d = self.unpack_groups(parts["scale"]).astype(np.float32)[:, gidx]
+        m = self.unpack_groups(parts["min"]).astype(np.float32)[:, gidx]
         return d * c + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
 
 
@@ -202,33 +226,40 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32)
 
 
-def lut_tables(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lut_tables(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The LUT kernels' activation format. For each 4 columns x0..x3 (sub-group j) the
     16 sums T[j, p] = ((s0*x0 + s1*x1) + s2*x2) + s3*x3, s_i = +1 if bit i of p else -1
-    (float32, in that order; T[j, 15-p] = -T[j, p]). Per 32-column block, with
-    amax = max over its 8 sub-groups of ((|x0| + |x1|) + |x2|) + |x3| (= max |T|):
-    int8 t = rint(T * (127/amax)) and the table scale ls = amax/127 (float32).
-    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., k/32]."""
+    (float32, in that order; T[j, 15-p] = -T[j, p]). Per group of group_size columns (the
+    weights' groups; the last may be shorter), with amax = max over its sub-groups of
+    ((|x0| + |x1|) + |x2|) + |x3| (= max |T|): int8 t = rint(T * (127/amax)) and the
+    table scale ls = amax/127 (float32). One scale per group lets the kernels sum a
+    group's lookups in int16 before any float arithmetic.
+    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., groups]."""
     x = np.asarray(x, dtype=np.float32)
+    k, sg = x.shape[-1], group_size // 4
+    ng = -(-k // group_size)
     xs = x.reshape(*x.shape[:-1], -1, 4)
     sign = (np.arange(16)[:, None] >> np.arange(4)) & 1  # [p, i]
     v = np.where(sign.astype(bool), xs[..., None, :], -xs[..., None, :])  # [..., j, p, i]
     T = ((v[..., 0] + v[..., 1]) + v[..., 2]) + v[..., 3]
     a = np.abs(xs)
-    amax = (((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]).reshape(*x.shape[:-1], -1, 8).max(axis=-1)
+    s4 = ((a[..., 0] + a[..., 1]) + a[..., 2]) + a[..., 3]  # [..., J]
+    pad = np.zeros((*s4.shape[:-1], ng * sg - s4.shape[-1]), np.float32)
+    amax = np.concatenate([s4, pad], axis=-1).reshape(*s4.shape[:-1], ng, sg).max(axis=-1)
     inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)
-    t = np.rint(T * np.repeat(inv, 8, axis=-1)[..., None]).astype(np.int8)
+    t = np.rint(T * np.repeat(inv, sg, axis=-1)[..., :k // 4, None]).astype(np.int8)
     return t, (amax / np.float32(127.0)).astype(np.float32)
 
 
 def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
     """Bound on |LUT result - x . dequantize(W)^T| from the int8 tables alone, [n, rows]:
     each table entry is off by at most ls/2, a 4-column dot sum_k 2^(k-1) T[p_k] by at
-    most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls."""
-    _, ls = lut_tables(np.atleast_2d(x))
+    most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls
+    (d and ls of the block's group)."""
+    _, ls = lut_tables(np.atleast_2d(x), fmt.group_size)
     gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
-    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
-    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64) @ d.T)
+    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64)[:, gidx] @ d.T)
 
 
 def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
@@ -239,16 +270,17 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         da * (d * sum(s*qa) + (m + 128*d) * sum(qa)), s = c - 128.
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
-        y = sum_b d * ls_b/2 * I_b + sum_g (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
-        I_b = sum_k 2^k sum_{j in b} t[j, p_kj] exact integers (|I_b| <= 8*127*(2^bits-1))."""
+        y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
+        I_g = sum_k 2^k sum_{j in g} t[j, p_kj] exact integers (|I| <= 8*127*(2^bits-1)
+        per 32-column block)."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if not isinstance(fmt, GroupQuant):
         return (x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)).astype(np.float32)
     rows, nblk = parts["codes"].shape[0], cols // BLOCK
     c = fmt.unpack(parts["codes"], cols)
     gidx = (np.arange(nblk) * BLOCK) // fmt.group_size
-    d = np.asarray(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
-    m = np.asarray(parts["min"]).astype(np.float64)[:, gidx]
+    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
+    m = fmt.unpack_groups(parts["min"]).astype(np.float64)[:, gidx]
     if fmt.bits == 8:
         s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - 128
         qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
@@ -256,7 +288,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
-    t, ls = lut_tables(x)  # [n, J, 16], [n, nblk]
+    t, ls = lut_tables(x, fmt.group_size)  # [n, J, 16], [n, ngroups]
     quad = c.reshape(rows, nblk, 8, 4)
     I = np.zeros((x.shape[0], rows, nblk), dtype=np.int32)  # |I| <= 8*127*15
     for k in range(fmt.bits):
@@ -264,5 +296,5 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         for q in range(8):  # sub-group q of every block: table j = 8b + q
             I += (1 << k) * t[:, q::8][:, np.arange(nblk)[None, :], nib[:, :, q]].astype(np.int32)
     xsum = x.astype(np.float64).reshape(x.shape[0], nblk, BLOCK).sum(axis=-1)  # per block; groups are whole blocks
-    y = (d[None] * ls.astype(np.float64)[:, None, :] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
+    y = (d[None] * ls.astype(np.float64)[:, None, gidx] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
     return y.sum(axis=-1).astype(np.float32)

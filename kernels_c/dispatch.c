@@ -277,7 +277,7 @@ static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float
 /* q1..q4: the activation tables (formats.lut_tables) and group sums */
 static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w);
-    size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * nblk);
+    size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * ng);
     char *p = malloc(nl + nls + sizeof(float) * (size_t)n * ng);
     if (!p) return ERT_ENOMEM;
     *scratch = p;

@@ -4,9 +4,9 @@
  *
  * Arithmetic (formats.matmul_reference):
  *   q1..q4, table lookups: per 4 columns a 16-entry int8 table t of the +-1 sums of
- *   the activations, scale ls per 32-block (formats.lut_tables); per block
- *   I = sum_k 2^k sum_j t[j][nibble of plane k]; per group
- *   y += d/2 * sum_b ls_b * I_b + (m + d*(2^bits-1)/2) * sum(x)
+ *   the activations, scale ls per group (formats.lut_tables); per group
+ *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
+ *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
  *   q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
  *   s = c - 128; y += da * (d*sum(s*q) + (m + 128*d) * sum(q))
  */
@@ -150,7 +150,7 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 /* q8: integer dot products of int8 activations and s = c - 128 */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, off = 1 << (bits - 1);
+    const int nblk = a->nblk, off = 1 << (bits - 1);
     int8_t s[CHUNK * ERT_BLOCK];
     for (int r = r0; r < r1; r++) {
         for (int j = 0; j < a->n; j++) y[(size_t)j * w->rows + r] = 0.0f;
@@ -167,9 +167,9 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
                 const int32_t *qsum = a->qsum + (size_t)j * nblk + b0;
                 float acc = 0.0f;
                 for (int b = 0; b < nb; b++) {
-                    int g = (b0 + b) * ERT_BLOCK / w->group_size;
-                    float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-                    float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+                    const size_t gi = ert_group_offset(w, bits, r, (b0 + b) * ERT_BLOCK / w->group_size);
+                    float d = ert_half_to_float(w->scale[gi]);
+                    float m = ert_half_to_float(w->min[gi]);
                     int32_t isum = 0;
                     for (int i = 0; i < ERT_BLOCK; i++) isum += (int32_t)s[b * ERT_BLOCK + i] * q[b * ERT_BLOCK + i];
                     acc += da[b] * (d * (float)isum + (m + d * (float)off) * (float)qsum[b]);
@@ -180,31 +180,28 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
     }
 }
 
-/* q1..q4: y = sum_g d/2 * sum_{b in g} ls_b * I_b + (m + d*(2^bits-1)/2) * xsum_g,
- * I_b = sum_k 2^k sum_{j in b} lut[j][nibble of plane k] (formats.matmul_reference) */
+/* q1..q4: y = sum_g d/2 * ls_g * I_g + (m + d*(2^bits-1)/2) * xsum_g,
+ * I_g = sum_k 2^k sum_{j in g} lut[j][nibble of plane k] (formats.matmul_reference) */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const float off = 0.5f * (float)((1 << bits) - 1);
     for (int r = r0; r < r1; r++)
         for (int j = 0; j < a->n; j++) {
             const int8_t *lut = a->lut + (size_t)j * a->cols / 4 * 16;
-            const float *ls = a->ls + (size_t)j * nblk;
             float acc = 0.0f;
             for (int g = 0; g < ng; g++) {
-                const float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-                const float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+                const float d = ert_half_to_float(w->scale[ert_group_offset(w, bits, r, g)]);
+                const float m = ert_half_to_float(w->min[ert_group_offset(w, bits, r, g)]);
                 const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-                float fsum = 0.0f;
-                for (int b = g * bpg; b < b1; b++) {
-                    int32_t isum = 0;
+                int32_t isum = 0;
+                for (int b = g * bpg; b < b1; b++)
                     for (int k = 0; k < bits; k++)
                         for (int s = 0; s < 4; s++) {
                             const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
                             const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
                             isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
                         }
-                    fsum += ls[b] * (float)isum;
-                }
+                const float fsum = a->ls[(size_t)j * ng + g] * (float)isum;
                 acc += 0.5f * d * fsum + (m + d * off) * a->xsum[(size_t)j * ng + g];
             }
             y[(size_t)j * w->rows + r] = acc;
@@ -213,14 +210,13 @@ void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, f
 
 static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, int bits) {
     const int cols = w->cols, nblk = cols / ERT_BLOCK;
-    const int ng = (cols + w->group_size - 1) / w->group_size;
     for (int i = 0; i < k; i++) {
         int64_t r = rows ? rows[i] : row0 + i;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
-            int g = b * ERT_BLOCK / w->group_size;
-            float d = ert_half_to_float(w->scale[(size_t)r * ng + g]);
-            float m = ert_half_to_float(w->min[(size_t)r * ng + g]);
+            const size_t gi = ert_group_offset(w, bits, (int)r, b * ERT_BLOCK / w->group_size);
+            float d = ert_half_to_float(w->scale[gi]);
+            float m = ert_half_to_float(w->min[gi]);
             uint8_t c[ERT_BLOCK];
             unpack_block(w, bits, (int)r, b, c);
             for (int t = 0; t < ERT_BLOCK; t++) o[b * ERT_BLOCK + t] = d * (float)c[t] + m;

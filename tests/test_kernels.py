@@ -200,8 +200,9 @@ def test_matmul_many_equals_one_at_a_time(fmts):
 
 @pytest.mark.parametrize("bits", GROUP_BITS)
 def test_pack_layout(bits):
-    """pack/unpack are inverse for any row count, keep the [rows, cols*bits/8] shape, and
-    q1..q4 put row r's plane-k nibble of sub-group j where the kernels read it."""
+    """pack/unpack (and pack_groups/unpack_groups) are inverse for any row count and keep
+    the shape; q1..q4 put row r's plane-k nibble of sub-group j, and its group g's scale,
+    where the kernels read them (ert_lut_offset, ert_group_offset)."""
     rng = np.random.default_rng(bits)
     fmt = formats.GroupQuant(bits, 64)
     for rows in (1, 5, 31, 32, 33, 64, 77):
@@ -209,6 +210,13 @@ def test_pack_layout(bits):
         p = fmt.pack(c)
         assert p.shape == (rows, 96 * bits // 8) and p.dtype == np.uint8
         assert np.array_equal(fmt.unpack(p, 96), c)
+        d = rng.standard_normal((rows, 3)).astype(np.float16)
+        pd = fmt.pack_groups(d)
+        assert pd.shape == d.shape and pd.dtype == np.float16 and np.array_equal(fmt.unpack_groups(pd), d)
+        for r, g in [(0, 0), (rows - 1, 2), (rows // 2, 1)]:
+            t0 = r - r % formats.TILE
+            at = r * 3 + g if bits == 8 else t0 * 3 + g * min(formats.TILE, rows - t0) + r - t0
+            assert pd.reshape(-1)[at] == d[r, g], (rows, r, g)
     if bits == 8:
         return
     rows, cols = 45, 64  # a full tile and a tile of 13 rows
@@ -226,24 +234,25 @@ def test_pack_layout(bits):
 
 
 def test_lut_tables():
-    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the block's
-    largest |sum|, which maps to +-127."""
+    """16 entries per 4 columns: the +-1 sums, mirrored, scaled to int8 by the group's
+    largest |sum|, which maps to +-127 (a last group shorter than the others too)."""
     rng = np.random.default_rng(4)
-    x = rand_act(rng, 2, 64)
-    t, ls = formats.lut_tables(x)
-    assert t.shape == (2, 16, 16) and ls.shape == (2, 2)
+    x = rand_act(rng, 2, 160)
+    t, ls = formats.lut_tables(x, 64)
+    assert t.shape == (2, 40, 16) and ls.shape == (2, 3)
     assert np.array_equal(t[..., ::-1], -t)
     sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
-    exact = x.reshape(2, 16, 4) @ sign.T  # [n, j, p]
-    scale = np.repeat(ls, 8, axis=1)[..., None]
+    exact = x.reshape(2, 40, 4) @ sign.T  # [n, j, p]
+    scale = np.repeat(ls, 16, axis=1)[:, :40, None]
     assert np.abs(t * scale - exact).max() <= 0.5 * scale.max() * (1 + 1e-5)
-    assert np.abs(t).reshape(2, 2, -1).max(axis=-1).min() == 127 or not ls.all()
+    big = np.abs(t).max(axis=-1)  # [n, j]
+    assert all(big[:, 16 * g:16 * g + 16].max(axis=-1).min() == 127 for g in range(3)) or not ls.all()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_lut_within_bound_of_float_product(bits):
     """The only approximation of the LUT path is the int8 rounding of the tables:
-    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_b per
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_g per
     row; float32 rounding is far below it). Also reports how tight the bound is."""
     rng = np.random.default_rng(bits + 40)
     for g in (32, 64, 128):
@@ -288,16 +297,16 @@ def test_real_weights(smollm2_gguf, bits):
 
 
 def test_old_layout_refused(tmp_path, smollm2_gguf, monkeypatch):
-    """A file of layout version 1 (codes row by row, before the bit-plane tiles) is
-    refused with a message saying to convert again."""
+    """A file of layout version 2 (q1..q4 scales and mins row by row, before they went
+    into the tiles) is refused with a message saying to convert again."""
     from tiny import write_tiny
     from edge_rt import api
     from edge_rt.errors import EdgeRtError
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 1)
-    old = write_tiny("llama", smollm2_gguf, tmp_path / "v1.gguf", bits=4)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 2)
+    old = write_tiny("llama", smollm2_gguf, tmp_path / "v2.gguf", bits=4)
     monkeypatch.undo()
-    assert formats.FORMAT_VERSION == 2
-    with pytest.raises(EdgeRtError, match="layout version 1.*version 2: convert the source model again"):
+    assert formats.FORMAT_VERSION == 3
+    with pytest.raises(EdgeRtError, match="layout version 2.*version 3: convert the source model again"):
         api.Model(old)
 
 

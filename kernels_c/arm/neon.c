@@ -195,19 +195,16 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
  *     the odd byte again (vshrq_n_s16 by 8) gives plane 2u + 2 * plane 2u+1, in int16;
  *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
  *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
- * The sums are weighted by 2^(2u) (vmlaq_n_s16); |block sum| <= 8*127*15 fits int16.
- * Per block the sums are converted and scaled by the table scale ls; per group by d/2
- * (per row) and the min term (m + d*(2^bits-1)/2) * xsum is added. */
+ * The sums are weighted by 2^(2u) (vmlaq_n_s16); a group's blocks are summed in int16
+ * (up to ERT_LUT_SPAN(bits) blocks at a time), then converted and scaled by the group's
+ * table scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is
+ * added (the group's 32 scales and mins side by side in the file: tile order). */
 
-#define GCHUNK 32 /* groups whose scales are converted at a time */
-
-/* acc[k][h]: int16 sums I_b of rows 8h..8h+7 for token k, block b */
+/* acc[k][h] += int16 sums I_b of rows 8h..8h+7 for token k, block b */
 INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, int16x8_t (*acc)[4], const int NR,
                       const int bits) {
     static const uint8_t ODD16[16] = {0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16};
     const uint8x16_t nib = vdupq_n_u8(0x0F), odd = vld1q_u8(ODD16);
-    for (int k = 0; k < NR; k++)
-        for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
     for (int p = 0; p < bits; p += 2) {
         const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
         const int16_t wgt = (int16_t)(1 << p);
@@ -247,42 +244,36 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
     const float off = 0.5f * (float)((1 << bits) - 1);
     const int8_t *lut[4];
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
-    float dh[GCHUNK][ERT_TILE], mb[GCHUNK][ERT_TILE];
+    const uint16_t *sc = w->scale + (size_t)t0 * ng, *mn = w->min + (size_t)t0 * ng; /* tile order */
     float32x4_t yacc[4][8];
     for (int k = 0; k < NR; k++)
         for (int q = 0; q < 8; q++) yacc[k][q] = vdupq_n_f32(0.0f);
-    for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
-        const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
-        for (int r = 0; r < ERT_TILE; r++) {
-            const uint16_t *sc = w->scale + (size_t)(t0 + r) * ng + g0, *mn = w->min + (size_t)(t0 + r) * ng + g0;
-            for (int g = 0; g < gn; g++) {
-                const float d = half1(sc[g]);
-                dh[g][r] = 0.5f * d;
-                mb[g][r] = half1(mn[g]) + d * off;
+    for (int g = 0; g < ng; g++) {
+        float32x4_t facc[4][8];
+        for (int k = 0; k < NR; k++)
+            for (int q = 0; q < 8; q++) facc[k][q] = vdupq_n_f32(0.0f);
+        const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+        for (int b0 = g * bpg; b0 < b1; b0 += ERT_LUT_SPAN(bits)) {
+            const int be = b0 + ERT_LUT_SPAN(bits) < b1 ? b0 + ERT_LUT_SPAN(bits) : b1;
+            int16x8_t acc[4][4];
+            for (int k = 0; k < NR; k++)
+                for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
+            for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+            for (int k = 0; k < NR; k++) {
+                const float ls = a->ls[(size_t)(j0 + k) * ng + g];
+                for (int h = 0; h < 4; h++) {
+                    facc[k][2 * h] = vfmaq_n_f32(facc[k][2 * h], vcvtq_f32_s32(vmovl_s16(vget_low_s16(acc[k][h]))), ls);
+                    facc[k][2 * h + 1] = vfmaq_n_f32(facc[k][2 * h + 1], vcvtq_f32_s32(vmovl_high_s16(acc[k][h])), ls);
+                }
             }
         }
-        for (int g = g0; g < g0 + gn; g++) {
-            float32x4_t facc[4][8];
-            for (int k = 0; k < NR; k++)
-                for (int q = 0; q < 8; q++) facc[k][q] = vdupq_n_f32(0.0f);
-            const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-            for (int b = g * bpg; b < b1; b++) {
-                int16x8_t acc[4][4];
-                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
-                for (int k = 0; k < NR; k++) {
-                    const float ls = a->ls[(size_t)(j0 + k) * nblk + b];
-                    for (int h = 0; h < 4; h++) {
-                        facc[k][2 * h] = vfmaq_n_f32(facc[k][2 * h], vcvtq_f32_s32(vmovl_s16(vget_low_s16(acc[k][h]))), ls);
-                        facc[k][2 * h + 1] = vfmaq_n_f32(facc[k][2 * h + 1], vcvtq_f32_s32(vmovl_high_s16(acc[k][h])), ls);
-                    }
-                }
-            }
+        for (int q = 0; q < 8; q++) {
+            const float32x4_t d = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + (size_t)g * ERT_TILE + 4 * q)));
+            const float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(mn + (size_t)g * ERT_TILE + 4 * q)));
+            const float32x4_t dh = vmulq_n_f32(d, 0.5f), mb = vfmaq_n_f32(m, d, off);
             for (int k = 0; k < NR; k++) {
-                const float xs = a->xsum[(size_t)(j0 + k) * ng + g];
-                for (int q = 0; q < 8; q++) {
-                    yacc[k][q] = vfmaq_f32(yacc[k][q], facc[k][q], vld1q_f32(dh[g - g0] + 4 * q));
-                    yacc[k][q] = vfmaq_n_f32(yacc[k][q], vld1q_f32(mb[g - g0] + 4 * q), xs);
-                }
+                yacc[k][q] = vfmaq_f32(yacc[k][q], facc[k][q], dh);
+                yacc[k][q] = vfmaq_n_f32(yacc[k][q], mb, a->xsum[(size_t)(j0 + k) * ng + g]);
             }
         }
     }

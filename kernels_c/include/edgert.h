@@ -58,8 +58,9 @@ typedef struct {
     int group_size;     /* group formats: columns per (scale, min); multiple of 32; ignored for f32/f16 */
     const void *data;   /* f32: float[rows][cols]; f16: uint16 (IEEE half)[rows][cols];
                            group formats: codes uint8[rows][cols*bits/8] */
-    const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size) */
-    const uint16_t *min;   /* group formats: float16 [rows][ngroups] */
+    const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size);
+                              q8 in row order, q1..q4 in tile order (ert_group_offset) */
+    const uint16_t *min;   /* group formats: float16 [rows][ngroups], as scale */
 } ert_weight;
 
 /* y[n][rows] = x[n][cols] . W^T (y is overwritten; x and y must not overlap).
@@ -166,6 +167,9 @@ void ert_parallel(ert_task_fn fn, void *ctx, int nth);
 void ert_layer_select(int simd);
 
 #define ERT_TILE 32 /* rows per tile of the q1..q4 bit-plane layout (formats.TILE) */
+/* 32-column blocks whose table lookups a q1..q4 kernel may sum in int16 (one block's
+ * |sum| <= 8*127*(2^bits-1)): 32, 10, 4, 2 at 1..4 bits */
+#define ERT_LUT_SPAN(bits) (32767 / (8 * 127 * ((1 << (bits)) - 1)))
 
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
@@ -173,7 +177,7 @@ typedef struct {
     const float *x;     /* [n][cols], the caller's activations (f32/f16 kernels) */
     /* q1..q4 (table lookups; formats.lut_tables): */
     const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
-    const float *ls;    /* [n][nblk] table scale of each 32-column block */
+    const float *ls;    /* [n][ngroups] table scale of each group */
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
     /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
@@ -195,8 +199,9 @@ typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, flo
 /* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
  * (float32, any summation order) of x[n][cols]. */
 typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
-/* The table scale's amax of a 32-column block (formats.lut_tables): the largest
- * ((|x0| + |x1|) + |x2|) + |x3| over its 8 sub-groups; every table builder uses this. */
+/* The largest ((|x0| + |x1|) + |x2|) + |x3| over the 8 sub-groups of a 32-column block;
+ * a group's table scale is the largest of its blocks' /127 (formats.lut_tables); every
+ * table builder uses this. */
 static inline float ert_lut_amax(const float *xb) {
     float amax = 0.0f;
     for (int q = 0; q < 8; q++) {
@@ -219,6 +224,16 @@ static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b,
     const int wu = bits - 2 * u >= 2 ? 2 : 1; /* planes in pair u */
     return (size_t)t0 * w->cols * bits / 8 + ((size_t)b * bits + 2 * u) * 4 * h + 2 * (size_t)h * (wu == 2 ? s : s >> 1) +
            2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
+}
+
+/* Index of row r's group g in the scale and min arrays (formats.pack_groups): q8 row by
+ * row; q1..q4 by tiles of 32 rows (h rows in the last), group by group, the tile's rows
+ * in order. */
+static inline size_t ert_group_offset(const ert_weight *w, int bits, int r, int g) {
+    const int ng = (w->cols + w->group_size - 1) / w->group_size;
+    if (bits == 8) return (size_t)r * ng + g;
+    const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
+    return (size_t)t0 * ng + (size_t)g * h + (r - t0);
 }
 
 typedef struct {

@@ -41,22 +41,30 @@
     } while (0);
 
 /* The activation-table builders' loop (ref.c, avx2.c, neon.c; formats.lut_tables): for
- * activation row j and block b of 32 columns at xb, largest |x| amax, BLOCK(xb, amax, tb)
- * writes the block's 8 sub-group tables at tb and is the sum of its 32 values (in each
- * file's own order); the loop stores the table scale amax/127 and the sums per group. */
+ * activation row j and group g (of group_size columns, the weights' groups), amax = the
+ * largest ert_lut_amax of its blocks; for each block b of 32 columns at xb,
+ * BLOCK(xb, amax, tb) writes the block's 8 sub-group tables at tb and is the sum of its
+ * 32 values (in each file's own order); the loop stores the table scale amax/127 of the
+ * group and the sums per group. */
 #define ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, BLOCK)                                        \
     do {                                                                                                \
-        const int nblk_ = (cols) / ERT_BLOCK, ng_ = ((cols) + (group_size) - 1) / (group_size);         \
-        for (int j_ = 0; j_ < (n); j_++) {                                                              \
-            for (int g_ = 0; g_ < ng_; g_++) (xsum)[(size_t)j_ * ng_ + g_] = 0.0f;                      \
-            for (int b_ = 0; b_ < nblk_; b_++) {                                                        \
-                const float *xb_ = (x) + (size_t)j_ * (cols) + (size_t)b_ * ERT_BLOCK;                  \
-                const float amax_ = ert_lut_amax(xb_);                                                  \
-                const float bsum_ = BLOCK(xb_, amax_, (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16); \
-                (ls)[(size_t)j_ * nblk_ + b_] = amax_ / 127.0f;                                          \
-                (xsum)[(size_t)j_ * ng_ + b_ * ERT_BLOCK / (group_size)] += bsum_;                       \
+        const int nblk_ = (cols) / ERT_BLOCK, bpg_ = (group_size) / ERT_BLOCK;                          \
+        const int ng_ = ((cols) + (group_size) - 1) / (group_size);                                     \
+        for (int j_ = 0; j_ < (n); j_++)                                                                \
+            for (int g_ = 0; g_ < ng_; g_++) {                                                          \
+                const int b0_ = g_ * bpg_, b1_ = b0_ + bpg_ < nblk_ ? b0_ + bpg_ : nblk_;               \
+                const float *xg_ = (x) + (size_t)j_ * (cols);                                           \
+                float amax_ = 0.0f, sum_ = 0.0f;                                                        \
+                for (int b_ = b0_; b_ < b1_; b_++) {                                                    \
+                    const float a_ = ert_lut_amax(xg_ + (size_t)b_ * ERT_BLOCK);                        \
+                    amax_ = a_ > amax_ ? a_ : amax_;                                                    \
+                }                                                                                       \
+                for (int b_ = b0_; b_ < b1_; b_++)                                                      \
+                    sum_ += BLOCK(xg_ + (size_t)b_ * ERT_BLOCK, amax_,                                  \
+                                  (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16);             \
+                (ls)[(size_t)j_ * ng_ + g_] = amax_ / 127.0f;                                           \
+                (xsum)[(size_t)j_ * ng_ + g_] = sum_;                                                   \
             }                                                                                           \
-        }                                                                                               \
     } while (0)
 
 /* The float formats' entry points of a SIMD file (isa: avx2, neon) whose

@@ -70,25 +70,6 @@ INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
 }
 
-/* v[i][j] <-> v[j][i] */
-INLINE void transpose8(__m256 v[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-    }
-}
-
 /* The tables of formats.lut_tables, bit-exact with ert_lut_act_ref: per 4-column
  * sub-group the 8 entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, one vector (the
  * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
@@ -141,60 +122,11 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * |block sum| <= 8*127*(2^bits-1) fits int16. Per block the int16 sums of the 32 rows
- * (rows in order) are converted and scaled by the table scale ls; per group by d/2 (per
- * row), and the min term (m + d*(2^bits-1)/2) * xsum is added. */
-
-#define GCHUNK 32 /* groups whose scales are converted at a time */
-
-/* tile_scales of cnt (1 or 2) groups of 8 rows r0..r0+7, into columns 8q..8q+7: the rows'
- * halfs gathered (kept out of line: inlined, it slows the common path by ~10%) */
-__attribute__((noinline)) static void few_scales(const ert_weight *w, int r0, int g, int cnt, float off,
-                                                 float (*dh)[ERT_TILE], float (*mb)[ERT_TILE], int q) {
-    const int ng = (w->cols + w->group_size - 1) / w->group_size;
-    for (int i = 0; i < cnt; i++) {
-        const size_t at = (size_t)r0 * ng + g + i;
-        __m128i dv = _mm_setzero_si128(), mv = _mm_setzero_si128();
-#define GATHER_ROW(k) dv = _mm_insert_epi16(dv, w->scale[at + (size_t)(k) * ng], k), mv = _mm_insert_epi16(mv, w->min[at + (size_t)(k) * ng], k)
-        GATHER_ROW(0); GATHER_ROW(1); GATHER_ROW(2); GATHER_ROW(3);
-        GATHER_ROW(4); GATHER_ROW(5); GATHER_ROW(6); GATHER_ROW(7);
-#undef GATHER_ROW
-        const __m256 d = _mm256_cvtph_ps(dv), m = _mm256_cvtph_ps(mv);
-        _mm256_store_ps(dh[i] + 8 * q, _mm256_mul_ps(d, _mm256_set1_ps(0.5f)));
-        _mm256_store_ps(mb[i] + 8 * q, _mm256_fmadd_ps(d, _mm256_set1_ps(off), m));
-    }
-}
-
-/* dh[g][r] = d/2 and mb[g][r] = m + d*off of groups g0..g0+gn-1 of the tile's 32 rows:
- * per 8 rows, 8 groups at a time are converted (one F16C instruction per row) and
- * transposed 8x8. */
-INLINE void tile_scales(const ert_weight *w, int t0, int g0, int gn, float off, float (*dh)[ERT_TILE],
-                        float (*mb)[ERT_TILE]) {
-    const int ng = (w->cols + w->group_size - 1) / w->group_size;
-    const __m256 half = _mm256_set1_ps(0.5f), vo = _mm256_set1_ps(off);
-    for (int q = 0; q < 4; q++)
-        for (int g = 0; g < gn; g += 8) {
-            const int cnt = gn - g < 8 ? gn - g : 8;
-            if (cnt <= 2) { /* a group or two (cols = 9 groups of 64): no transposes */
-                few_scales(w, t0 + 8 * q, g0 + g, cnt, off, dh + g, mb + g, q);
-                continue;
-            }
-            __m256 d[8], m[8];
-            for (int i = 0; i < 8; i++) {
-                const int r = t0 + 8 * q + i;
-                const size_t at = (size_t)r * ng + g0 + g;
-                const int safe = (size_t)(w->rows - 1 - r) * ng + (ng - g0 - g) >= 8;
-                d[i] = load8_half(w->scale + at, cnt, safe);
-                m[i] = load8_half(w->min + at, cnt, safe);
-            }
-            transpose8(d);
-            transpose8(m);
-            for (int i = 0; i < cnt; i++) {
-                _mm256_store_ps(dh[g + i] + 8 * q, _mm256_mul_ps(d[i], half));
-                _mm256_store_ps(mb[g + i] + 8 * q, _mm256_fmadd_ps(d[i], vo, m[i]));
-            }
-        }
-}
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time), then
+ * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
+ * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
+ * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
+ * each. */
 
 INLINE __m256i bcast_table(const int8_t *t) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t)); }
 
@@ -205,10 +137,14 @@ INLINE void nibbles(const uint8_t *p, __m256i *lo, __m256i *hi) {
     *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
 }
 
-/* acc[k][h]: the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
+/* An empty asm that takes and gives back v in a vector register: the sums into acc stay
+ * in program order. Without it GCC reassociates a block's int16 additions into a tree
+ * whose partial results spill to the stack (~10% slower at 1 thread). */
+#define ACC_IN_ORDER(v) __asm__("" : "+x"(v))
+
+/* acc[k][h] += the int16 sums I_b of rows 16h..16h+15 of the tile, token k, block b */
 INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256i (*acc)[2], const int NR,
                       const int bits) {
-    for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
     for (int p = 0; p < bits; p += 2) {
         const uint8_t *vu = vb + (size_t)p * 4 * ERT_TILE;
         if (bits - p >= 2) {
@@ -221,6 +157,7 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
                         const int8_t *t = lut[k] + (size_t)(8 * b + 2 * s) * 16;
                         const __m256i r1 = _mm256_shuffle_epi8(bcast_table(t), lo), r2 = _mm256_shuffle_epi8(bcast_table(t + 16), hi);
                         acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(_mm256_maddubs_epi16(wp, r1), _mm256_maddubs_epi16(wp, r2)));
+                        ACC_IN_ORDER(acc[k][h]);
                     }
                 }
         } else { /* the lone last plane: byte 2i + e of a vector = row 16h + i, sub-groups 4s + 2e (+1) */
@@ -236,51 +173,55 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
                         const __m256i e1 = _mm256_add_epi16(_mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 32), lo)),
                                                             _mm256_maddubs_epi16(wo, _mm256_shuffle_epi8(bcast_table(t + 48), hi)));
                         acc[k][h] = _mm256_add_epi16(acc[k][h], _mm256_add_epi16(e0, e1));
+                        ACC_IN_ORDER(acc[k][h]);
                     }
                 }
         }
     }
 }
 
-/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
+/* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1; the tile's
+ * scales and mins are in tile order (a group's 32 rows side by side) */
 INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
-    const float off = 0.5f * (float)((1 << bits) - 1);
+    const uint16_t *sc = w->scale + (size_t)t0 * ng, *mn = w->min + (size_t)t0 * ng;
+    const __m256 off = _mm256_set1_ps(0.5f * (float)((1 << bits) - 1)), half = _mm256_set1_ps(0.5f);
     const int8_t *lut[4];
     for (int k = 0; k < NR; k++) lut[k] = a->lut + (size_t)(j0 + k) * a->cols / 4 * 16;
-    float dh[GCHUNK][ERT_TILE] __attribute__((aligned(32))), mb[GCHUNK][ERT_TILE] __attribute__((aligned(32)));
-    float yacc[4][ERT_TILE] __attribute__((aligned(32))); /* in memory: updated once per group */
-    for (int k = 0; k < NR; k++) memset(yacc[k], 0, sizeof yacc[k]);
-    for (int g0 = 0; g0 < ng; g0 += GCHUNK) {
-        const int gn = ng - g0 < GCHUNK ? ng - g0 : GCHUNK;
-        tile_scales(w, t0, g0, gn, off, dh, mb);
-        for (int g = g0; g < g0 + gn; g++) {
-            __m256 facc[4][4];
-            for (int k = 0; k < NR; k++)
-                for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
-            const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-            for (int b = g * bpg; b < b1; b++) {
-                __m256i acc[4][2];
-                lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
-                for (int k = 0; k < NR; k++) {
-                    const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * nblk + b]);
-                    const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
-                                             _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
-                    for (int q = 0; q < 4; q++)
-                        facc[k][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[q])), ls, facc[k][q]);
-                }
+    __m256 yacc[4][4];
+    for (int k = 0; k < NR; k++)
+        for (int q = 0; q < 4; q++) yacc[k][q] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m256 facc[4][4];
+        for (int k = 0; k < NR; k++)
+            for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
+        const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+        for (int b0 = g * bpg; b0 < b1; b0 += ERT_LUT_SPAN(bits)) {
+            const int be = b0 + ERT_LUT_SPAN(bits) < b1 ? b0 + ERT_LUT_SPAN(bits) : b1;
+            __m256i acc[4][2];
+            for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
+            for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+            for (int k = 0; k < NR; k++) {
+                const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * ng + g]);
+                const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
+                                         _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
+                for (int q = 0; q < 4; q++)
+                    facc[k][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[q])), ls, facc[k][q]);
             }
+        }
+        for (int q = 0; q < 4; q++) {
+            const size_t at = (size_t)g * ERT_TILE + 8 * q;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + at)));
+            const __m256 dh = _mm256_mul_ps(d, half), mb = _mm256_fmadd_ps(d, off, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + at))));
             for (int k = 0; k < NR; k++) {
                 const __m256 xs = _mm256_set1_ps(a->xsum[(size_t)(j0 + k) * ng + g]);
-                for (int q = 0; q < 4; q++) {
-                    __m256 acc = _mm256_fmadd_ps(facc[k][q], _mm256_load_ps(dh[g - g0] + 8 * q), _mm256_load_ps(yacc[k] + 8 * q));
-                    _mm256_store_ps(yacc[k] + 8 * q, _mm256_fmadd_ps(_mm256_load_ps(mb[g - g0] + 8 * q), xs, acc));
-                }
+                yacc[k][q] = _mm256_fmadd_ps(mb, xs, _mm256_fmadd_ps(facc[k][q], dh, yacc[k][q]));
             }
         }
     }
-    for (int k = 0; k < NR; k++) memcpy(y + (size_t)(j0 + k) * w->rows + t0, yacc[k], sizeof yacc[k]);
+    for (int k = 0; k < NR; k++)
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(y + (size_t)(j0 + k) * w->rows + t0 + 8 * q, yacc[k][q]);
 }
 
 #define LUT_KERNELS(name, bits)                                                                          \
