@@ -5,6 +5,7 @@ from the validation text) and edge-rt's 8/4/3/2-bit and mixed-precision files.
 
     .venv/bin/python benchmarks/bench_quality.py [--models smollm2-135m,gemma3-270m]
         [--windows 40] [--ctx 512] [--rows ROW,...] [--plot quality.png] [--json]
+        [--save quality-MODEL.json]   # rewritten after each row; rows already in it are skipped
 
 Every file comes from one float32 source per model (`edge-rt convert NAME --bits 32
 --format llama.cpp`, cached with the others under $EDGE_RT_HOME/bench/):
@@ -32,6 +33,7 @@ import bench_ppl as bp  # noqa: E402  (eval commands, llama-perplexity's output)
 import bench_speed as bs  # noqa: E402  (model files, process runner, helpers)
 
 from edge_rt import formats  # noqa: E402
+from edge_rt.atomic import atomic_output  # noqa: E402
 from edge_rt.converters.quantize import METHODS  # noqa: E402
 from edge_rt.pull import pull  # noqa: E402
 
@@ -59,7 +61,8 @@ def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
         os.replace(tmp, path)
 
 
-def model_file(model: str, row: str, threads: int, method: str = "gptq") -> tuple[Path, list, str]:
+def model_file(model: str, row: str, threads: int, method: str = "gptq",
+               calib_windows: int = 16) -> tuple[Path, list, str]:
     """(path, the command that makes it, engine) for one row, made when missing."""
     d, v = bs.bench_dir(), formats.FORMAT_VERSION
     pull(model)
@@ -70,8 +73,9 @@ def model_file(model: str, row: str, threads: int, method: str = "gptq") -> tupl
         return f32, f32_cmd, "llama.cpp"
     if row.startswith("edge-rt "):
         key = row.split()[1]
-        path = d / f"{model}-edge-rt-{key}-{method}-v{v}.gguf"
-        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", method]
+        calib = [] if method in ("rtn", "clip") else ["--calib-windows", str(calib_windows)]
+        path = d / f"{model}-edge-rt-{key}-{method}{''.join(calib[1:])}-v{v}.gguf"
+        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", method, *calib]
         make(path, cmd, "edge-rt convert")
         return path, cmd, "edge-rt"
     qtype, imat = row.removesuffix("+imat"), row.endswith("+imat")
@@ -98,6 +102,12 @@ def score(path: Path, engine: str, text: str, ctx: int, windows: int, threads: i
     if m is None:
         raise SystemExit(f"no 'Final estimate' from llama-perplexity: {bs.cmd_str(cmd)}")
     return float(m.group(1)), cmd
+
+
+def save(rows: list[dict], out: Path, meta: dict) -> None:
+    """The run so far, as the --json line (atomically: a killed run keeps its finished rows)."""
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps({**meta, "rows": rows}, separators=(",", ":"), default=str) + "\n")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -130,14 +140,23 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="", help="only these rows (e.g. 'Q4_0,Q4_0+imat,edge-rt q4'); default all")
     ap.add_argument("--text", default=str(bs.WIKITEXT_TEST))
-    ap.add_argument("--method", default="gptq", choices=METHODS, help="edge-rt convert --method; default gptq")
+    ap.add_argument("--method", default="gptq", choices=METHODS, help="edge-rt convert --method; default gptq "
+                    "(rows made another way are labelled 'edge-rt q4 rtn' etc.)")
+    ap.add_argument("--calib-windows", type=int, default=16, help="edge-rt convert --calib-windows (default 16)")
+    ap.add_argument("--save", default=None, help="write the rows (as --json) to this file after each row; "
+                    "rows already in it (same model and label) are kept and not measured again")
     ap.add_argument("--plot", default="benchmarks/quality.png")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--from-json", default=None, help="print the table and plot of a saved --json line (its rows) "
-                    "instead of measuring")
+    ap.add_argument("--from-json", default=None, help="print the table and plot of saved --json lines (their "
+                    "rows; several files separated by commas) instead of measuring")
     a = ap.parse_args(argv)
     started, t0 = _dt.datetime.now(_dt.timezone.utc), time.perf_counter()
-    rows = json.loads(Path(a.from_json).read_text())["rows"] if a.from_json else []
+    saved = [f for f in (a.from_json or "").split(",") if f] or ([a.save] if a.save and Path(a.save).exists() else [])
+    runs = [json.loads(Path(f).read_text()) for f in saved]
+    if a.save and not a.from_json and any(r["windows"] != a.windows or r["ctx"] != a.ctx for r in runs):
+        ap.error(f"--save: {a.save} holds rows of another --windows/--ctx; give another file")
+    rows = [r for run in runs for r in run["rows"]]
+    this_cmd = bs.cmd_str([".venv/bin/python", "benchmarks/bench_quality.py", *(argv if argv is not None else sys.argv[1:])])
     for model in [] if a.from_json else a.models.split(","):
         if model not in MODELS:
             ap.error(f"--models: {model!r} is not one of {', '.join(MODELS)}")
@@ -145,14 +164,18 @@ def main(argv=None):
         for row in wanted:
             if row not in rows_of(model):
                 ap.error(f"--rows: {row!r} is not one of {', '.join(rows_of(model))}")
-            path, make_cmd, engine = model_file(model, row, a.threads, a.method)
+            label = row if a.method == "gptq" or not row.startswith("edge-rt ") else f"{row} {a.method}"
+            if any(r["model"] == model and r["row"] == label for r in rows):
+                continue
+            path, make_cmd, engine = model_file(model, row, a.threads, a.method, a.calib_windows)
             ppl, cmd = score(path, engine, a.text, a.ctx, a.windows, a.threads)
             facts = bs.file_facts(path)
             bs.log(f"{model} {row}: ppl {ppl:.4f}, {facts['file_bytes'] / bs.MiB:.1f} MiB")
-            rows.append({"model": model, "row": row, "engine": engine, "file_bytes": facts["file_bytes"],
+            rows.append({"model": model, "row": label, "engine": engine, "file_bytes": facts["file_bytes"],
                          "bits_per_weight": facts["bits_per_weight"], "types": bs.types_str(facts), "ppl": ppl,
                          "made_by": bs.short_cmd(make_cmd), "command": bs.short_cmd(cmd)})
-    this_cmd = bs.cmd_str([".venv/bin/python", "benchmarks/bench_quality.py", *(argv if argv is not None else sys.argv[1:])])
+            if a.save:
+                save(rows, Path(a.save), {"command": this_cmd, "windows": a.windows, "ctx": a.ctx})
     print(f"## Perplexity against file size, ctx {a.ctx}, {a.windows} windows\n")
     print(f"- command: `{this_cmd}` ({started:%Y-%m-%d %H:%M} UTC, {(time.perf_counter() - t0) / 60:.1f} min)\n")
     print("| model | row | types (2-D tensors) | file MiB | bits/weight | ppl | Δ vs F32 | made by |")
