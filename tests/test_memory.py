@@ -75,7 +75,9 @@ def test_budget_is_kept_or_refused_with_the_smallest_that_works(models, name):
     assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
     named = int(re.search(r"--mem-budget (\d+)M", refused.stderr).group(1)) << 20
     ok = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", named)
-    assert ok["peak_rss_bytes"] <= named and abs(ok["planned_bytes"] / named - 1) < 0.03
-    # and the named minimum is tight: 3% less is refused
+    # the name is the need +2%, rounded up to a MiB, and the next process's measured runtime
+    # (~62 MiB) can differ from this one's by ~1 MiB: tight to 5%
+    assert ok["peak_rss_bytes"] <= named and abs(ok["planned_bytes"] / named - 1) < 0.05
+    # and the named minimum is tight: 5% less is refused
     assert edge_rt("run", model, "--ctx", 1024, "-p", "Hello", "-n", 4,
-                   "--mem-budget", int(named * 0.97)).returncode == 1
+                   "--mem-budget", int(named * 0.95)).returncode == 1
