@@ -33,8 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def default_model() -> Path:
     from edge_rt.converters.convert import convert
     from edge_rt.pull import home, pull
+    from edge_rt.formats import FORMAT_VERSION
+    from edge_rt.gguf_file import GGUFFile
     out = home() / "converted" / "smollm2-135m-q4.gguf"
-    if not out.exists():
+    if not out.exists() or GGUFFile(out).meta.get("edgert.format_version") != FORMAT_VERSION:
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(pull("smollm2-135m"), out, 4)
     return out
