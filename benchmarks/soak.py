@@ -74,7 +74,9 @@ def main() -> None:
     for call, prompt in enumerate(prompts()):
         if total >= args.tokens:
             break
-        n = min(per_call, args.tokens - total, args.tokens if window else args.ctx - len(m.tokenizer.encode(prompt)))
+        n = min(per_call, args.tokens - total)
+        if not window:  # no call can pass the context
+            n = min(n, args.ctx - len(m.tokenizer.encode(prompt)))
         for _ in m.generate(prompt, n, temperature=0.8, seed=call):
             done = total + m.metrics.n_generated  # generate counts before it yields
             if done >= next_sample:
