@@ -204,7 +204,7 @@ class Model:
                               f"kill it; give a --mem-budget of at most that")
         self.plan = plan
         if self.kv is None:
-            self.streamed = (plan.streamed_layers, plan.streamed_head)
+            self.streamed = (plan.streamed_layers, plan.streamed_head, plan.resident_head_rows)
             if plan.pool_bytes:
                 self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed,
                                                verify=self.verify)
@@ -232,6 +232,7 @@ class Model:
                 "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
+                "resident_head_rows": self.plan.resident_head_rows,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
                 "flash_checksum_seconds": self.weights.check_seconds,
                 "window_hit_rate": (self.weights.layer_hits / self.weights.layer_uses

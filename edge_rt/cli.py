@@ -225,13 +225,16 @@ def plan(model, mem_budget, ctx, kv_type, prompt_tokens, threads, as_json):
                    f"step into a pool of {r['slots']} x {format_size(r['slot_bytes'])} "
                    f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
     if p.streamed_head:
-        click.echo(f"streamed   the embedding table and output head: its rows read per token, the head read whole "
-                   f"every token in {format_size(HEAD_BUFFER)} chunks")
+        kept = f"its first {p.resident_head_rows} of {m.layout.out_rows} rows resident, " if p.resident_head_rows else ""
+        click.echo(f"streamed   the embedding table and output head: {kept}the other rows read per token, the head's "
+                   f"read every token in {format_size(HEAD_BUFFER // 2)} chunks")
     if not p.pool_bytes:
         click.echo("streamed   nothing: the whole model is resident")
     click.echo(f"KV cache   {format_size(p.kv_bytes)} ({p.kv_precision}, ctx {ctx})")
     click.echo(f"buffers    {format_size(p.buffer_bytes)} (a step of {p.n_batch} tokens)")
-    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries)")
+    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries; without the "
+               f"tokenizer's encoder, freed once the prompt is read)")
+    click.echo(f"set-up     {format_size(p.open_peak_bytes)} peak (opening the model, building the tokenizer), measured")
     budget = f" of a {format_size(m.budget)} budget" if m.budget else " (no budget)"
     click.echo(f"total      {format_size(p.total_bytes)}{budget}")
 
