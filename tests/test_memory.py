@@ -65,15 +65,17 @@ def test_budget_is_kept_or_refused_with_the_smallest_that_works(models, name):
     budget = int(plan * 1.02)
     r = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", budget)
     assert r["peak_rss_bytes"] <= budget
-    # below the plan: layers stream from storage and the peak still stays under the budget
-    below = int(plan * 0.9)
-    r = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", below)
-    assert r["streamed_layers"] > 0 and r["peak_rss_bytes"] <= below
     # below the streaming minimum: refused in one line naming the smallest budget that works
     refused = edge_rt("run", model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", "10M")
     assert refused.returncode == 1
     assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
     named = int(re.search(r"--mem-budget (\d+)M", refused.stderr).group(1)) << 20
+    # below the plan (not below that minimum: Gemma-3's is the set-up phase's peak, building
+    # its tokenizer): layers or part of the head stream from storage, the peak stays under
+    below = max(int(plan * 0.9), named)
+    assert below < plan
+    r = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", below)
+    assert (r["streamed_layers"] > 0 or r["streamed_head"]) and r["peak_rss_bytes"] <= below
     ok = run_json(model, "--ctx", 1024, "-p", "Hello", "-n", 4, "--mem-budget", named)
     # the name is the need +2%, rounded up to a MiB, and the next process's measured runtime
     # (~62 MiB) can differ from this one's by ~1 MiB: tight to 5%
