@@ -161,8 +161,8 @@ def main(argv=None) -> None:
     print(f"| model | limit MiB | storage | engine | decode tok/s | ttft s | wall s | MiB read | MiB/token | "
           f"peak RSS MiB | cgroup peak MiB | failcnt |\n|" + "---|" * 12)
     for r in rows:
-        rows = f" but its first {r['resident_head_rows']} rows" if r.get("resident_head_rows") else ""
-        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' + rows if r['streamed_head'] else ''} streamed)"
+        rows = f", its first {r['resident_head_rows']} rows resident" if r.get("resident_head_rows") else ""
+        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' if r['streamed_head'] else ''} streamed{rows})"
                               if r["engine"] == "edge-rt" else
                               f" (repack {'on' if r['repack'] else 'off'})")
         if r["failed"]:
