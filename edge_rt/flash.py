@@ -339,23 +339,22 @@ class StreamedWeights(Weights):
             self.fresh.add(layer)
 
     # -- the streamed head ------------------------------------------------------------
-    def _head_rows(self, name: str, r0: int, r1: int, crcs: dict | None = None, at: int = 0) -> kernels.Weight:
+    def _part(self, name: str, key: str):
+        """The tensor holding part `key` (codes, scale, min) of head matrix `name`."""
+        return self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+
+    def _head_rows(self, name: str, r0: int, r1: int, at: int = 0) -> kernels.Weight:
         """Rows r0..r1-1 of a head matrix, read into the head buffer from byte `at` (each
         part's rows within the aligned span around them, so the read can bypass the page
-        cache); with crcs, each part's running CRC-32 (tensor name -> crc of its rows
-        before r0) moves past r1."""
+        cache)."""
         w, parts = self.matrices[name], {}
         for key in w.parts:
-            t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+            t = self._part(name, key)
             row = t.nbytes // t.shape[0]
             start, n = t.offset + r0 * row, (r1 - r0) * row
             a, b = _down(start), _up(start + n)
             self.reader.read(memoryview(self.head_buffer)[at:at + b - a], a, min(b, self.g.size) - a)
             rows = memoryview(self.head_buffer)[at + start - a:at + start - a + n]
-            if crcs is not None:
-                t0 = time.perf_counter()
-                crcs[t.name] = crc32(rows, crcs.get(t.name, 0))
-                self.check_seconds += time.perf_counter() - t0
             parts[key] = np.frombuffer(rows, _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
             at += b - a
         return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
@@ -363,8 +362,7 @@ class StreamedWeights(Weights):
     def _head_chunk(self, name: str) -> int:
         """Rows of a head matrix that fit half the head buffer at once (each of its up to
         three parts' spans widened to whole pages)."""
-        row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
-                  for k in self.matrices[name].parts) // self.matrices[name].rows
+        row = sum(self._part(name, k).nbytes for k in self.matrices[name].parts) // self.matrices[name].rows
         return max(1, (HEAD_BUFFER // 2 - 3 * 2 * ALIGN) // row)
 
     def _head_pass(self, name: str):
@@ -372,16 +370,23 @@ class StreamedWeights(Weights):
         of them, or those after the resident head_rows), in order, each read by the I/O
         thread into one half of the head buffer while the caller uses the chunk before
         it in the other half; verified, each part's CRC-32 over the whole matrix (its
-        resident rows' CRC, then the streamed rows') is checked at its end."""
+        resident rows' CRC, then the streamed rows', taken here while the next chunk is
+        read) is checked at its end."""
         w, step, half = self.matrices[name], self._head_chunk(name), HEAD_BUFFER // 2
         crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
         chunks = [(r, min(r + step, w.rows)) for r in range(self.head_rows if name == self.out else 0, w.rows, step)]
-        read = (lambda k: self.io.submit(self._head_rows, name, *chunks[k], crcs, k % 2 * half)
+        read = (lambda k: self.io.submit(self._head_rows, name, *chunks[k], k % 2 * half)
                 if k < len(chunks) else None)
         ahead = read(0)
         for k, (r, _) in enumerate(chunks):
             chunk = ahead.result()  # re-raises the reader's EdgeRtError here
             ahead = read(k + 1)
+            if crcs is not None:
+                t0 = time.perf_counter()
+                for key, part in chunk.parts.items():
+                    n = self._part(name, key).name
+                    crcs[n] = crc32(part, crcs.get(n, 0))
+                self.check_seconds += time.perf_counter() - t0
             yield r, chunk
         damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
                          if n in self.want and got != self.want[n]])
