@@ -243,27 +243,18 @@ LUT_KERNELS(q3, 3)
 LUT_KERNELS(q4, 4)
 
 /* ---- q8: int8 dot products -------------------------------------------------------------------
- * A micro-tile of RM weight rows x RN activation rows (tokens) is computed in registers, one
- * 8-lane float accumulator per (row, token): a weight block is loaded once for RN tokens, an
- * activation block once for RM rows (prefill: 2 x 4; decode: 4 x 1).
- *   - a 32-code block (s = c - 128 = c ^ 0x80) dotted with a token's int8 block: exact int32
- *     lane sums with the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512), lane i =
- *     columns 4i..4i+3;
- *   - a (row, token) accumulator takes, in this order whatever RM and RN: the min term
- *     sum_g (m + 128*d) * gsum[g] (8 groups per vector), then block by block
- *     float(block dot) * (d*da); y is its horizontal sum. So a token's result is the same
- *     alone (decode) or in a batch.
- * The rows' d (expanded to blocks) and m + 128*d are converted once per RM rows and token
- * group; the products d*da once per micro-tile (8 blocks per vector). */
+ *   - each 32-code block (s = c - 128 = c ^ 0x80) is dotted with up to 4 activation rows:
+ *     exact int32 lane sums with the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512);
+ *   - the lanes are converted to float and accumulated with the block scale d*da
+ *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
+ *   - the min term sum_g (m + 128*d) * sum_{b in g} da*qsum is added per group. */
 
-#define Q8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows run the scalar kernel */
-#define Q8_CHUNK 128   /* blocks whose products d*da are prepared at a time */
-
-/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + 128*d (zero past ng) */
-typedef struct {
-    float d[4][Q8_MAXBLK + 8] __attribute__((aligned(32)));
-    float mb[4][Q8_MAXBLK] __attribute__((aligned(32)));
-} q8_rowscales;
+/* 8 int32 partial sums of the block dot s.q; lane i holds columns 4i..4i+3 */
+INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q) {
+    const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
+    const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)codes), _mm256_set1_epi8((char)0x80));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
+}
 
 static const int32_t LANE_IDX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0};
 
@@ -272,12 +263,129 @@ INLINE __m256 lane_mask(int cnt) {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_loadu_si256((const __m256i *)LANE_IDX)));
 }
 
-/* 8 blocks per vector: the d of 8 groups converted at once, permuted to blocks via a->bgroup */
+/* ---- group-format matmul ---------------------------------------------------------------- */
+
+#define CHUNK 256 /* blocks whose scales are prepared at a time */
+
+typedef struct {
+    const int8_t *q[4];
+    const float *da[4], *gsum[4];
+} act_rows;
+
+/* scl[k][i] = d[group of block c0+i] * da[k][c0+i], i < nb, for weight row r: 8 blocks
+ * per vector (the 8 groups' d converted at once, permuted to blocks via a->bgroup) */
+INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, int c0, int nb,
+                         float (*scl)[CHUNK], const int NR) {
+    const int ng = a->ngroups;
+    const uint16_t *sc = w->scale + (size_t)r * ng;
+    const int safe = (size_t)(w->rows - 1 - r) * ng >= 8; /* 8 halfs past any group are readable */
+    for (int i = 0; i < nb; i += 8) {
+        const int b0 = c0 + i, gb = a->bgroup[b0];
+        const __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(a->bgroup + b0)), _mm256_set1_epi32(gb));
+        const __m256 d8 = _mm256_permutevar8x32_ps(load8_half(sc + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
+        for (int k = 0; k < NR; k++) _mm256_store_ps(scl[k] + i, _mm256_mul_ps(d8, _mm256_loadu_ps(ar->da[k] + b0)));
+    }
+}
+
+/* acc[k] += sum over blocks c0..c0+nb-1 of row r: float(block dot) * scl[k][.]
+ * Even blocks go to acc, odd ones to acc2 (two independent FMA chains), whatever NR:
+ * an activation row gets the same result whatever the batch it is in. */
+INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb, float (*scl)[CHUNK], __m256 *acc,
+                       __m256 *acc2, const int NR) {
+    const uint8_t *cp = codes + (size_t)c0 * ERT_BLOCK;
+    int i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        const size_t b = (size_t)c0 + i;
+        for (int k = 0; k < NR; k++) {
+            __m256i pa = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
+            __m256i pb = block_dot(cp + (size_t)(i + 1) * ERT_BLOCK, ar->q[k] + (b + 1) * ERT_BLOCK);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_broadcast_ss(scl[k] + i), acc[k]);
+            acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_broadcast_ss(scl[k] + i + 1), acc2[k]);
+        }
+    }
+    if (i < nb) {
+        const size_t b = (size_t)c0 + i;
+        for (int k = 0; k < NR; k++) {
+            __m256i p = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[k] + i), acc[k]);
+        }
+    }
+}
+
+/* acc[k] += the min term of row r: sum_g (m + 128*d) * gsum[k][g], 8 groups per
+ * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
+INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR) {
+    const int ng = a->ngroups;
+    const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
+    const int safe = (size_t)(w->rows - 1 - r) * ng >= 8;
+    const __m256 off = _mm256_set1_ps(128.0f);
+    for (int g0 = 0; g0 < ng; g0 += 8) {
+        const int cnt = ng - g0 < 8 ? ng - g0 : 8;
+        __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), off, load8_half(mn + g0, cnt, safe));
+        if (cnt < 8) mb = _mm256_and_ps(mb, lane_mask(cnt));
+        for (int k = 0; k < NR; k++) acc[k] = _mm256_fmadd_ps(mb, _mm256_loadu_ps(ar->gsum[k] + g0), acc[k]);
+    }
+}
+
+/* Rows r0..r1-1 times activation rows j0..j0+NR-1 (NR <= 4): y = block part + min part.
+ * When a row fits one chunk, the block scales of row r+1 are prepared before the blocks
+ * of row r are summed (double buffer: the stores are long done when read back). */
+INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR) {
+    const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
+    const size_t rowbytes = (size_t)w->cols;
+    act_rows ar;
+    for (int k = 0; k < NR; k++) {
+        ar.q[k] = a->q + (size_t)(j0 + k) * a->cols;
+        ar.da[k] = a->da + (size_t)(j0 + k) * nblk;
+        ar.gsum[k] = a->gsum + (size_t)(j0 + k) * ngp;
+    }
+    float scl[2][4][CHUNK] __attribute__((aligned(32)));
+    const int one_chunk = nblk <= CHUNK;
+    if (one_chunk) block_scales(w, a, &ar, r0, 0, nblk, scl[0], NR);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
+        __m256 acc[4], acc2[4];
+        for (int k = 0; k < NR; k++) acc[k] = acc2[k] = _mm256_setzero_ps();
+        min_terms(w, a, &ar, r, acc2, NR);
+        if (one_chunk) {
+            if (r + 1 < r1) block_scales(w, a, &ar, r + 1, 0, nblk, scl[(r + 1 - r0) & 1], NR);
+            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR);
+        } else {
+            for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
+                const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
+                block_scales(w, a, &ar, r, c0, nb, scl[0], NR);
+                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR);
+            }
+        }
+        for (int k = 0; k < NR; k++) y[(size_t)(j0 + k) * w->rows + r] = hsum(_mm256_add_ps(acc[k], acc2[k]));
+    }
+}
+
+#define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
+
+/* ---- q8 prefill: int16 madd micro-tiles -------------------------------------------------------
+ * The same arithmetic as q8_rows (a token's result is bit-identical alone or in a batch): per
+ * (row, token) the min term then the odd blocks into one accumulator, the even blocks into
+ * another, float(block dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
+ * activations of a token group and the codes of 4 rows (s = c - 128) are widened once to int16
+ * (widen_block), so a block dot is 2 madd (instead of sign, maddubs and madd per token), and
+ * the rows' scales are converted once per 4 rows and token group. */
+
+#define Q8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: q8_rows */
+#define Q8_TOKENS(cols) ((131072 / (cols)) < 64 ? ((131072 / (cols)) > 1 ? 131072 / (cols) : 1) : 64) /* ~128 KB of int16 */
+
+/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + 128*d (zero past ng) */
+typedef struct {
+    float d[4][Q8_MAXBLK + 8] __attribute__((aligned(32)));
+    float mb[4][Q8_MAXBLK + 16] __attribute__((aligned(32))); /* rows not 4 KB apart */
+} q8_rowscales;
+
+/* as block_scales and min_terms: 8 blocks (groups) per vector */
 INLINE void q8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, q8_rowscales *rs) {
     const int ng = a->ngroups;
     for (int r = 0; r < rm; r++) {
         const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
-        const int safe = (size_t)(w->rows - 1 - (r0 + r)) * ng >= 8; /* 8 halfs past any group are readable */
+        const int safe = (size_t)(w->rows - 1 - (r0 + r)) * ng >= 8;
         for (int g0 = 0; g0 < ng; g0 += 8) {
             const int cnt = ng - g0 < 8 ? ng - g0 : 8;
             __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps(128.0f), load8_half(mn + g0, cnt, safe));
@@ -291,11 +399,6 @@ INLINE void q8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int r
     }
 }
 
-/* the int32 lanes of the dot of block (|s|, s) with the activation block qv */
-INLINE __m256i block_dot(__m256i absw, __m256i sw, __m256i qv) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(absw, _mm256_sign_epi8(qv, sw)), _mm256_set1_epi16(1));
-}
-
 /* A block of 32 int8 as int16 in two halves for madd: A holds columns 4i, 4i+1 at words 2i,
  * 2i+1, B columns 4i+2, 4i+3, so madd(A, A') + madd(B, B') has block_dot's lanes (lane i =
  * columns 4i..4i+3) and the same exact sums. */
@@ -307,116 +410,71 @@ INLINE void widen_block(__m256i v, int16_t *out) {
     _mm256_store_si256((__m256i *)(out + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
 }
 
-/* y of rows r0..r0+RM-1 for tokens j0..j0+RN-1 (RM, RN <= 4); rs holds the rows' scales.
- * wide: the dots by int16 madd from w16[r] (the rows' s) and q16[k] (the tokens' q), widened
- * by widen_block (prefill: 2 madd per block instead of sign, maddubs and madd); otherwise
- * by block_dot from the codes and a->q. */
-INLINE void q8_micro(const ert_weight *w, const ert_act *a, const q8_rowscales *rs, int r0, int j0, float *y,
-                     const int16_t *const *w16, const int16_t *const *q16, const int RM, const int RN, const int wide) {
+/* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened s, q16 the token's
+ * widened q, rs the rows' scales */
+INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *rs, int r0, int j, float *y,
+                    const int16_t *const *w16, const int16_t *q16, const int RM) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
-    const uint8_t *codes[4];
-    const int8_t *q[4];
-    const float *da[4];
-    __m256 acc[4][4];
-    for (int k = 0; k < RN; k++) {
-        q[k] = a->q + (size_t)(j0 + k) * a->cols;
-        da[k] = a->da + (size_t)(j0 + k) * nblk;
+    const float *da = a->da + (size_t)j * nblk;
+    __m256 acc[4], acc2[4];
+    for (int r = 0; r < RM; r++) acc[r] = acc2[r] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < ngp; g0 += 8) { /* the min terms */
+        const __m256 gs = _mm256_loadu_ps(a->gsum + (size_t)j * ngp + g0);
+        for (int r = 0; r < RM; r++) acc2[r] = _mm256_fmadd_ps(_mm256_load_ps(rs->mb[r] + g0), gs, acc2[r]);
     }
-    for (int r = 0; r < RM; r++) {
-        codes[r] = (const uint8_t *)w->data + (size_t)(r0 + r) * w->cols;
-        for (int k = 0; k < RN; k++) acc[r][k] = _mm256_setzero_ps();
-    }
-    for (int g0 = 0; g0 < ngp; g0 += 8) /* the min terms */
-        for (int k = 0; k < RN; k++) {
-            const __m256 gs = _mm256_loadu_ps(a->gsum + (size_t)(j0 + k) * ngp + g0);
-            for (int r = 0; r < RM; r++) acc[r][k] = _mm256_fmadd_ps(_mm256_load_ps(rs->mb[r] + g0), gs, acc[r][k]);
-        }
-    float scl[4][4][Q8_CHUNK] __attribute__((aligned(32)));
-    for (int c0 = 0; c0 < nblk; c0 += Q8_CHUNK) {
-        const int nb = nblk - c0 < Q8_CHUNK ? nblk - c0 : Q8_CHUNK;
+    float scl[4][CHUNK] __attribute__((aligned(32)));
+    for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
+        const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
         for (int i = 0; i < nb; i += 8) /* (da has 8 readable floats past the end; lanes past nb unused) */
-            for (int r = 0; r < RM; r++) {
-                const __m256 d8 = _mm256_load_ps(rs->d[r] + c0 + i);
-                for (int k = 0; k < RN; k++) _mm256_store_ps(scl[r][k] + i, _mm256_mul_ps(d8, _mm256_loadu_ps(da[k] + c0 + i)));
-            }
-        for (int i = 0; i < nb; i++) {
-            const size_t at = (size_t)(c0 + i) * ERT_BLOCK;
-            if (wide) {
-                __m256i qa[4], qb[4];
-                for (int k = 0; k < RN; k++) {
-                    qa[k] = _mm256_load_si256((const __m256i *)(q16[k] + at));
-                    qb[k] = _mm256_load_si256((const __m256i *)(q16[k] + at + 16));
-                }
+            for (int r = 0; r < RM; r++)
+                _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
+        for (int i = 0; i < nb; i += 2) /* (CHUNK is even: block c0 + i is even) */
+            for (int e = 0; e < 2 && i + e < nb; e++) {
+                const size_t at = (size_t)(c0 + i + e) * ERT_BLOCK;
+                const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
                 for (int r = 0; r < RM; r++) {
-                    const __m256i wa = _mm256_load_si256((const __m256i *)(w16[r] + at));
-                    const __m256i wb = _mm256_load_si256((const __m256i *)(w16[r] + at + 16));
-                    for (int k = 0; k < RN; k++) {
-                        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wa, qa[k]), _mm256_madd_epi16(wb, qb[k]));
-                        acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r][k] + i), acc[r][k]);
-                    }
-                }
-            } else {
-                __m256i sw[4], aw[4];
-                for (int r = 0; r < RM; r++) {
-                    sw[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes[r] + at)), flip);
-                    aw[r] = _mm256_abs_epi8(sw[r]);
-                }
-                for (int k = 0; k < RN; k++) {
-                    const __m256i qv = _mm256_loadu_si256((const __m256i *)(q[k] + at));
-                    for (int r = 0; r < RM; r++)
-                        acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(aw[r], sw[r], qv)), _mm256_broadcast_ss(scl[r][k] + i), acc[r][k]);
+                    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
+                                                       _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
+                    __m256 *ac = e ? &acc2[r] : &acc[r];
+                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r] + i + e), *ac);
                 }
             }
-        }
     }
-    for (int r = 0; r < RM; r++)
-        for (int k = 0; k < RN; k++) y[(size_t)(j0 + k) * w->rows + r0 + r] = hsum(acc[r][k]);
+    for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
 }
 
-#define Q8_MICRO(RM, RN, wide) q8_micro(w, a, rs, r, j, y, w16, q16 + (j - j0), RM, RN, wide)
-
-/* Rows r0..r1-1 of all tokens. Decode (n < 4): micro-tiles of 4 rows x 1 token by block_dot.
- * Prefill: groups of up to Q8_TOKENS tokens (int16 activations, ~64 KB) widened once; per
- * 4 rows (widened once per group), micro-tiles of 4 rows x 2 tokens; last rows one by one. */
-#define Q8_TOKENS(cols) ((131072 / (cols)) / 2 * 2 > 2 ? ((131072 / (cols)) / 2 * 2 < 64 ? (131072 / (cols)) / 2 * 2 : 64) : 2)
+/* Decode (n < 4): q8_rows. Prefill: per group of up to Q8_TOKENS tokens (widened once), per 4
+ * rows (widened, their scales converted), every token of the group; last rows one by one. */
 void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    if (a->nblk > Q8_MAXBLK) {
-        ert_q8_matmul_ref(w, a, r0, r1, y);
+    const int cols = w->cols, jb = Q8_TOKENS(cols);
+    int16_t *buf = a->n >= 4 && a->nblk <= Q8_MAXBLK ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
+    if (!buf) { /* the same results */
+        ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
         return;
     }
-    const int cols = w->cols, jb = a->n >= 4 ? Q8_TOKENS(cols) : a->n;
-    q8_rowscales *rs = &(q8_rowscales){0};
-    int16_t *buf = a->n >= 4 ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
-    const int wide = buf != NULL; /* without it, block_dot: the same sums */
-    const int16_t *q16[64], *w16[4];
-    for (int k = 0; k < jb; k++) q16[k] = buf + (size_t)k * cols;
+    q8_rowscales rs_, *rs = &rs_; /* (q8_prepare_rows writes what is read) */
+    int16_t *w16[4];
     for (int r = 0; r < 4; r++) w16[r] = buf + ((size_t)jb + r) * cols;
     for (int j0 = 0; j0 < a->n; j0 += jb) {
         const int j1 = j0 + jb < a->n ? j0 + jb : a->n;
-        if (wide)
-            for (int k = 0; k < j1 - j0; k++)
-                for (int b = 0; b < a->nblk; b++)
-                    widen_block(_mm256_loadu_si256((const __m256i *)(a->q + (size_t)(j0 + k) * cols + (size_t)b * ERT_BLOCK)),
-                                (int16_t *)q16[k] + (size_t)b * ERT_BLOCK);
+        for (int j = j0; j < j1; j++)
+            for (int b = 0; b < a->nblk; b++)
+                widen_block(_mm256_loadu_si256((const __m256i *)(a->q + (size_t)j * cols + (size_t)b * ERT_BLOCK)),
+                            buf + (size_t)(j - j0) * cols + (size_t)b * ERT_BLOCK);
         for (int r = r0; r < r1;) {
             const int rm = r + 4 <= r1 ? 4 : 1;
             q8_prepare_rows(w, a, r, rm, rs);
-            if (wide)
-                for (int i = 0; i < rm; i++)
-                    for (int b = 0; b < a->nblk; b++) {
-                        const __m256i c = _mm256_loadu_si256((const __m256i *)((const uint8_t *)w->data + (size_t)(r + i) * cols + (size_t)b * ERT_BLOCK));
-                        widen_block(_mm256_xor_si256(c, _mm256_set1_epi8((char)0x80)), (int16_t *)w16[i] + (size_t)b * ERT_BLOCK);
-                    }
-            int j = j0;
-            if (!wide)
-                for (; j < j1; j++) rm == 4 ? Q8_MICRO(4, 1, 0) : Q8_MICRO(1, 1, 0);
-            else if (rm == 4) {
-                for (; j + 2 <= j1; j += 2) Q8_MICRO(4, 2, 1);
-                if (j < j1) Q8_MICRO(4, 1, 1);
-            } else {
-                for (; j + 4 <= j1; j += 4) Q8_MICRO(1, 4, 1);
-                for (; j < j1; j++) Q8_MICRO(1, 1, 1);
+            for (int i = 0; i < rm; i++)
+                for (int b = 0; b < a->nblk; b++) {
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)((const uint8_t *)w->data + (size_t)(r + i) * cols + (size_t)b * ERT_BLOCK));
+                    widen_block(_mm256_xor_si256(c, _mm256_set1_epi8((char)0x80)), w16[i] + (size_t)b * ERT_BLOCK);
+                }
+            for (int j = j0; j < j1; j++) {
+                const int16_t *q16 = buf + (size_t)(j - j0) * cols;
+                if (rm == 4)
+                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
+                else
+                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 1);
             }
             r += rm;
         }
