@@ -372,7 +372,8 @@ INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j
  * the rows' scales are converted once per 4 rows and token group. */
 
 #define Q8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: q8_rows */
-#define Q8_TOKENS(cols) ((131072 / (cols)) < 64 ? ((131072 / (cols)) > 1 ? 131072 / (cols) : 1) : 64) /* ~128 KB of int16 */
+/* tokens per group: ~96 KB of int16 activations (with 4 rows, under malloc's mmap threshold) */
+#define Q8_TOKENS(cols) ((49152 / (cols)) < 64 ? ((49152 / (cols)) > 1 ? 49152 / (cols) : 1) : 64)
 
 /* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + 128*d (zero past ng) */
 typedef struct {
