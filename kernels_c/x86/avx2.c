@@ -411,6 +411,17 @@ INLINE void widen_block(__m256i v, int16_t *out) {
     _mm256_store_si256((__m256i *)(out + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
 }
 
+/* acc[r] += float(dot of the rows' and the token's widened block at `at`) * scl[r][i] */
+INLINE void q8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
+                          const int RM) {
+    const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
+    for (int r = 0; r < RM; r++) {
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
+                                           _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r] + i), acc[r]);
+    }
+}
+
 /* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened s, q16 the token's
  * widened q, rs the rows' scales */
 INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *rs, int r0, int j, float *y,
@@ -429,17 +440,10 @@ INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *r
         for (int i = 0; i < nb; i += 8) /* (da has 8 readable floats past the end; lanes past nb unused) */
             for (int r = 0; r < RM; r++)
                 _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
-        for (int i = 0; i < nb; i += 2) /* (CHUNK is even: block c0 + i is even) */
-            for (int e = 0; e < 2 && i + e < nb; e++) {
-                const size_t at = (size_t)(c0 + i + e) * ERT_BLOCK;
-                const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
-                for (int r = 0; r < RM; r++) {
-                    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
-                                                       _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
-                    __m256 *ac = e ? &acc2[r] : &acc[r];
-                    *ac = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r] + i + e), *ac);
-                }
-            }
+        for (int i = 0; i < nb; i += 2) { /* (CHUNK is even: block c0 + i is even) */
+            q8_wide_block(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM);
+            if (i + 1 < nb) q8_wide_block(w16, q16, (size_t)(c0 + i + 1) * ERT_BLOCK, scl, i + 1, acc2, RM);
+        }
     }
     for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
 }
