@@ -19,7 +19,7 @@ from .plan import Plan, check, format_size, make_plan, parse_size
 from .pull import resolve
 from .sample import Sampler
 from .layer import CLayers
-from .tokenizer import ARRAY_KEYS as TOKENIZER_ARRAYS, Tokenizer
+from .tokenizer import Tokenizer
 from .verify import check_loaded
 from .weights import Weights
 
@@ -133,9 +133,7 @@ class Model:
         if version is not None and version != formats.FORMAT_VERSION:
             raise EdgeRtError(f"{self.path}: made by edge-rt with layout version {version}; this edge-rt reads "
                               f"version {formats.FORMAT_VERSION}: convert the source model again")
-        self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta)
-        for key in TOKENIZER_ARRAYS:  # the tokenizer holds them now
-            self.g.meta.pop(key, None)
+        self.tokenizer = Tokenizer.from_gguf_meta(self.g.meta, take=True)  # the tokenizer holds the arrays now
         memory.trim()
         self.spec = spec_from_meta(self.g.meta, self.tokenizer.n_vocab, self.path)
         if ctx < 2 or ctx > self.spec.ctx_train:

@@ -287,10 +287,11 @@ def _spm_merges(tokens: list[str], scores: np.ndarray) -> Sequence[tuple[str, st
 class _Pairs(Sequence):
     """The merges (tokens[a[i]], tokens[b[i]]), made one at a time as the BPE model reads
     them: as a list of tuples, Gemma-3's 515k SPM pairs would hold ~40 MiB more while it is
-    built."""
+    built. `release`, if set, is called when the reading starts (see Tokenizer.from_gguf_meta)."""
 
-    def __init__(self, tokens: list[str], a: np.ndarray, b: np.ndarray):
+    def __init__(self, tokens: Sequence[str], a: np.ndarray, b: np.ndarray):
         self.tokens, self.a, self.b = tokens, a, b
+        self.release = None
 
     def __len__(self) -> int:
         return len(self.a)
@@ -299,6 +300,9 @@ class _Pairs(Sequence):
         return self.tokens[self.a[i]], self.tokens[self.b[i]]
 
     def __iter__(self):
+        if self.release is not None:
+            self.release()
+            self.release = None
         t = self.tokens
         for s in range(0, len(self.a), SPM_CHUNK):
             for a, b in zip(self.a[s:s + SPM_CHUNK].tolist(), self.b[s:s + SPM_CHUNK].tolist()):
@@ -323,8 +327,7 @@ def _bpe_pairs(tokens: list[str], vocab: dict[str, int], merges: list[str]) -> S
     return _Pairs(tokens, a[first], b[first])
 
 
-def _build_bpe(tokens: list[str], vocab: dict[str, int], pre: _Pre, merges: list[str]) -> HFTokenizer:
-    pairs = _bpe_pairs(tokens, vocab, merges)
+def _build_bpe(vocab: dict[str, int], pre: _Pre, pairs: _Pairs) -> HFTokenizer:
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), "isolated") for r in pre.regexes]
@@ -399,8 +402,12 @@ class Tokenizer:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_gguf_meta(cls, meta: dict, where: str | None = None) -> "Tokenizer":
-        """From a GGUF metadata dict (GGUFFile(path).meta)."""
+    def from_gguf_meta(cls, meta: dict, where: str | None = None, take: bool = False) -> "Tokenizer":
+        """From a GGUF metadata dict (GGUFFile(path).meta). take=True: the tokenizer arrays
+        (ARRAY_KEYS) are taken out of `meta` and their Python objects freed while the
+        `tokenizers` model is built, once it holds its own copy of the vocabulary (Gemma-3's
+        token texts and vocabulary dict, ~35 MiB, would otherwise coexist with the build's
+        peak; see BENCHMARKS.md, "The runtime's own footprint")."""
         where = where or str(meta.get("general.name") or "GGUF")
         model = meta.get("tokenizer.ggml.model")
         if model is None:
@@ -485,11 +492,23 @@ class Tokenizer:
         if model == "gpt2":
             merges = _as_str_list(meta, "tokenizer.ggml.merges", where)
             self._merges = _Texts(merges)
-            self.hf = _build_bpe(tokens, vocab, pre, merges)
+            pairs = _bpe_pairs(tokens, vocab, merges)
+            del merges
         else:
             self._merges = None
-            self.hf = self._build_spm(tokens, vocab)
-        self._add_tokens(tokens)  # from here on, token texts come from self.hf: no Python copy of the vocabulary
+            pairs = _spm_merges(tokens, self._scores)
+        added = self._added_texts(tokens)
+        if take:
+            for key in ARRAY_KEYS:
+                meta.pop(key, None)
+            # the BPE model copies the vocabulary, then reads the merges: from then on the
+            # pairs come from one UTF-8 buffer and the Python strings and dict can go
+            pairs.tokens = _Texts(tokens)
+            pairs.release = lambda v=vocab, t=tokens: (v.clear(), t.clear())
+        del tokens
+        self.hf = _build_bpe(vocab, pre, pairs) if model == "gpt2" else self._build_spm(vocab, pairs, added)
+        del vocab, pairs
+        self._add_tokens(added)  # from here on, token texts come from self.hf: no Python copy of the vocabulary
         return self
 
     def _adjust_attrs(self, tokens: list[str], vocab: dict[str, int], attr: np.ndarray, special: dict) -> None:
@@ -529,10 +548,9 @@ class Tokenizer:
             attr[texts["</s>"]] = A_NORMAL
         self.eos_ids = eog
 
-    def _build_spm(self, tokens: list[str], vocab: dict[str, int]) -> HFTokenizer:
-        merges = _spm_merges(tokens, self._scores)
-        unk = tokens[self.unk_id] if self.unk_id is not None else None
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=unk))
+    def _build_spm(self, vocab: dict[str, int], pairs: _Pairs, texts: dict[int, str]) -> HFTokenizer:
+        unk = texts[self.unk_id] if self.unk_id is not None else None
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, byte_fallback=True, unk_token=unk))
         norm = [normalizers.Replace(" ", SPACE)]
         if self.add_space_prefix:
             norm.insert(0, normalizers.Prepend(SPACE))
@@ -543,7 +561,14 @@ class Tokenizer:
         tk.decoder = decoders.Sequence(dec)
         return tk
 
-    def _add_tokens(self, toks: list[str]) -> None:
+    def _added_texts(self, tokens: list[str]) -> dict[int, str]:
+        """The texts _add_tokens and _build_spm need (added tokens, BOS, EOS, UNK), by id."""
+        a = self._attr
+        ids = np.nonzero(a & (A_CONTROL | A_UNKNOWN | A_USER_DEFINED))[0].tolist()
+        ids += [i for i in (self.bos_id, self.eos_id, self.unk_id) if i is not None]
+        return {i: tokens[i] for i in ids}
+
+    def _add_tokens(self, toks: dict[int, str]) -> None:
         attr = self._attr
         special = np.nonzero(attr & (A_CONTROL | A_UNKNOWN))[0]
         user = np.nonzero(((attr & A_USER_DEFINED) != 0) & ((attr & (A_CONTROL | A_UNKNOWN)) == 0))[0]
