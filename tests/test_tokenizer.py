@@ -697,3 +697,18 @@ def test_build_and_encode_time(name, request, text):
 def test_encode_rejects_lone_surrogates(smol):
     with pytest.raises(EdgeRtError, match="not valid Unicode"):
         smol.encode("a\udcffb")
+
+
+@pytest.mark.parametrize("name", ["smol", "gemma"])
+def test_taking_the_arrays_builds_the_same_tokenizer(request, name):
+    """from_gguf_meta(meta, take=True) (what Model does: the token texts and the
+    vocabulary dict are freed while the `tokenizers` model is built) takes the arrays
+    out of meta and builds the same tokenizer, to the last merge and added token."""
+    meta = dict(request.getfixturevalue(f"{name}_meta"))
+    kept = request.getfixturevalue(name)
+    taken = Tokenizer.from_gguf_meta(meta, take=True)
+    assert not set(T.ARRAY_KEYS) & set(meta)
+    assert taken.hf.to_str() == kept.hf.to_str()
+    assert taken.gguf_meta().keys() == kept.gguf_meta().keys()
+    for s in SAMPLES:
+        assert taken.encode(s) == kept.encode(s)
