@@ -60,6 +60,7 @@ import time
 from array import array
 from collections.abc import Sequence
 from functools import wraps
+from itertools import accumulate
 from typing import Any, Iterable
 
 import numpy as np
@@ -342,15 +343,14 @@ class _Texts(Sequence):
 
     def __init__(self, texts: Iterable[str]):
         data = [t.encode("utf-8", "surrogatepass") for t in texts]
-        self.ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
+        self.ends = array("q", accumulate(map(len, data)))  # (indexed as Python ints: fast one at a time)
         self.data = b"".join(data)
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def __getitem__(self, i: int) -> str:
-        start = int(self.ends[i - 1]) if i else 0
-        return self.data[start:int(self.ends[i])].decode("utf-8", "surrogatepass")
+        return self.data[self.ends[i - 1] if i else 0:self.ends[i]].decode("utf-8", "surrogatepass")
 
 
 # The metadata arrays a Tokenizer holds in its own form once built (a GGUFFile's meta need not
