@@ -404,7 +404,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_meta(cls, meta: dict, where: str | None = None, take: bool = False) -> "Tokenizer":
         """From a GGUF metadata dict (GGUFFile(path).meta). take=True: the tokenizer arrays
-        (ARRAY_KEYS) are taken out of `meta` and their Python objects freed while the
+        (ARRAY_KEYS) are taken out of `meta` and their Python objects dropped while the
         `tokenizers` model is built, once it holds its own copy of the vocabulary (Gemma-3's
         token texts and vocabulary dict, ~35 MiB, would otherwise coexist with the build's
         peak; see BENCHMARKS.md, "The runtime's own footprint")."""
@@ -501,10 +501,10 @@ class Tokenizer:
         if take:
             for key in ARRAY_KEYS:
                 meta.pop(key, None)
-            # the BPE model copies the vocabulary, then reads the merges: from then on the
-            # pairs come from one UTF-8 buffer and the Python strings and dict can go
+            # the BPE model copies the vocabulary, then reads the merges: the pairs come from
+            # one UTF-8 buffer, so the dict (the last holder of the token strings) can go then
             pairs.tokens = _Texts(tokens)
-            pairs.release = lambda v=vocab, t=tokens: (v.clear(), t.clear())
+            pairs.release = vocab.clear
         del tokens
         self.hf = _build_bpe(vocab, pre, pairs) if model == "gpt2" else self._build_spm(vocab, pairs, added)
         del vocab, pairs

@@ -708,6 +708,7 @@ def test_taking_the_arrays_builds_the_same_tokenizer(request, name):
     kept = request.getfixturevalue(name)
     taken = Tokenizer.from_gguf_meta(meta, take=True)
     assert not set(T.ARRAY_KEYS) & set(meta)
+    assert len(request.getfixturevalue(f"{name}_meta")["tokenizer.ggml.tokens"]) == kept.n_vocab  # not emptied
     assert taken.hf.to_str() == kept.hf.to_str()
     assert taken.gguf_meta().keys() == kept.gguf_meta().keys()
     for s in SAMPLES:
