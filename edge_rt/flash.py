@@ -4,7 +4,9 @@ The plan (plan.py) streams layers 0..m-1 and keeps the rest resident. Streamed l
 matrices are read with pread (O_DIRECT where the filesystem allows, else buffered reads
 whose pages are dropped at once with POSIX_FADV_DONTNEED) into ONE preallocated pool
 of min(2, m) slots; a background thread reads the next streamed layer into the free
-slot while the current one computes. Streamed weights are never mmapped, so the page
+slot while the current one computes, and (a streamed head) the head's first chunks
+while the layers after the streamed ones compute. Each read of 512 KiB or more is split into DEPTH aligned
+preads issued at once. Streamed weights are never mmapped, so the page
 cache does not grow behind the budget. Everything else (embedding/output head, norms,
 resident layers) is read once into an anonymous arena, so after loading nothing of the
 file is touched through the mmap, and a file truncated or replaced while streaming
