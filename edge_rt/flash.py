@@ -331,7 +331,7 @@ class StreamedWeights(Weights):
                                   if streamable(g, t.name) == i and t.name in self.want] for i in range(streamed)}
         self.in_slot = [None] * self.n_slots     # layer held by each slot
         self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
-        self.pending: tuple[int, int, Future] | None = None
+        self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, its read in the I/O thread)
         self.fresh = set()  # layers read into a slot and not used since
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
         self.head_ahead: dict[int, Future] = {}  # chunk -> its read, started before the head pass
@@ -352,13 +352,21 @@ class StreamedWeights(Weights):
             self.check_seconds += time.perf_counter() - t0
             damaged(self.g, bad)
 
-    def _finish_pending(self) -> None:
-        if self.pending:
-            layer, slot, fut = self.pending
-            self.pending = None
+    def _finish_pending(self, layer: int | None = None) -> None:
+        """Wait for the read of `layer` (by default: every read) into its slot."""
+        for j in [layer] if layer is not None else list(self.pending):
+            slot, fut = self.pending.pop(j)
             fut.result()  # re-raises the reader's EdgeRtError here, in the forward pass
-            self.in_slot[slot] = layer
-            self.fresh.add(layer)
+            self.in_slot[slot] = j
+            self.fresh.add(j)
+
+    def _read_ahead(self, layer: int, slot: int) -> None:
+        """Have the I/O thread read `layer` into `slot` (free: its layer has computed),
+        unless it is there already or on its way."""
+        if layer not in self.in_slot and layer not in self.pending and \
+                all(s != slot for s, _ in self.pending.values()):
+            self.in_slot[slot] = None
+            self.pending[layer] = (slot, self.io.submit(self._load, layer, slot))
 
     # -- the streamed head ------------------------------------------------------------
     def _part(self, name: str, key: str):
@@ -476,9 +484,11 @@ class StreamedWeights(Weights):
 
     def _stream_layer(self, i: int) -> None:
         if i >= self.streamed:
+            if i == self.streamed >= 2:  # the last streamed layer has computed: its slot takes the next token's second
+                self._read_ahead(1, self.current)  # (the first is read into the other since that layer began)
             return
-        if self.pending and self.pending[0] == i:
-            self._finish_pending()
+        if i in self.pending:
+            self._finish_pending(i)
         if i not in self.in_slot:
             self._finish_pending()
             slot = (self.current + 1) % self.n_slots
@@ -495,7 +505,5 @@ class StreamedWeights(Weights):
         for name in self.layer_names[i]:
             _retarget(self.matrices[name], self.slot_views[i, self.current, name])
         nxt = (i + 1) % self.streamed  # after the last streamed layer: the first, for the next token
-        if nxt != i and nxt not in self.in_slot and not self.pending:
-            slot = (self.current + 1) % self.n_slots
-            self.in_slot[slot] = None
-            self.pending = (nxt, slot, self.io.submit(self._load, nxt, slot))
+        if nxt != i:
+            self._read_ahead(nxt, (self.current + 1) % self.n_slots)
