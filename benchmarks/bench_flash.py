@@ -27,6 +27,9 @@ source converted with `--format llama.cpp`, Q8_0 / F16), throttle and rep:
   wall time of the process, storage bytes read (/proc/PID/io read_bytes of each
   process) and per decoded token, peak RSS, the cgroup's peak (RSS + page cache) and
   failcnt. Medians over --reps. This machine is shared: numbers are noisy.
+
+`--read-probe 1,2,4,8` measures instead the streaming reader alone: MB/s reading the first
+model's file in the head's 2 MiB chunks with that many preads in flight, per throttle.
 """
 from __future__ import annotations
 

@@ -4,10 +4,11 @@ The plan (plan.py) streams layers 0..m-1 and keeps the rest resident. Streamed l
 matrices are read with pread (O_DIRECT where the filesystem allows, else buffered reads
 whose pages are dropped at once with POSIX_FADV_DONTNEED) into ONE preallocated pool
 of min(2, m) slots; a background thread reads the next streamed layer into the free
-slot while the current one computes, and (a streamed head) the head's first chunks
-while the layers after the streamed ones compute. Each read of 512 KiB or more is split into DEPTH aligned
-preads issued at once. Streamed weights are never mmapped, so the page
-cache does not grow behind the budget. Everything else (embedding/output head, norms,
+slot while the current one computes (and, once the last streamed layer has computed, the
+next token's second one into its slot), and the head's first chunks (a streamed head)
+while the layers compute. A read of 512 KiB or more is split into DEPTH aligned preads
+issued at once. Streamed weights are never mmapped, so the page cache does not grow
+behind the budget. Everything else (embedding/output head, norms,
 resident layers) is read once into an anonymous arena, so after loading nothing of the
 file is touched through the mmap, and a file truncated or replaced while streaming
 ends in one EdgeRtError instead of a SIGBUS.
