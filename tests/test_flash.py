@@ -83,6 +83,8 @@ def test_streamed_logits_are_bit_identical(model, streamed):
     assert (m.weights.layer_hits > 0) == (streamed[0] in (1, 2)), (m.weights.layer_hits, m.weights.layer_uses)
     if streamed[0] > 2:
         assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
+    if 2 < streamed[0] < m.spec.n_layers:  # the next token's first two streamed layers are on their way
+        assert set(m.weights.pending) == {0, 1}, m.weights.pending
 
 
 @pytest.mark.parametrize("depth", [1, 3])
