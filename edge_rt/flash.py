@@ -422,9 +422,9 @@ class StreamedWeights(Weights):
         """(first row, Weight) of each chunk of the streamed rows of a head matrix (all
         of them, or those after the resident head_rows), in order, each read by the I/O
         thread into one half of the head buffer while the caller uses the chunk before
-        it in the other half (the output head's first two: started by begin_layer); verified, each part's CRC-32 over the whole matrix (its
-        resident rows' CRC, then the streamed rows', taken here while the next chunk is
-        read) is checked at its end."""
+        it in the other half (the output head's first two: started by begin_layer);
+        verified, each part's CRC-32 over the whole matrix (its resident rows' CRC, then
+        the streamed rows', taken here while the next chunk is read) is checked at its end."""
         crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
         chunks = self._head_chunks(name)
         if name != self.out:
