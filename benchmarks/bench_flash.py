@@ -27,6 +27,9 @@ source converted with `--format llama.cpp`, Q8_0 / F16), throttle and rep:
   wall time of the process, storage bytes read (/proc/PID/io read_bytes of each
   process) and per decoded token, peak RSS, the cgroup's peak (RSS + page cache) and
   failcnt. Medians over --reps. This machine is shared: numbers are noisy.
+
+`--read-probe 1,2,4,8` measures instead the streaming reader alone: MB/s reading the first
+model's file in the head's 2 MiB chunks with that many preads in flight, per throttle.
 """
 from __future__ import annotations
 
@@ -85,6 +88,38 @@ def peer_run(model: str, n: int, threads: int, repack: bool) -> None:
                       "peak_rss_bytes": metrics.peak_rss_bytes(), "repack": repack}))
 
 
+def probe_run(model: str, depth: int, mib: int) -> None:
+    """Read the model file's first `mib` MiB (of tensor data) as the streamed head is
+    read, in chunks of half the head buffer, with `depth` reads in flight; one JSON line."""
+    from edge_rt.flash import HEAD_BUFFER, Reader, _anonymous
+    from edge_rt.gguf_file import GGUFFile
+    start = min(t.offset for t in GGUFFile(model).tensors.values()) // 4096 * 4096
+    r, half = Reader(model, depth=depth), HEAD_BUFFER // 2
+    buf = _anonymous(half)
+    t0 = time.perf_counter()
+    for at in range(start, start + (mib << 20), half):
+        r.read(memoryview(buf), at, half)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"depth": depth, "direct": r.direct, "mb_per_s": r.bytes_read / dt / 1e6, "seconds": dt}))
+
+
+def read_probe(a) -> None:
+    """MB/s of the streaming reader at each queue depth and throttle (the page cache
+    dropped before each run)."""
+    from edge_rt.simulate import run_limited
+    rows = []
+    for name in a.models.split(","):
+        ours, _ = model_files(name, a.variants.split(",")[0])
+        for throttle in a.throttles.split(","):
+            label, bps, iops = parse_throttle(throttle)
+            for depth in map(int, a.read_probe.split(",")):
+                r = run_limited([sys.executable, __file__, "--probe-run", str(ours), str(depth), str(a.probe_mib)],
+                                ours, None, bps, iops)
+                rows.append({"model": name, "throttle": label, **r})
+                print(f"  {name} {label} depth {depth}: {r.get('mb_per_s', r.get('error'))}", file=sys.stderr)
+    print(json.dumps({"rows": rows, "mib": a.probe_mib, "loadavg": os.getloadavg()}))
+
+
 def model_files(name: str, variant: str) -> tuple[Path, Path]:
     from conftest import _converted
     bits, _ = VARIANTS[variant]
@@ -108,10 +143,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--limit-mib", type=int, default=None, help="The memory limit (default: from the plan, above).")
+    ap.add_argument("--read-probe", metavar="DEPTHS", help="Instead: the reader's MB/s at these queue depths "
+                    "(e.g. 1,2,4,8) per throttle, reading --probe-mib MiB of the first model and variant.")
+    ap.add_argument("--probe-mib", type=int, default=128)
     ap.add_argument("--peer-run", nargs=2, metavar=("MODEL", "REPACK"), help=argparse.SUPPRESS)
+    ap.add_argument("--probe-run", nargs=3, metavar=("MODEL", "DEPTH", "MIB"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.peer_run:
         return peer_run(a.peer_run[0], a.n, a.threads, a.peer_run[1] == "on")
+    if a.probe_run:
+        return probe_run(a.probe_run[0], int(a.probe_run[1]), int(a.probe_run[2]))
+    if a.read_probe:
+        return read_probe(a)
     from edge_rt.simulate import run_limited
     rows = []
     for name in a.models.split(","):

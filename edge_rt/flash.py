@@ -4,8 +4,11 @@ The plan (plan.py) streams layers 0..m-1 and keeps the rest resident. Streamed l
 matrices are read with pread (O_DIRECT where the filesystem allows, else buffered reads
 whose pages are dropped at once with POSIX_FADV_DONTNEED) into ONE preallocated pool
 of min(2, m) slots; a background thread reads the next streamed layer into the free
-slot while the current one computes. Streamed weights are never mmapped, so the page
-cache does not grow behind the budget. Everything else (embedding/output head, norms,
+slot while the current one computes (and, once the last streamed layer has computed, the
+next token's second one into its slot), and the head's first chunks (a streamed head)
+while the layers compute. A read of 512 KiB or more is split into DEPTH aligned preads
+issued at once. Streamed weights are never mmapped, so the page cache does not grow
+behind the budget. Everything else (embedding/output head, norms,
 resident layers) is read once into an anonymous arena, so after loading nothing of the
 file is touched through the mmap, and a file truncated or replaced while streaming
 ends in one EdgeRtError instead of a SIGBUS.
@@ -21,7 +24,7 @@ import mmap
 import os
 import re
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +41,10 @@ CHUNK = 4 << 20         # buffered reads go in chunks, each dropped from the pag
 ARENA_ALIGN = 64        # resident tensors start on a cache line in the arena
 HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read into two halves of this, one
                         # chunk by the I/O thread while the product runs over the other
-THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O thread's stack and malloc
-                        # arena, the slots' descriptors (measured ~0.5 MiB on SmolLM2)
+DEPTH = 2               # reads in flight: one read of a span is split into up to this many preads at once
+PIECE = 256 << 10       # ... each at least this long (a small read is one pread)
+THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O threads' stacks and malloc
+                        # arenas, the slots' descriptors (measured ~0.5 MiB on SmolLM2 with one thread)
 _LAYER = re.compile(r"blk\.(\d+)\.")
 _DTYPES = {T.F32: np.float32, T.F16: np.float16, T.I8: np.int8, T.I16: np.int16, T.I32: np.int32}
 
@@ -140,10 +145,14 @@ class Layout:
 # -- reading -----------------------------------------------------------------------
 class Reader:
     """pread of a GGUF file that survives short reads and EINTR, prefers O_DIRECT, and
-    notices the file being truncated, rewritten or replaced."""
+    notices the file being truncated, rewritten or replaced. A long read is split into
+    up to `depth` aligned pieces read at once (the calling thread reads the first), so
+    the device has more than one request in flight."""
 
-    def __init__(self, path, max_read: int | None = None):
+    def __init__(self, path, max_read: int | None = None, depth: int = DEPTH):
         self.path, self.max_read = path, max_read  # max_read: cap each syscall (tests)
+        self.depth = depth
+        self.fan = ThreadPoolExecutor(depth - 1, thread_name_prefix="edge-rt-read") if depth > 1 else None
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -189,6 +198,17 @@ class Reader:
     def read(self, view: memoryview, offset: int, need: int) -> None:
         """Fill view (at least its first `need` bytes) from file byte `offset`."""
         self.check_unchanged()
+        piece = _up(-(-len(view) // self.depth)) if self.fan and need >= 2 * PIECE else len(view)
+        piece = max(piece, PIECE)
+        starts = range(0, min(need, len(view)), piece)
+        rest = [self.fan.submit(self._read, view[a:a + piece], offset + a, min(piece, need - a)) for a in starts[1:]]
+        try:
+            done = self._read(view[:piece], offset, min(piece, need))
+        finally:  # every piece finished (or failed) before the caller may reuse view
+            wait(rest)
+        self.bytes_read += done + sum(f.result() for f in rest)
+
+    def _read(self, view: memoryview, offset: int, need: int) -> int:
         done = 0
         while done < need:
             pos = offset + done
@@ -209,9 +229,11 @@ class Reader:
             if not direct:
                 os.posix_fadvise(self.fd, pos, n, os.POSIX_FADV_DONTNEED)
             done += n
-        self.bytes_read += done
+        return done
 
     def close(self) -> None:
+        if self.fan:
+            self.fan.shutdown()
         for fd in (self.fd, self.direct_fd):
             if fd is not None:
                 os.close(fd)
@@ -310,9 +332,10 @@ class StreamedWeights(Weights):
                                   if streamable(g, t.name) == i and t.name in self.want] for i in range(streamed)}
         self.in_slot = [None] * self.n_slots     # layer held by each slot
         self.current = 1 if self.n_slots == 2 else 0  # slot of the layer computing now
-        self.pending: tuple[int, int, Future] | None = None
+        self.pending: dict[int, tuple[int, Future]] = {}  # layer -> (slot, its read in the I/O thread)
         self.fresh = set()  # layers read into a slot and not used since
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
+        self.head_ahead: dict[int, Future] = {}  # chunk -> its read, started before the head pass
         # an embedding row read on demand is checked against its own CRC-32, taken here in
         # one pass that checks the whole table (untied tables; a tied table is read and
         # checked whole by the head pass of every token, so damage to it is caught there)
@@ -330,13 +353,21 @@ class StreamedWeights(Weights):
             self.check_seconds += time.perf_counter() - t0
             damaged(self.g, bad)
 
-    def _finish_pending(self) -> None:
-        if self.pending:
-            layer, slot, fut = self.pending
-            self.pending = None
+    def _finish_pending(self, layer: int | None = None) -> None:
+        """Wait for the read of `layer` (by default: every read) into its slot."""
+        for j in [layer] if layer is not None else list(self.pending):
+            slot, fut = self.pending.pop(j)
             fut.result()  # re-raises the reader's EdgeRtError here, in the forward pass
-            self.in_slot[slot] = layer
-            self.fresh.add(layer)
+            self.in_slot[slot] = j
+            self.fresh.add(j)
+
+    def _read_ahead(self, layer: int, slot: int) -> None:
+        """Have the I/O thread read `layer` into `slot` (free: its layer has computed),
+        unless it is there already or on its way."""
+        if layer not in self.in_slot and layer not in self.pending and \
+                all(s != slot for s, _ in self.pending.values()):
+            self.in_slot[slot] = None
+            self.pending[layer] = (slot, self.io.submit(self._load, layer, slot))
 
     # -- the streamed head ------------------------------------------------------------
     def _part(self, name: str, key: str):
@@ -365,18 +396,43 @@ class StreamedWeights(Weights):
         row = sum(self._part(name, k).nbytes for k in self.matrices[name].parts) // self.matrices[name].rows
         return max(1, (HEAD_BUFFER // 2 - 3 * 2 * ALIGN) // row)
 
+    def _head_chunks(self, name: str) -> list[tuple[int, int]]:
+        """[first, end) rows of each chunk a pass over a head matrix reads."""
+        rows, step = self.matrices[name].rows, self._head_chunk(name)
+        return [(r, min(r + step, rows)) for r in range(self.head_rows if name == self.out else 0, rows, step)]
+
+    def _read_chunk(self, name: str, chunks: list, k: int) -> Future:
+        """Chunk k of a head pass, read by the I/O thread into half k % 2 of the head buffer."""
+        return self.io.submit(self._head_rows, name, *chunks[k], k % 2 * (HEAD_BUFFER // 2))
+
+    def _prefetch_head(self) -> None:
+        """Start reading the output head's first two chunks (both halves of the head
+        buffer) now, while the layers compute; the next head pass takes them."""
+        chunks = self._head_chunks(self.out)
+        self.head_ahead = {k: self._read_chunk(self.out, chunks, k) for k in range(min(2, len(chunks)))}
+
+    def _settle_head(self) -> None:
+        """Wait for the head's read-ahead (unused: no head pass followed) before the
+        head buffer is written otherwise."""
+        ahead, self.head_ahead = self.head_ahead, {}
+        for f in ahead.values():
+            f.result()
+
     def _head_pass(self, name: str):
         """(first row, Weight) of each chunk of the streamed rows of a head matrix (all
         of them, or those after the resident head_rows), in order, each read by the I/O
         thread into one half of the head buffer while the caller uses the chunk before
-        it in the other half; verified, each part's CRC-32 over the whole matrix (its
-        resident rows' CRC, then the streamed rows', taken here while the next chunk is
-        read) is checked at its end."""
-        w, step, half = self.matrices[name], self._head_chunk(name), HEAD_BUFFER // 2
+        it in the other half (the output head's first two: started by begin_layer);
+        verified, each part's CRC-32 over the whole matrix (its resident rows' CRC, then
+        the streamed rows', taken here while the next chunk is read) is checked at its end."""
         crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
-        chunks = [(r, min(r + step, w.rows)) for r in range(self.head_rows if name == self.out else 0, w.rows, step)]
-        read = (lambda k: self.io.submit(self._head_rows, name, *chunks[k], k % 2 * half)
-                if k < len(chunks) else None)
+        chunks = self._head_chunks(name)
+        if name != self.out:
+            self._settle_head()
+        early, self.head_ahead = self.head_ahead, {}  # the chunks _prefetch_head started
+
+        def read(k):
+            return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k)
         ahead = read(0)
         for k, (r, _) in enumerate(chunks):
             chunk = ahead.result()  # re-raises the reader's EdgeRtError here
@@ -403,6 +459,7 @@ class StreamedWeights(Weights):
     def embed(self, tokens) -> np.ndarray:
         if not self.head:
             return super().embed(tokens)
+        self._settle_head()
         out = []
         for r in np.asarray(tokens).reshape(-1):
             if r < self.head_rows and self.out == EMBD:  # a resident row of the tied table
@@ -422,10 +479,17 @@ class StreamedWeights(Weights):
                               axis=-1)
 
     def begin_layer(self, i: int) -> None:
+        self._stream_layer(i)
+        if self.head and i == max(self.streamed - 1, 0) and not self.head_ahead:  # queued after the next layer's read
+            self._prefetch_head()
+
+    def _stream_layer(self, i: int) -> None:
         if i >= self.streamed:
+            if i == self.streamed >= 2:  # the last streamed layer has computed: its slot takes the next token's second
+                self._read_ahead(1, self.current)  # (the first is read into the other since that layer began)
             return
-        if self.pending and self.pending[0] == i:
-            self._finish_pending()
+        if i in self.pending:
+            self._finish_pending(i)
         if i not in self.in_slot:
             self._finish_pending()
             slot = (self.current + 1) % self.n_slots
@@ -442,7 +506,5 @@ class StreamedWeights(Weights):
         for name in self.layer_names[i]:
             _retarget(self.matrices[name], self.slot_views[i, self.current, name])
         nxt = (i + 1) % self.streamed  # after the last streamed layer: the first, for the next token
-        if nxt != i and nxt not in self.in_slot and not self.pending:
-            slot = (self.current + 1) % self.n_slots
-            self.in_slot[slot] = None
-            self.pending = (nxt, slot, self.io.submit(self._load, nxt, slot))
+        if nxt != i:
+            self._read_ahead(nxt, (self.current + 1) % self.n_slots)

@@ -83,14 +83,18 @@ def test_streamed_logits_are_bit_identical(model, streamed):
     assert (m.weights.layer_hits > 0) == (streamed[0] in (1, 2)), (m.weights.layer_hits, m.weights.layer_uses)
     if streamed[0] > 2:
         assert m.weights.reader.bytes_read >= 2 * m.layout.streamed_bytes(*streamed)
+    if 2 < streamed[0] < m.spec.n_layers:  # the next token's first two streamed layers are on their way
+        assert set(m.weights.pending) == {0, 1}, m.weights.pending
 
 
-def test_reader_survives_short_reads(model):
-    """Every pread capped at an odd size: the reader loops until the span is full."""
-    want = open(model, "rb").read()[4096:4096 + 300_000]
+@pytest.mark.parametrize("depth", [1, 3])
+def test_reader_survives_short_reads(model, depth):
+    """Every pread capped at an odd size: the reader loops until the span is full (at
+    depth 3, each of the three pieces read at once does)."""
+    want = open(model, "rb").read()[4096:4096 + 1_300_000]
     for cap in (1, 4095, 65537):
-        r = Reader(model, max_read=cap)
-        buf = bytearray(300_000 if cap > 1 else 5000)
+        r = Reader(model, max_read=cap, depth=depth)
+        buf = bytearray(1_300_000 if cap > 1 else 5000)
         r.read(memoryview(buf), 4096, len(buf))
         assert bytes(buf) == want[:len(buf)]
         r.close()
@@ -220,6 +224,9 @@ def test_untied_head_partly_resident_is_bit_identical(smollm2_gguf, tmp_path):
     m.streamed = (1, True, m.layout.out_rows // 3)
     assert np.array_equal(m.logits(TOKENS), want)
     assert "output.weight" in m.weights.g.tensors and m.weights.head_prefix.rows == m.layout.out_rows // 3
+    m.weights.begin_layer(0)  # starts reading the head's first chunks, as in a forward pass; no head pass follows:
+    assert m.weights.head_ahead  # the next embedding read waits for them before it uses the head buffer
+    assert np.array_equal(m.logits(TOKENS), want)
 
 
 @pytest.fixture(scope="module")
