@@ -226,18 +226,27 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32)
 
 
-def lut_tables(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+def lut_scale_cols(bits: int, group_size: int) -> int:
+    """Columns per activation-table scale of a q1..q4 weight (ERT_LUT_SCALE_COLS in
+    kernels_c/include/edgert.h): a table entry's rounding error weighs 2^k in plane k, so
+    4 bits get one scale per 32-column block (one per 64-column group cost +0.42%
+    perplexity on SmolLM2, over issue 3's 0.3%); 1-3 bits one per weight group, whose
+    lookups the kernels then sum in int16 and convert to float once (their speed)."""
+    return BLOCK if bits == 4 else group_size
+
+
+def lut_tables(x: np.ndarray, scale_cols: int) -> tuple[np.ndarray, np.ndarray]:
     """The LUT kernels' activation format. For each 4 columns x0..x3 (sub-group j) the
     16 sums T[j, p] = ((s0*x0 + s1*x1) + s2*x2) + s3*x3, s_i = +1 if bit i of p else -1
-    (float32, in that order; T[j, 15-p] = -T[j, p]). Per group of group_size columns (the
-    weights' groups; the last may be shorter), with amax = max over its sub-groups of
-    ((|x0| + |x1|) + |x2|) + |x3| (= max |T|): int8 t = rint(T * (127/amax)) and the
-    table scale ls = amax/127 (float32). One scale per group lets the kernels sum a
-    group's lookups in int16 before any float arithmetic.
-    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., groups]."""
+    (float32, in that order; T[j, 15-p] = -T[j, p]). Per unit of scale_cols columns
+    (lut_scale_cols: a 32-column block or a weight group; the last may be shorter), with
+    amax = max over its sub-groups of ((|x0| + |x1|) + |x2|) + |x3| (= max |T|): int8
+    t = rint(T * (127/amax)) and the table scale ls = amax/127 (float32). One scale per
+    unit lets the kernels sum a unit's lookups in int16 before any float arithmetic.
+    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., units]."""
     x = np.asarray(x, dtype=np.float32)
-    k, sg = x.shape[-1], group_size // 4
-    ng = -(-k // group_size)
+    k, sg = x.shape[-1], scale_cols // 4
+    ng = -(-k // scale_cols)
     xs = x.reshape(*x.shape[:-1], -1, 4)
     sign = (np.arange(16)[:, None] >> np.arange(4)) & 1  # [p, i]
     v = np.where(sign.astype(bool), xs[..., None, :], -xs[..., None, :])  # [..., j, p, i]
@@ -255,11 +264,12 @@ def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray)
     """Bound on |LUT result - x . dequantize(W)^T| from the int8 tables alone, [n, rows]:
     each table entry is off by at most ls/2, a 4-column dot sum_k 2^(k-1) T[p_k] by at
     most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls
-    (d and ls of the block's group)."""
-    _, ls = lut_tables(np.atleast_2d(x), fmt.group_size)
-    gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
-    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
-    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64)[:, gidx] @ d.T)
+    (d of the block's group, ls of its table-scale unit: lut_scale_cols)."""
+    sc = lut_scale_cols(fmt.bits, fmt.group_size)
+    _, ls = lut_tables(np.atleast_2d(x), sc)
+    b = np.arange(cols // BLOCK) * BLOCK
+    d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, b // fmt.group_size]  # [rows, nblk]
+    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64)[:, b // sc] @ d.T)
 
 
 def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
@@ -270,9 +280,10 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         da * (d * sum(s*qa) + (m + 128*d) * sum(qa)), s = c - 128.
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
-        y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
-        I_g = sum_k 2^k sum_{j in g} t[j, p_kj] exact integers (|I| <= 8*127*(2^bits-1)
-        per 32-column block)."""
+        y = sum_g d/2 * sum_{u in g} ls_u * I_u + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
+        u the table-scale units of group g (lut_scale_cols: its blocks at 4 bits, else g
+        itself), I_u = sum_k 2^k sum_{j in u} t[j, p_kj] exact integers (|I| <=
+        8*127*(2^bits-1) per 32-column block)."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if not isinstance(fmt, GroupQuant):
         return (x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)).astype(np.float32)
@@ -288,7 +299,8 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
-    t, ls = lut_tables(x, fmt.group_size)  # [n, J, 16], [n, ngroups]
+    sc = lut_scale_cols(fmt.bits, fmt.group_size)
+    t, ls = lut_tables(x, sc)  # [n, J, 16], [n, units]
     quad = c.reshape(rows, nblk, 8, 4)
     I = np.zeros((x.shape[0], rows, nblk), dtype=np.int32)  # |I| <= 8*127*15
     for k in range(fmt.bits):
@@ -296,5 +308,5 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         for q in range(8):  # sub-group q of every block: table j = 8b + q
             I += (1 << k) * t[:, q::8][:, np.arange(nblk)[None, :], nib[:, :, q]].astype(np.int32)
     xsum = x.astype(np.float64).reshape(x.shape[0], nblk, BLOCK).sum(axis=-1)  # per block; groups are whole blocks
-    y = (d[None] * ls.astype(np.float64)[:, None, gidx] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
+    y = (d[None] * ls.astype(np.float64)[:, None, (np.arange(nblk) * BLOCK) // sc] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
     return y.sum(axis=-1).astype(np.float32)

@@ -82,8 +82,9 @@ static inline float lut_block_ref(const float *xb, float amax, int8_t *tb) {
     return bsum;
 }
 
-void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_ref);
+void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int scale_cols, int8_t *lut, float *ls,
+                     float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, scale_cols, lut, ls, xsum, lut_block_ref);
 }
 
 /* ---- f32 / f16 -------------------------------------------------------------------- */
@@ -180,10 +181,11 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
     }
 }
 
-/* q1..q4: y = sum_g d/2 * ls_g * I_g + (m + d*(2^bits-1)/2) * xsum_g,
- * I_g = sum_k 2^k sum_{j in g} lut[j][nibble of plane k] (formats.matmul_reference) */
+/* q1..q4: y = sum_g d/2 * sum_{u in g} ls_u * I_u + (m + d*(2^bits-1)/2) * xsum_g,
+ * I_u = sum_k 2^k sum_{j in u} lut[j][nibble of plane k], u the table-scale units of
+ * group g (a->lut_sblk blocks each; formats.matmul_reference) */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
+    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK, sb = a->lut_sblk;
     const float off = 0.5f * (float)((1 << bits) - 1);
     for (int r = r0; r < r1; r++)
         for (int j = 0; j < a->n; j++) {
@@ -193,15 +195,18 @@ void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, f
                 const float d = ert_half_to_float(w->scale[ert_group_offset(w, bits, r, g)]);
                 const float m = ert_half_to_float(w->min[ert_group_offset(w, bits, r, g)]);
                 const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-                int32_t isum = 0;
-                for (int b = g * bpg; b < b1; b++)
-                    for (int k = 0; k < bits; k++)
-                        for (int s = 0; s < 4; s++) {
-                            const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
-                            const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
-                            isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
-                        }
-                const float fsum = a->ls[(size_t)j * ng + g] * (float)isum;
+                float fsum = 0.0f;
+                for (int u0 = g * bpg; u0 < b1; u0 += sb) {
+                    int32_t isum = 0;
+                    for (int b = u0; b < u0 + sb && b < b1; b++)
+                        for (int k = 0; k < bits; k++)
+                            for (int s = 0; s < 4; s++) {
+                                const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
+                                const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
+                                isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
+                            }
+                    fsum += a->ls[(size_t)j * a->nscales + u0 / sb] * (float)isum;
+                }
                 acc += 0.5f * d * fsum + (m + d * off) * a->xsum[(size_t)j * ng + g];
             }
             y[(size_t)j * w->rows + r] = acc;

@@ -107,8 +107,9 @@ INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
                               _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
 }
 
-void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_avx2);
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int scale_cols, int8_t *lut, float *ls,
+                     float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, scale_cols, lut, ls, xsum, lut_block_avx2);
 }
 
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
@@ -122,9 +123,10 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time), then
- * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
- * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time, and
+ * no more than share a table scale: one block at 4 bits, ERT_LUT_SCALE_COLS), then the
+ * sums of the 32 rows (rows in order) are converted and scaled by their table scale ls,
+ * and once per group by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
  * each. */
 
@@ -183,7 +185,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
 /* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1; the tile's
  * scales and mins are in tile order (a group's 32 rows side by side) */
 INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
-    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
+    const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK, sb = a->lut_sblk;
+    const int span = ERT_LUT_SPAN(bits) < sb ? ERT_LUT_SPAN(bits) : sb; /* sb is 1 or bpg */
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const uint16_t *sc = w->scale + (size_t)t0 * ng, *mn = w->min + (size_t)t0 * ng;
     const __m256 off = _mm256_set1_ps(0.5f * (float)((1 << bits) - 1)), half = _mm256_set1_ps(0.5f);
@@ -197,13 +200,13 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
         for (int k = 0; k < NR; k++)
             for (int q = 0; q < 4; q++) facc[k][q] = _mm256_setzero_ps();
         const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-        for (int b0 = g * bpg; b0 < b1; b0 += ERT_LUT_SPAN(bits)) {
-            const int be = b0 + ERT_LUT_SPAN(bits) < b1 ? b0 + ERT_LUT_SPAN(bits) : b1;
+        for (int b0 = g * bpg; b0 < b1; b0 += span) {
+            const int be = b0 + span < b1 ? b0 + span : b1;
             __m256i acc[4][2];
             for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
             for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
             for (int k = 0; k < NR; k++) {
-                const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * ng + g]);
+                const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * a->nscales + b0 / sb]);
                 const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
                                          _mm256_castsi256_si128(acc[k][1]), _mm256_extracti128_si256(acc[k][1], 1)};
                 for (int q = 0; q < 4; q++)
