@@ -238,7 +238,7 @@ def test_lut_tables():
     largest |sum|, which maps to +-127 (a last group shorter than the others too)."""
     rng = np.random.default_rng(4)
     x = rand_act(rng, 2, 160)
-    t, ls = formats.lut_tables(x, 64)
+    t, ls, _ = formats.lut_tables(x, 64)
     assert t.shape == (2, 40, 16) and ls.shape == (2, 3)
     assert np.array_equal(t[..., ::-1], -t)
     sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
