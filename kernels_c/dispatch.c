@@ -260,15 +260,13 @@ static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float
     for (int i = 0; i < nw; i++) work += (double)w[i]->rows * w[i]->cols * a->n;
     /* tiny products: waking threads costs more than it saves (results are identical) */
     if (work < 16384.0) threads = 1;
-    /* at least 8 units per thread and weight (as many whole ROW_TILEs each as that
-       allows, rounded down: 576 rows at 2 threads go in 18 units of 32, not 9 of 64,
-       which left one thread 5 units to the other's 4), taken dynamically: a slower core
-       (big.LITTLE, or one shared with another process) takes fewer. A row is computed
-       the same way whichever thread computes it, so y does not depend on the thread count. */
+    /* about 8 tiles per thread and weight, taken dynamically: a slower core (big.LITTLE,
+       or one shared with another process) takes fewer. A row is computed the same way
+       whichever thread computes it, so y does not depend on the thread count. */
     for (int i = 0; i < nw; i++) {
-        const int rows = w[i]->rows, ntiles = (rows + ROW_TILE - 1) / ROW_TILE;
-        const int per = ntiles / (8 * threads);
-        const int tile = (per > 1 ? per : 1) * ROW_TILE;
+        const int rows = w[i]->rows;
+        int tile = (rows + 8 * threads - 1) / (8 * threads);
+        tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
         j.w[i] = w[i], j.y[i] = y[i], j.tile[i] = tile;
         j.end[i] = (i ? j.end[i - 1] : 0) + (rows + tile - 1) / tile;
     }
