@@ -66,16 +66,16 @@
                 }                                                                                       \
                 const float inv_ = amax_ != 0.0f ? 127.0f / amax_ : 0.0f;                               \
                 for (int b_ = b0_; b_ < b1_; b_++) {                                                    \
-                    float invb_ = inv_;                                                                 \
-                    if (lq) {                                                                           \
-                        const float a_ = ert_lut_amax(xg_ + (size_t)b_ * ERT_BLOCK);                    \
-                        const float c_ = amax_ != 0.0f ? ceilf(a_ / amax_ * 32768.0f) : 0.0f;           \
-                        const int q_ = c_ < 32767.0f ? (int)c_ : 32767;                                 \
-                        (lq)[(size_t)j_ * nblk_ + b_] = (int16_t)q_;                                    \
-                        invb_ = q_ ? inv_ * (32768.0f / (float)q_) : 0.0f;                              \
+                    const float *xb_ = xg_ + (size_t)b_ * ERT_BLOCK;                                    \
+                    int8_t *tb_ = (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16;              \
+                    if (!(lq)) {                                                                        \
+                        sum_ += BLOCK(xb_, inv_, tb_);                                                  \
+                        continue;                                                                       \
                     }                                                                                   \
-                    sum_ += BLOCK(xg_ + (size_t)b_ * ERT_BLOCK, invb_,                                  \
-                                  (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16);             \
+                    const float c_ = amax_ != 0.0f ? ceilf(ert_lut_amax(xb_) / amax_ * 32768.0f) : 0.0f; \
+                    const int q_ = c_ < 32767.0f ? (int)c_ : 32767;                                     \
+                    (lq)[(size_t)j_ * nblk_ + b_] = (int16_t)q_;                                        \
+                    sum_ += BLOCK(xb_, q_ ? inv_ * (32768.0f / (float)q_) : 0.0f, tb_);                 \
                 }                                                                                       \
                 (ls)[(size_t)j_ * ng_ + g_] = amax_ / 127.0f;                                           \
                 (xsum)[(size_t)j_ * ng_ + g_] = sum_;                                                   \
