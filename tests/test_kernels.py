@@ -287,8 +287,9 @@ def test_lut_block_multipliers():
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_lut_within_bound_of_float_product(bits):
     """The only approximation of the LUT path is the int8 rounding of the tables:
-    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_g per
-    row; float32 rounding is far below it). Also reports how tight the bound is."""
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d s_b per
+    row, s_b the block's table step; float32 rounding is far below it). Also reports how
+    tight the bound is."""
     rng = np.random.default_rng(bits + 40)
     for g in (32, 64, 128):
         fmt = formats.GroupQuant(bits, g)
