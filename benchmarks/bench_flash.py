@@ -8,11 +8,14 @@ mmap under the same memory limit and storage throttle, in the same run.
 For each model, variant (ours: `edge-rt convert --bits 8|16`; llama.cpp's: the same
 source converted with `--format llama.cpp`, Q8_0 / F16), throttle and rep:
 
-- The memory limit: what edge-rt needs besides weights (`edge-rt plan --json`: the
-  measured interpreter, KV cache for --ctx, buffers) plus 50% of the model's tensor
-  bytes. The interpreter alone is ~80 MiB, so "50% of the model's bytes" as the whole
-  limit would leave edge-rt nothing; llama.cpp, with a few MiB of runtime, gets the
-  same limit, i.e. more room for weights than we have.
+- The memory limit: what edge-rt's run phase needs besides weights (`edge-rt plan
+  --json`: the measured interpreter without the tokenizer's encoder, KV cache for
+  --ctx, buffers) +3%, plus 50% of the model's tensor bytes; never below its set-up
+  phase's measured peak +3% (opening the model, building the tokenizer: Gemma-3's
+  262k vocabulary peaks at ~214 MiB). The interpreter alone is ~55 MiB, so "50% of the
+  model's bytes" as the whole limit would leave edge-rt nothing; llama.cpp, with a few
+  MiB of runtime, gets the same limit, i.e. more room for weights than we have.
+  --limit-mib sets the limit instead (to compare with a run whose limit was larger).
 - Each run is a child process in a fresh memory cgroup at that limit (page cache
   counts) and, when throttled, a blkio cgroup limiting reads of the model's disk
   (read_bps, read_iops); the model file is dropped from the page cache before every
@@ -91,7 +94,8 @@ def model_files(name: str, variant: str) -> tuple[Path, Path]:
 def limit_for(ours: Path) -> tuple[int, dict]:
     cmd = [sys.executable, "-m", "edge_rt.cli", "plan", str(ours), "--ctx", str(CTX), "--prompt-tokens", "16", "--json"]
     p = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    return int((p["total_bytes"] - p["weights_bytes"]) * 1.03 + 0.5 * p["weights_bytes"]), p
+    return int(max((p["run_bytes"] - p["weights_bytes"]) * 1.03 + 0.5 * p["weights_bytes"],
+                   p["open_peak_bytes"] * 1.03)), p
 
 
 def main(argv=None) -> None:
@@ -103,6 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--limit-mib", type=int, default=None, help="The memory limit (default: from the plan, above).")
     ap.add_argument("--peer-run", nargs=2, metavar=("MODEL", "REPACK"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.peer_run:
@@ -113,6 +118,7 @@ def main(argv=None) -> None:
         for variant in a.variants.split(","):
             ours, theirs = model_files(name, variant)
             limit, plan = limit_for(ours)
+            limit = a.limit_mib << 20 if a.limit_mib else limit
             for throttle in a.throttles.split(","):
                 label, bps, iops = parse_throttle(throttle)
                 runs = {"edge-rt": [], "llama.cpp": []}
@@ -140,6 +146,7 @@ def main(argv=None) -> None:
                                  "limit_bytes": limit, "model_bytes": plan["weights_bytes"],
                                  "streamed_layers": ok[0].get("streamed_layers") if ok else None,
                                  "streamed_head": ok[0].get("streamed_head") if ok else None,
+                                 "resident_head_rows": ok[0].get("resident_head_rows") if ok else None,
                                  "repack": ok[0].get("repack") if ok else None,
                                  "failed": [r["error"] for r in rs if "error" in r],
                                  **{k: med(k) for k in ("decode_tokens_per_s", "ttft_s", "wall_s", "flash_bytes_read",
@@ -154,7 +161,8 @@ def main(argv=None) -> None:
     print(f"| model | limit MiB | storage | engine | decode tok/s | ttft s | wall s | MiB read | MiB/token | "
           f"peak RSS MiB | cgroup peak MiB | failcnt |\n|" + "---|" * 12)
     for r in rows:
-        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' if r['streamed_head'] else ''} streamed)"
+        rows = f", its first {r['resident_head_rows']} rows resident" if r.get("resident_head_rows") else ""
+        what = r["engine"] + (f" ({r['streamed_layers']} layers{' + head' if r['streamed_head'] else ''} streamed{rows})"
                               if r["engine"] == "edge-rt" else
                               f" (repack {'on' if r['repack'] else 'off'})")
         if r["failed"]:

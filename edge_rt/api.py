@@ -125,7 +125,7 @@ class Model:
     weights and the KV cache are made resident by the first call that passes the plan."""
 
     def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
-                 kv_policy: str = "stop", verify: bool = True):
+                 kv_policy: str = "stop", verify: bool = True, keep_encoder: bool = True):
         memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
@@ -155,6 +155,7 @@ class Model:
             raise EdgeRtError(f"--kv-policy sink-window needs --ctx {4 * SINK_TOKENS} or more")
         self.kv_policy = kv_policy
         self.ctx, self.kv_type, self.kv, self.verify = ctx, kv_type, None, verify
+        self.keep_encoder = keep_encoder
         self.layers = CLayers(self.spec, self.weights, self.threads, ctx, kv_type)  # structs only: nothing is read yet
         self.layout, self.streamed = Layout.of(self.g, self.spec.n_layers), None  # streamed: fixed by the first call
         self.base_bytes = metrics.rss_bytes()  # the interpreter, libraries, metadata and tokenizer
@@ -162,6 +163,27 @@ class Model:
         self.io_start = metrics.storage_read_bytes()  # flash_bytes_read counts from here: loading included
         self.plan = self.plan_for(ctx, 0)  # the worst case: a prompt that fills the context
         self.metrics = Metrics()
+
+    def drop_encoder(self) -> None:
+        """Encode no more (a one-shot run: its text is encoded): free the tokenizer's
+        encoder, keep its id -> text table, and measure the runtime anew without it. The
+        plan's peak is then the larger of this set-up phase (VmHWM so far: building the
+        tokenizer and encoding, measured) and the run phase (the runtime without the
+        encoder, the weights, the pool, the KV cache and the buffers)."""
+        self.open_peak = metrics.peak_rss_bytes()
+        self.tokenizer.drop_encoder()
+        memory.trim()  # the `tokenizers` model's many small blocks: back to the kernel
+        self.base_bytes = metrics.rss_bytes()
+        self.plan = self.plan_for(self.ctx, 0)
+
+    def _set_up_done(self, rss: int) -> None:
+        """The call's set-up (encoding its text, imports it needed) is done, RSS was rss
+        before it: what it left resident is runtime. A one-shot model (keep_encoder=False)
+        drops its encoder here, before the first call makes the weights resident."""
+        if not self.keep_encoder and self.tokenizer.hf is not None and self.kv is None:
+            self.drop_encoder()
+        else:
+            self.base_bytes += max(metrics.rss_bytes() - rss, 0)
 
     def plan_for(self, n_prompt: int, n_predict: int, logit_rows: int = 1, scored: bool = False) -> Plan:
         """The memory a call reading n_prompt tokens and generating n_predict would hold."""
@@ -182,7 +204,7 @@ class Model:
                               f"kill it; give a --mem-budget of at most that")
         self.plan = plan
         if self.kv is None:
-            self.streamed = (plan.streamed_layers, plan.streamed_head)
+            self.streamed = (plan.streamed_layers, plan.streamed_head, plan.resident_head_rows)
             if plan.pool_bytes:
                 self.weights = StreamedWeights(self.g, self.threads, self.layout, *self.streamed,
                                                verify=self.verify)
@@ -210,6 +232,7 @@ class Model:
                 "kv_type": self.kv_type, "kv_policy": self.kv_policy,
                 "resident_weight_bytes": self.plan.weights_bytes, "streamed_weight_bytes": self.plan.streamed_bytes,
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
+                "resident_head_rows": self.plan.resident_head_rows,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
                 "flash_checksum_seconds": self.weights.check_seconds,
                 "window_hit_rate": (self.weights.layer_hits / self.weights.layer_uses
@@ -226,7 +249,7 @@ class Model:
         if len(ids) >= self.ctx:
             raise EdgeRtError(f"the prompt ({len(ids)} tokens) does not fit --ctx {self.ctx}")
         sample = Sampler(temperature, top_k, top_p, seed)
-        self.base_bytes += max(metrics.rss_bytes() - rss, 0)
+        self._set_up_done(rss)
         self._reserve(self.plan_for(len(ids), n))
         m = self.metrics = Metrics(n_prompt=len(ids))
         io0 = metrics.storage_read_bytes()
@@ -290,7 +313,9 @@ class Model:
         keep.. are dropped (the older half of the rest at least), as --kv-policy
         sink-window does (keep=0: a plain sliding window). Tokens from score_from (default
         ctx/2) on are scored; each has at least ctx/2 - chunk tokens of context."""
+        rss = metrics.rss_bytes()
         ids = np.array(self.tokenizer.encode(text)[:n_tokens])
+        self._set_up_done(rss)
         if self.tokenizer.add_bos:
             ids[0] = self.tokenizer.bos_id
         score_from = self.ctx // 2 if score_from is None else score_from
@@ -317,7 +342,9 @@ class Model:
         """Perplexity as llama.cpp's llama-perplexity computes it: the text tokenized once,
         cut into non-overlapping windows of ctx tokens, each window's first token replaced
         by BOS where the model adds one, the second half of each window scored."""
+        rss = metrics.rss_bytes()
         ids, windows = perplexity_windows(self.tokenizer, text, ctx, self.ctx, windows)
+        self._set_up_done(rss)
         self._reserve(self.plan_for(ctx, 0, LOGIT_ROWS, scored=True))
         with threadpool_limits(self.threads):  # h[j] is position first + j
             return score_windows(self.tokenizer, ids, ctx, windows, progress,
@@ -325,13 +352,16 @@ class Model:
                                                                 chunk[first + 1:])) | self._info()
 
 def load(model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
-         kv_policy: str = "stop", verify: bool = True) -> Model:
+         kv_policy: str = "stop", verify: bool = True, keep_encoder: bool = True) -> Model:
     """Open a model (a path, or a registry name such as 'smollm2-135m'), plan its memory
     against mem_budget ('2GB', or bytes) and map its weights. kv_type: 'f16', 'f32' or
     'q8_0' (llama.cpp's 8-bit blocks of 32 values; head sizes that are a multiple of 32);
     kv_policy: 'stop' at a full context, or 'sink-window' (keep the first SINK_TOKENS
     positions and the most recent ones, and go on). verify: check the weights against the
     checksums convert stored, when they are first made resident (streamed layers and a
-    streamed head every time they are read)."""
+    streamed head every time they are read). keep_encoder=False: a one-shot model, whose
+    first call encodes its text, then frees the tokenizer's encoder (~60 MiB on Gemma-3's
+    262k vocabulary) before the weights are loaded; later calls can still decode
+    (generate's output) but not encode (a second prompt, eval) and raise EdgeRtError."""
     return Model(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, kv_policy=kv_policy,
-                 verify=verify)
+                 verify=verify, keep_encoder=keep_encoder)

@@ -166,7 +166,8 @@ def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, 
         enforce, no_verify, as_json, backend):
     """Generate text from MODEL (a path or a registry name) and report speed and memory."""
     with _enforcement(enforce, mem_budget) as held:
-        m = _load(model, backend, mem_budget, threads, ctx, kv_type, kv_policy=kv_policy, verify=not no_verify)
+        m = _load(model, backend, mem_budget, threads, ctx, kv_type, kv_policy=kv_policy, verify=not no_verify,
+                  keep_encoder=False)  # one prompt: the encoder is freed once it is read
         out = sys.stderr if as_json else sys.stdout
         pieces = []
         for piece in m.generate(prompt, n_predict, temperature, top_k, top_p, seed, chat):
@@ -200,6 +201,7 @@ def plan(model, mem_budget, ctx, kv_type, prompt_tokens, threads, as_json):
     from .flash import HEAD_BUFFER, Reader, residency
     from .plan import check
     m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+    m.drop_encoder()  # as run does once its prompt is read
     p = m.plan_for(min(prompt_tokens or ctx, ctx), 0)
     check(p, m.budget, 1 << 62)  # refuses an impossible budget, naming the smallest that works
     resident, streamed = residency(m.g, p.streamed_layers, p.streamed_head)
@@ -223,13 +225,16 @@ def plan(model, mem_budget, ctx, kv_type, prompt_tokens, threads, as_json):
                    f"step into a pool of {r['slots']} x {format_size(r['slot_bytes'])} "
                    f"({'O_DIRECT' if r['o_direct'] else 'buffered reads, pages dropped'})")
     if p.streamed_head:
-        click.echo(f"streamed   the embedding table and output head: its rows read per token, the head read whole "
-                   f"every token in {format_size(HEAD_BUFFER)} chunks")
+        kept = f"its first {p.resident_head_rows} of {m.layout.out_rows} rows resident, " if p.resident_head_rows else ""
+        click.echo(f"streamed   the embedding table and output head: {kept}the other rows read per token, the head's "
+                   f"read every token in {format_size(HEAD_BUFFER // 2)} chunks")
     if not p.pool_bytes:
         click.echo("streamed   nothing: the whole model is resident")
     click.echo(f"KV cache   {format_size(p.kv_bytes)} ({p.kv_precision}, ctx {ctx})")
     click.echo(f"buffers    {format_size(p.buffer_bytes)} (a step of {p.n_batch} tokens)")
-    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries)")
+    click.echo(f"runtime    {format_size(p.base_bytes)} (the interpreter, measured, and libraries; without the "
+               f"tokenizer's encoder, freed once the prompt is read)")
+    click.echo(f"set-up     {format_size(p.open_peak_bytes)} peak (opening the model, building the tokenizer), measured")
     budget = f" of a {format_size(m.budget)} budget" if m.budget else " (no budget)"
     click.echo(f"total      {format_size(p.total_bytes)}{budget}")
 
@@ -285,7 +290,7 @@ def eval_cmd(model, text_file, ctx, kv_type, windows, mem_budget, threads, enfor
         raise EdgeRtError(f"{text_file}: cannot read text: {getattr(e, 'strerror', None) or e}") from None
     show = None if as_json else (lambda i, n, ppl: click.echo(f"[{i}/{n}] ppl {ppl:.4f}", err=True))
     with _enforcement(enforce, mem_budget) as held:
-        m = _load(model, backend, mem_budget, threads, ctx, kv_type)
+        m = _load(model, backend, mem_budget, threads, ctx, kv_type, keep_encoder=False)
         r = m.eval_perplexity(text, ctx, windows, progress=show) | (held.stats() if held else {})
     if as_json:
         _emit_json(r)

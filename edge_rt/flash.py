@@ -36,7 +36,8 @@ from .weights import Weights, is_matrix, tensor_format
 ALIGN = 4096            # O_DIRECT: file offset, length and buffer address are multiples of this
 CHUNK = 4 << 20         # buffered reads go in chunks, each dropped from the page cache after
 ARENA_ALIGN = 64        # resident tensors start on a cache line in the arena
-HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read this many bytes at a time
+HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read into two halves of this, one
+                        # chunk by the I/O thread while the product runs over the other
 THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O thread's stack and malloc
                         # arena, the slots' descriptors (measured ~0.5 MiB on SmolLM2)
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -70,6 +71,17 @@ def is_head(name: str) -> bool:
     return name.removesuffix(".scale").removesuffix(".min") in HEAD
 
 
+def output_name(g: GGUFFile) -> str:
+    """The matrix the output head multiplies by: output.weight, or the tied table."""
+    return OUTPUT if OUTPUT in g.tensors else EMBD
+
+
+def head_parts(g: GGUFFile) -> list:
+    """The output head's tensors (its codes, and our formats' .scale and .min)."""
+    name = output_name(g)
+    return [g.tensors[n] for n in (name, name + ".scale", name + ".min") if n in g.tensors]
+
+
 def residency(g: GGUFFile, streamed: int, head: bool = False) -> tuple[list, list]:
     """(resident, streamed) tensors, in file order, when layers 0..streamed-1 stream
     (and, with head, the embedding table and output head)."""
@@ -88,6 +100,8 @@ class Layout:
     head_bytes: int                     # the embedding table and output head
     total_bytes: int
     row_crc_bytes: int                  # an untied embedding table's per-row CRC-32s, kept when the head streams
+    out_rows: int = 0                   # rows of the output head (the tied table, or output.weight)
+    out_row_bytes: int = 1              # bytes of one of its rows (codes, scale and min)
 
     @classmethod
     def of(cls, g: GGUFFile, n_layers: int) -> "Layout":
@@ -102,7 +116,10 @@ class Layout:
         head = sum(t.nbytes for t in g.tensors.values() if is_head(t.name))
         total = sum(t.nbytes for t in g.tensors.values())
         row_crcs = 4 * g.tensors[EMBD].shape[0] if EMBD in g.tensors and OUTPUT in g.tensors else 0
-        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total, row_crcs)
+        out = head_parts(g)
+        rows = out[0].shape[0] if out else 0
+        return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total, row_crcs,
+                   rows, sum(t.nbytes for t in out) // rows if rows else 1)
 
     def slot_bytes(self, streamed: int) -> int:
         return max((b - a for a, b in self.span[:streamed]), default=0)
@@ -111,11 +128,13 @@ class Layout:
         return (min(2, streamed) * self.slot_bytes(streamed) + (HEAD_BUFFER + self.row_crc_bytes if head else 0)
                 + (THREAD_BYTES if streamed or head else 0))
 
-    def streamed_bytes(self, streamed: int, head: bool = False) -> int:
-        return sum(self.layer_bytes[:streamed]) + (self.head_bytes if head else 0)
+    def streamed_bytes(self, streamed: int, head: bool = False, head_rows: int = 0) -> int:
+        """With head, all of the embedding table and output head but the head's first
+        head_rows rows."""
+        return sum(self.layer_bytes[:streamed]) + (self.head_bytes - head_rows * self.out_row_bytes if head else 0)
 
-    def resident_bytes(self, streamed: int, head: bool = False) -> int:
-        return self.total_bytes - self.streamed_bytes(streamed, head)
+    def resident_bytes(self, streamed: int, head: bool = False, head_rows: int = 0) -> int:
+        return self.total_bytes - self.streamed_bytes(streamed, head, head_rows)
 
 
 # -- reading -----------------------------------------------------------------------
@@ -224,11 +243,13 @@ def _row_crc(w: kernels.Weight, i: int) -> int:
 class StreamedWeights(Weights):
     """Weights with layers 0..streamed-1 read from storage into a pool at begin_layer;
     with head, the embedding table's rows are read on demand and the output head in
-    chunks of HEAD_BUFFER bytes at every product."""
+    chunks of HEAD_BUFFER / 2 bytes at every product, but for its first head_rows rows,
+    kept resident in the arena (of a tied table, embedding rows too)."""
 
     def __init__(self, g: GGUFFile, threads: int, layout: Layout, streamed: int, head: bool = False,
-                 reader: Reader | None = None, verify: bool = False):
+                 head_rows: int = 0, reader: Reader | None = None, verify: bool = False):
         self.layout, self.streamed, self.head = layout, streamed, head
+        self.out, self.head_rows = output_name(g), head_rows if head else 0
         self.reader = reader or Reader(g.path)
         # verify: the arena's tensors are checked against their stored CRC-32 once, a
         # streamed layer's every time it is read (in the I/O thread, beside the compute)
@@ -236,28 +257,35 @@ class StreamedWeights(Weights):
         self.check_seconds = 0.0  # spent computing checksums of streamed bytes
         resident_names, streamed_names = residency(g, streamed, head)
         # the arena: every resident tensor, read once
-        where, size = {}, 0
-        for t in resident_names:
-            where[t.name] = size
-            size += -(-t.nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        # and the first head_rows rows of each part of the output head
+        prefix = {t.name: self.head_rows * (t.nbytes // t.shape[0]) for t in head_parts(g)} if self.head_rows else {}
+        where, size, nbytes = {}, 0, {t.name: t.nbytes for t in resident_names} | prefix
+        for name, n in nbytes.items():
+            where[name] = size
+            size += -(-n // ARENA_ALIGN) * ARENA_ALIGN
         self.arena = _anonymous(size)
-        for t in resident_names:
-            self.reader.read(memoryview(self.arena)[where[t.name]:where[t.name] + t.nbytes], t.offset, t.nbytes)
+        for name, n in nbytes.items():
+            self.reader.read(memoryview(self.arena)[where[name]:where[name] + n], g.tensors[name].offset, n)
         damaged(g, mismatches(g, [t.name for t in resident_names if t.name in self.want], self.want, threads,
                               lambda n: memoryview(self.arena)[where[n]:where[n] + g.tensors[n].nbytes]))
+        # the resident rows' CRC-32, where each head pass's running CRC of its part starts
+        # (the pass checks prefix and streamed rows together against the stored CRC)
+        self.head_crc0 = {name: crc32(memoryview(self.arena)[where[name]:where[name] + n])
+                          for name, n in prefix.items() if name in self.want}
         # the pool: slot s holds one streamed layer's span
         self.slot_bytes = layout.slot_bytes(streamed)
         self.n_slots = min(2, streamed)
         self.pool = _anonymous(self.n_slots * self.slot_bytes)
         self.head_buffer = _anonymous(HEAD_BUFFER if head else 0)
 
-        def view(buf, offset, t):
-            dtype = _DTYPES[t.ggml_type]
-            return np.frombuffer(buf, dtype, t.nbytes // np.dtype(dtype).itemsize, offset).reshape(t.shape)
+        def view(buf, offset, t, rows=None):  # (the first `rows` rows of) tensor t at buf[offset:]
+            dtype, rows = _DTYPES[t.ggml_type], t.shape[0] if rows is None else rows
+            return np.frombuffer(buf, dtype, t.nbytes // t.shape[0] * rows // np.dtype(dtype).itemsize,
+                                 offset).reshape(rows, *t.shape[1:])
 
         def array(name, slot=0):
             t = g.tensors[name]
-            if name in where:
+            if name in where and name not in prefix:
                 return view(self.arena, where[name], t)
             if is_head(name):  # never read through the map: embed and linear read it with the reader
                 return g.array(name)
@@ -265,6 +293,10 @@ class StreamedWeights(Weights):
             return view(self.pool, slot * self.slot_bytes + t.offset - layout.span[i][0], t)
 
         super().__init__(g, threads, array)
+        if self.head_rows:
+            _, parts, _, cols = tensor_format(g, self.out, lambda n: view(self.arena, where[n], g.tensors[n],
+                                                                          self.head_rows))
+            self.head_prefix = kernels.Weight(self.matrices[self.out].fmt, self.head_rows, cols, parts)
         # per streamed layer and slot, Weight objects over that slot; begin_layer copies
         # their descriptors into the layer's own Weight objects
         self.slot_views = {}
@@ -307,40 +339,55 @@ class StreamedWeights(Weights):
             self.fresh.add(layer)
 
     # -- the streamed head ------------------------------------------------------------
-    def _head_rows(self, name: str, r0: int, r1: int, crcs: dict | None = None) -> kernels.Weight:
-        """Rows r0..r1-1 of a head matrix, read into the head buffer (each part's rows
-        within the aligned span around them, so the read can bypass the page cache);
-        with crcs, each part's running CRC-32 (tensor name -> crc of its rows before r0)
-        moves past r1."""
-        w, at, parts = self.matrices[name], 0, {}
+    def _part(self, name: str, key: str):
+        """The tensor holding part `key` (codes, scale, min) of head matrix `name`."""
+        return self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+
+    def _head_rows(self, name: str, r0: int, r1: int, at: int = 0) -> kernels.Weight:
+        """Rows r0..r1-1 of a head matrix, read into the head buffer from byte `at` (each
+        part's rows within the aligned span around them, so the read can bypass the page
+        cache)."""
+        w, parts = self.matrices[name], {}
         for key in w.parts:
-            t = self.g.tensors[name + (f".{key}" if key in ("scale", "min") else "")]
+            t = self._part(name, key)
             row = t.nbytes // t.shape[0]
             start, n = t.offset + r0 * row, (r1 - r0) * row
             a, b = _down(start), _up(start + n)
             self.reader.read(memoryview(self.head_buffer)[at:at + b - a], a, min(b, self.g.size) - a)
             rows = memoryview(self.head_buffer)[at + start - a:at + start - a + n]
-            if crcs is not None:
-                t0 = time.perf_counter()
-                crcs[t.name] = crc32(rows, crcs.get(t.name, 0))
-                self.check_seconds += time.perf_counter() - t0
             parts[key] = np.frombuffer(rows, _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
             at += b - a
         return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
 
     def _head_chunk(self, name: str) -> int:
-        """Rows of a head matrix that fit the head buffer at once (each of its up to three
-        parts' spans widened to whole pages)."""
-        row = sum(self.g.tensors[name + (f".{k}" if k in ("scale", "min") else "")].nbytes
-                  for k in self.matrices[name].parts) // self.matrices[name].rows
-        return max(1, (HEAD_BUFFER - 3 * 2 * ALIGN) // row)
+        """Rows of a head matrix that fit half the head buffer at once (each of its up to
+        three parts' spans widened to whole pages)."""
+        row = sum(self._part(name, k).nbytes for k in self.matrices[name].parts) // self.matrices[name].rows
+        return max(1, (HEAD_BUFFER // 2 - 3 * 2 * ALIGN) // row)
 
     def _head_pass(self, name: str):
-        """(first row, Weight) of each chunk of a streamed head matrix, read in order;
-        verified, each part's CRC-32 over the whole pass is checked at its end."""
-        w, step, crcs = self.matrices[name], self._head_chunk(name), {} if self.want else None
-        for r in range(0, w.rows, step):
-            yield r, self._head_rows(name, r, min(r + step, w.rows), crcs)
+        """(first row, Weight) of each chunk of the streamed rows of a head matrix (all
+        of them, or those after the resident head_rows), in order, each read by the I/O
+        thread into one half of the head buffer while the caller uses the chunk before
+        it in the other half; verified, each part's CRC-32 over the whole matrix (its
+        resident rows' CRC, then the streamed rows', taken here while the next chunk is
+        read) is checked at its end."""
+        w, step, half = self.matrices[name], self._head_chunk(name), HEAD_BUFFER // 2
+        crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
+        chunks = [(r, min(r + step, w.rows)) for r in range(self.head_rows if name == self.out else 0, w.rows, step)]
+        read = (lambda k: self.io.submit(self._head_rows, name, *chunks[k], k % 2 * half)
+                if k < len(chunks) else None)
+        ahead = read(0)
+        for k, (r, _) in enumerate(chunks):
+            chunk = ahead.result()  # re-raises the reader's EdgeRtError here
+            ahead = read(k + 1)
+            if crcs is not None:
+                t0 = time.perf_counter()
+                for key, part in chunk.parts.items():
+                    n = self._part(name, key).name
+                    crcs[n] = crc32(part, crcs.get(n, 0))
+                self.check_seconds += time.perf_counter() - t0
+            yield r, chunk
         damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
                          if n in self.want and got != self.want[n]])
 
@@ -358,6 +405,9 @@ class StreamedWeights(Weights):
             return super().embed(tokens)
         out = []
         for r in np.asarray(tokens).reshape(-1):
+            if r < self.head_rows and self.out == EMBD:  # a resident row of the tied table
+                out.append(kernels.dequantize_rows(self.head_prefix, [r]))
+                continue
             w = self._head_rows(EMBD, r, r + 1)
             if self.row_crcs is not None and (got := _row_crc(w, 0)) != self.row_crcs[r]:
                 damaged(self.g, [mismatch(f"{EMBD} row {r}", got, int(self.row_crcs[r]))])
@@ -367,7 +417,9 @@ class StreamedWeights(Weights):
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         if not (self.head and is_head(name)):
             return super().linear(name, x)
-        return np.concatenate([kernels.matmul(w, x, self.threads) for _, w in self._head_pass(name)], axis=-1)
+        resident = [kernels.matmul(self.head_prefix, x, self.threads)] if self.head_rows and name == self.out else []
+        return np.concatenate(resident + [kernels.matmul(w, x, self.threads) for _, w in self._head_pass(name)],
+                              axis=-1)
 
     def begin_layer(self, i: int) -> None:
         if i >= self.streamed:

@@ -3,7 +3,8 @@ and checked against the budget. When the whole model does not fit, layers 0..m-1
 stream from storage through a pool of min(2, m) slots (flash.py) and the rest stays
 resident, with the smallest m that fits: the output head and embedding table, norms
 and the last layers stay in memory, unless streaming the head (with fewer layers)
-reads fewer bytes per token."""
+reads fewer bytes per token. The head can stream in part: its first rows stay
+resident (as many as the budget leaves room for), the rest is read every token."""
 from __future__ import annotations
 
 import re
@@ -47,25 +48,32 @@ class Plan:
     streamed_bytes: int = 0        # their bytes (not resident: read into the pool, counted there)
     pool_bytes: int = 0            # the preallocated slots streamed layers are read into, and the I/O thread
     streamed_head: bool = False    # the embedding table and output head read from storage too (when it reads less a token)
-    open_peak_bytes: int = 0       # VmHWM once the model was opened (the tokenizer's build is transient but
-                                   # can pass everything else when most weights stream: Gemma-3's 262k vocabulary)
+    open_peak_bytes: int = 0       # the set-up phase's peak, VmHWM: opening the model (the tokenizer's build is
+                                   # transient but can pass everything else when most weights stream: Gemma-3's
+                                   # 262k vocabulary) and, for a one-shot run, encoding its prompt
     kv_precision: str = "f16"
+    resident_head_rows: int = 0    # with streamed_head: the output head's first rows, kept resident (the rest streams)
+
+    @property
+    def run_bytes(self) -> int:
+        """The run phase: everything held once the weights are loaded."""
+        return self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes
 
     @property
     def total_bytes(self) -> int:
-        return max(self.base_bytes + self.weights_bytes + self.pool_bytes + self.kv_bytes + self.buffer_bytes,
-                   self.open_peak_bytes)
+        return max(self.run_bytes, self.open_peak_bytes)
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"total_bytes": self.total_bytes}
+        return asdict(self) | {"run_bytes": self.run_bytes, "total_bytes": self.total_bytes}
 
     def describe(self) -> str:
+        head = f"the output head{f' but its first {self.resident_head_rows} rows' if self.resident_head_rows else ''}"
         what = " and ".join(([f"{self.streamed_layers} layers"] if self.streamed_layers else [])
-                            + (["the output head"] if self.streamed_head else []))
+                            + ([head] if self.streamed_head else []))
         stream = (f" + stream pool {format_size(self.pool_bytes)} ({what}, "
                   f"{format_size(self.streamed_bytes)}, streamed)") if self.pool_bytes else ""
-        opening = (f"; opening the model alone peaked at {format_size(self.open_peak_bytes)}"
-                   if self.open_peak_bytes == self.total_bytes else "")
+        opening = (f"; the set-up (opening the model, reading the prompt) peaked at "
+                   f"{format_size(self.open_peak_bytes)}" if self.open_peak_bytes == self.total_bytes else "")
         return (f"weights {format_size(self.weights_bytes)}{stream} + KV cache {format_size(self.kv_bytes)} "
                 f"(ctx {self.ctx}) + buffers {format_size(self.buffer_bytes)} + runtime {format_size(self.base_bytes)}"
                 f"{opening}")
@@ -90,22 +98,27 @@ CALL_BYTES = 4 << 20
 
 def make_plan(spec: Spec, layout: Layout, base_bytes: int, ctx: int, kv_type: str, n: int, layer_scratch: int,
               logit_rows: int = 1, scored: bool = False, budget: int | None = None,
-              streamed: tuple[int, bool] | None = None, open_peak: int = 0) -> Plan:
-    """The plan streaming `streamed` = (layers, head); by default the one that fits the
-    budget reading the fewest bytes per token: streaming layers 0..m-1, with or without
-    the output head (read whole every token: streamed only when that reads less, as for
-    Gemma-3, whose tied head is most of the model). When nothing fits, everything
-    streams and check() refuses it, naming its total."""
-    def with_streamed(m: int, head: bool) -> Plan:
-        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head), KVCache.nbytes(spec, ctx, kv_type),
+              streamed: tuple | None = None, open_peak: int = 0) -> Plan:
+    """The plan streaming `streamed` = (layers, head[, resident head rows]); by default
+    the one that fits the budget reading the fewest bytes per token: streaming layers
+    0..m-1, with or without the output head (read whole every token: streamed when that
+    reads less, as for Gemma-3, whose tied head is most of the model), whose first rows
+    then fill what the budget has left. When nothing fits, everything streams and
+    check() refuses it, naming its total."""
+    def with_streamed(m: int, head: bool, rows: int = 0) -> Plan:
+        return Plan(base_bytes + CALL_BYTES, layout.resident_bytes(m, head, rows), KVCache.nbytes(spec, ctx, kv_type),
                     buffer_bytes(spec, n, layer_scratch, logit_rows, scored), ctx, n,
-                    m, layout.streamed_bytes(m, head), layout.pool_bytes(m, head), head, open_peak, kv_type)
+                    m, layout.streamed_bytes(m, head, rows), layout.pool_bytes(m, head), head, open_peak, kv_type,
+                    rows)
     if streamed is not None:
         return with_streamed(*streamed)
     n_layers = len(layout.layer_bytes)
     plans = [with_streamed(m, head) for head in (False, True) for m in range(n_layers + 1)]
+    if budget is not None:  # the head's first rows in what each plan streaming it leaves
+        plans += [with_streamed(p.streamed_layers, True, rows) for p in plans if p.streamed_head
+                  and 0 < (rows := min((budget - p.run_bytes) // layout.out_row_bytes, layout.out_rows - 1))]
     fits = [p for p in plans if budget is None or p.total_bytes <= budget]
-    return min(fits, key=lambda p: (p.streamed_bytes, p.total_bytes)) if fits else plans[-1]
+    return min(fits, key=lambda p: (p.streamed_bytes, p.total_bytes)) if fits else with_streamed(n_layers, True)
 
 
 # The interpreter's measured footprint differs by a MiB or so from one start to the

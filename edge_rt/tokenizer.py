@@ -337,7 +337,7 @@ class _Texts(Sequence):
     """A list of strings kept as one UTF-8 buffer and offsets (as str objects, SmolLM2's
     49k merges take ~4 MiB); lone surrogates (from a tokenizer.json) round-trip."""
 
-    def __init__(self, texts: list[str]):
+    def __init__(self, texts: Iterable[str]):
         data = [t.encode("utf-8", "surrogatepass") for t in texts]
         self.ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
         self.data = b"".join(data)
@@ -379,9 +379,10 @@ def _pieces(text: str):
 
 
 class Tokenizer:
-    """Text <-> token ids as llama.cpp does, on a `tokenizers.Tokenizer` (`self.hf`)."""
+    """Text <-> token ids as llama.cpp does, on a `tokenizers.Tokenizer` (`self.hf`);
+    after drop_encoder(), ids -> text only, from a compact table of the token texts."""
 
-    hf: HFTokenizer
+    hf: HFTokenizer | None
     bos_id: int | None
     eos_id: int | None
     add_bos: bool
@@ -394,6 +395,7 @@ class Tokenizer:
         self._lock = threading.Lock()
         self._pieces: dict[int, bytes] = {}  # token_to_piece of the tokens decoded so far
         self._template_cache: tuple[str, Any] | None = None
+        self._texts: _Texts | None = None  # the token texts once the encoder is dropped
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -578,7 +580,7 @@ class Tokenizer:
         m = dict(self._src_meta)
         m["tokenizer.ggml.model"] = self.model
         m["tokenizer.ggml.pre"] = self.pre
-        m["tokenizer.ggml.tokens"] = [self.hf.id_to_token(i) for i in range(self.n_vocab)]
+        m["tokenizer.ggml.tokens"] = [self.token_text(i) for i in range(self.n_vocab)]
         m["tokenizer.ggml.token_type"] = np.asarray(self._types, np.int32)
         if self.model == "llama":
             m["tokenizer.ggml.scores"] = np.asarray(self._scores, np.float32)
@@ -601,7 +603,15 @@ class Tokenizer:
         return self.token_text(self.bos_id) if self.bos_id is not None else ""
 
     def token_text(self, token_id: int) -> str:
-        return self.hf.id_to_token(token_id)
+        return self.hf.id_to_token(token_id) if self.hf is not None else self._texts[token_id]
+
+    def drop_encoder(self) -> None:
+        """Keep only what decoding needs: the token texts as one UTF-8 buffer (Gemma-3's
+        262k: ~3 MiB) instead of the `tokenizers` model (~60 MiB), which is freed;
+        encode() refuses from then on."""
+        if self.hf is not None:
+            self._texts = _Texts(self.hf.id_to_token(i) for i in range(self.n_vocab))
+            self.hf = None
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of text. add_bos None: as llama.cpp's add_special (BOS if the model adds
@@ -610,6 +620,9 @@ class Tokenizer:
         ids (llama.cpp's parse_special, for chat prompts)."""
         if not isinstance(text, str):
             raise EdgeRtError(f"encode: expected text, got {type(text).__name__}")
+        if self.hf is None:
+            raise EdgeRtError(f"{self.name}: the encoder was dropped after the prompt was read (a one-shot run); "
+                              f"load the model with keep_encoder=True to encode again")
         with self._lock:  # encode_special_tokens is the HF tokenizer's state
             if special:
                 self.hf.encode_special_tokens = False

@@ -54,22 +54,17 @@ Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """x[..., n] (n a multiple of 32) as q8_0 blocks [..., n/32], as llama.cpp's
-    quantize_row_q8_0_ref: d = max|x| / 127 of each 32 values, codes round(x / d)
-    (halves away from zero) with the float32 d, then d stored as float16."""
-    x = np.asarray(x, np.float32).reshape(*np.shape(x)[:-1], -1, 32)
-    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
-    xd = x * np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    a = np.abs(xd)
-    blocks = np.empty(x.shape[:-1], Q8_0)
-    blocks["d"], blocks["qs"] = d[..., 0], np.sign(xd) * (np.floor(a) + np.floor(2 * (a - np.floor(a))))
-    return blocks
+    """x[..., n] (n a multiple of 32) as q8_0 blocks [..., n/32]: gguf-py's Q8_0, bit-exact
+    with llama.cpp's quantize_row_q8_0_ref (d = max|x| / 127 of each 32 values, codes
+    round(x / d) with halves away from zero, then d stored as float16)."""
+    from gguf import GGMLQuantizationType, quants
+    return np.ascontiguousarray(quants.quantize(np.asarray(x, np.float32), GGMLQuantizationType.Q8_0)).view(Q8_0)
 
 
 def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
     """q8_0 blocks [..., m] -> float32 [..., 32 m] (d * code: exact in float32)."""
-    x = blocks["d"].astype(np.float32)[..., None] * blocks["qs"]
-    return x.reshape(*blocks.shape[:-1], -1)
+    from gguf import GGMLQuantizationType, quants
+    return quants.dequantize(np.ascontiguousarray(blocks).view(np.uint8), GGMLQuantizationType.Q8_0)
 
 
 class KVCache:

@@ -541,3 +541,19 @@ def test_native_kernel_check(tmp_path):
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASSED" in r.stdout
+
+
+def test_q8_long_rows():
+    """q8 rows longer than the SIMD kernels' block buffers (1024 blocks: the AVX2 kernel runs
+    the scalar one there), and prefill batches (int16 path) next to decode (block dots):
+    against the reference, and each token alone equal to its row of the batch."""
+    rng = np.random.default_rng(33)
+    fmt = formats.GroupQuant(8, 64)
+    for rows, cols, n in ((5, 33024, 5), (7, 2048, 9)):
+        parts = fmt.quantize(rand_weight(rng, rows, cols))
+        w = K.Weight(fmt, rows, cols, parts)
+        x = rand_act(rng, n, cols)
+        y = K.matmul(w, x, threads=2)
+        assert close(y, formats.matmul_reference(fmt, parts, cols, x).astype(np.float64))[0]
+        for j in range(n):
+            assert np.array_equal(K.matmul(w, x[j]), y[j]), (rows, cols, j)

@@ -301,6 +301,26 @@ def test_decode_round_trip_and_stream(name, models, text):
         assert all("\ufffd" not in p for p in pieces) or "\ufffd" in s  # nothing emitted half-way
 
 
+@pytest.mark.parametrize("name", ["smol_meta", "gemma_meta"])
+def test_dropped_encoder_decodes_the_same(name, request, text):
+    """After drop_encoder() (a one-shot run, its prompt read) every token decodes to the
+    same bytes from the compact table, special or not, the chat template (SmolLM2's)
+    still renders, and encode refuses in one error."""
+    full = Tokenizer.from_gguf_meta(request.getfixturevalue(name))
+    ids = full.encode(text[:20000], add_bos=False)
+    want = [full._piece(i, special) for special in (False, True) for i in range(full.n_vocab)]
+    chat = full.render_chat([{"role": "user", "content": "hi"}]) if full.chat_template else None
+    tok = Tokenizer.from_gguf_meta(request.getfixturevalue(name))
+    tok.drop_encoder()
+    assert tok.hf is None
+    assert [tok._piece(i, special) for special in (False, True) for i in range(tok.n_vocab)] == want
+    assert tok.decode(ids) == full.decode(ids)
+    assert chat is None or tok.render_chat([{"role": "user", "content": "hi"}]) == chat
+    assert tok.gguf_meta()["tokenizer.ggml.tokens"] == full.gguf_meta()["tokenizer.ggml.tokens"]
+    with pytest.raises(EdgeRtError, match="encoder was dropped"):
+        tok.encode("hi")
+
+
 def test_stream_decoder_holds_back_partial_utf8(gemma, smol):
     byte = [gemma.hf.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
     d = gemma.stream_decoder()

@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -378,8 +379,128 @@ INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j
 
 #define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
 
+/* ---- q8 prefill: int16 madd micro-tiles -------------------------------------------------------
+ * The same arithmetic as q8_rows (a token's result is bit-identical alone or in a batch): per
+ * (row, token) the min term then the odd blocks into one accumulator, the even blocks into
+ * another, float(block dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
+ * activations of a token group and the codes of 4 rows (s = c - 128) are widened once to int16
+ * (widen_block), so a block dot is 2 madd (instead of sign, maddubs and madd per token), and
+ * the rows' scales are converted once per 4 rows and token group. */
+
+#define Q8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: q8_rows */
+/* tokens per group: ~96 KB of int16 activations (with 4 rows, under malloc's mmap threshold) */
+#define Q8_TOKENS(cols) ((49152 / (cols)) < 64 ? ((49152 / (cols)) > 1 ? 49152 / (cols) : 1) : 64)
+
+/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + 128*d (zero past ng) */
+typedef struct {
+    float d[4][Q8_MAXBLK + 8] __attribute__((aligned(32)));
+    float mb[4][Q8_MAXBLK + 16] __attribute__((aligned(32))); /* rows not 4 KB apart */
+} q8_rowscales;
+
+/* as block_scales and min_terms: 8 blocks (groups) per vector */
+INLINE void q8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, q8_rowscales *rs) {
+    const int ng = a->ngroups;
+    for (int r = 0; r < rm; r++) {
+        const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
+        const int safe = (size_t)(w->rows - 1 - (r0 + r)) * ng >= 8;
+        for (int g0 = 0; g0 < ng; g0 += 8) {
+            const int cnt = ng - g0 < 8 ? ng - g0 : 8;
+            __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps(128.0f), load8_half(mn + g0, cnt, safe));
+            _mm256_store_ps(rs->mb[r] + g0, cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb);
+        }
+        for (int b0 = 0; b0 < a->nblk; b0 += 8) {
+            const int gb = a->bgroup[b0];
+            const __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(a->bgroup + b0)), _mm256_set1_epi32(gb));
+            _mm256_store_ps(rs->d[r] + b0, _mm256_permutevar8x32_ps(load8_half(sc + gb, ng - gb < 8 ? ng - gb : 8, safe), idx));
+        }
+    }
+}
+
+/* A block of 32 int8 as int16 in two halves for madd: A holds columns 4i, 4i+1 at words 2i,
+ * 2i+1, B columns 4i+2, 4i+3, so madd(A, A') + madd(B, B') has block_dot's lanes (lane i =
+ * columns 4i..4i+3) and the same exact sums. */
+INLINE void widen_block(__m256i v, int16_t *out) {
+    const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3,
+                                        6, 7, 10, 11, 14, 15);
+    v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, sh), 0xD8); /* A low, A high | B low, B high */
+    _mm256_store_si256((__m256i *)out, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
+    _mm256_store_si256((__m256i *)(out + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
+}
+
+/* acc[r] += float(dot of the rows' and the token's widened block at `at`) * scl[r][i] */
+INLINE void q8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
+                          const int RM) {
+    const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
+    for (int r = 0; r < RM; r++) {
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
+                                           _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r] + i), acc[r]);
+    }
+}
+
+/* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened s, q16 the token's
+ * widened q, rs the rows' scales */
+INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *rs, int r0, int j, float *y,
+                    const int16_t *const *w16, const int16_t *q16, const int RM) {
+    const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
+    const float *da = a->da + (size_t)j * nblk;
+    __m256 acc[4], acc2[4];
+    for (int r = 0; r < RM; r++) acc[r] = acc2[r] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < ngp; g0 += 8) { /* the min terms */
+        const __m256 gs = _mm256_loadu_ps(a->gsum + (size_t)j * ngp + g0);
+        for (int r = 0; r < RM; r++) acc2[r] = _mm256_fmadd_ps(_mm256_load_ps(rs->mb[r] + g0), gs, acc2[r]);
+    }
+    float scl[4][CHUNK] __attribute__((aligned(32)));
+    for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
+        const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
+        for (int i = 0; i < nb; i += 8) /* (da has 8 readable floats past the end; lanes past nb unused) */
+            for (int r = 0; r < RM; r++)
+                _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
+        for (int i = 0; i < nb; i += 2) { /* (CHUNK is even: block c0 + i is even) */
+            q8_wide_block(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM);
+            if (i + 1 < nb) q8_wide_block(w16, q16, (size_t)(c0 + i + 1) * ERT_BLOCK, scl, i + 1, acc2, RM);
+        }
+    }
+    for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
+}
+
+/* Decode (n < 4): q8_rows. Prefill: per group of up to Q8_TOKENS tokens (widened once), per 4
+ * rows (widened, their scales converted), every token of the group; last rows one by one. */
 void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
+    const int cols = w->cols, jb = Q8_TOKENS(cols);
+    int16_t *buf = a->n >= 4 && a->nblk <= Q8_MAXBLK ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
+    if (!buf) { /* the same results */
+        ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
+        return;
+    }
+    q8_rowscales rs_, *rs = &rs_; /* (q8_prepare_rows writes what is read) */
+    int16_t *w16[4];
+    for (int r = 0; r < 4; r++) w16[r] = buf + ((size_t)jb + r) * cols;
+    for (int j0 = 0; j0 < a->n; j0 += jb) {
+        const int j1 = j0 + jb < a->n ? j0 + jb : a->n;
+        for (int j = j0; j < j1; j++)
+            for (int b = 0; b < a->nblk; b++)
+                widen_block(_mm256_loadu_si256((const __m256i *)(a->q + (size_t)j * cols + (size_t)b * ERT_BLOCK)),
+                            buf + (size_t)(j - j0) * cols + (size_t)b * ERT_BLOCK);
+        for (int r = r0; r < r1;) {
+            const int rm = r + 4 <= r1 ? 4 : 1;
+            q8_prepare_rows(w, a, r, rm, rs);
+            for (int i = 0; i < rm; i++)
+                for (int b = 0; b < a->nblk; b++) {
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)((const uint8_t *)w->data + (size_t)(r + i) * cols + (size_t)b * ERT_BLOCK));
+                    widen_block(_mm256_xor_si256(c, _mm256_set1_epi8((char)0x80)), w16[i] + (size_t)b * ERT_BLOCK);
+                }
+            for (int j = j0; j < j1; j++) {
+                const int16_t *q16 = buf + (size_t)(j - j0) * cols;
+                if (rm == 4)
+                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
+                else
+                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 1);
+            }
+            r += rm;
+        }
+    }
+    free(buf);
 }
 
 /* dequantization (bit-exact: d*c is exact, so fma(d, c, m) = d*c + m) */
