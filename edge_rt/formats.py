@@ -226,15 +226,30 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32)
 
 
-def lut_tables(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+def lut_block_mult(bits: int) -> bool:
+    """Whether the q`bits` kernels use block multipliers (ERT_LUT_BLOCK_MULT in
+    kernels_c/include/edgert.h): at 4 bits. A table entry's rounding error weighs 2^k in
+    plane k; with one table step per 64-column group, 4 bits cost +0.42% perplexity on
+    SmolLM2 against the float arithmetic of the same weights (issue 3's bound: 0.3%)."""
+    return bits == 4
+
+
+def lut_tables(x: np.ndarray, group_size: int, block_mult: bool = False):
     """The LUT kernels' activation format. For each 4 columns x0..x3 (sub-group j) the
     16 sums T[j, p] = ((s0*x0 + s1*x1) + s2*x2) + s3*x3, s_i = +1 if bit i of p else -1
     (float32, in that order; T[j, 15-p] = -T[j, p]). Per group of group_size columns (the
     weights' groups; the last may be shorter), with amax = max over its sub-groups of
-    ((|x0| + |x1|) + |x2|) + |x3| (= max |T|): int8 t = rint(T * (127/amax)) and the
-    table scale ls = amax/127 (float32). One scale per group lets the kernels sum a
-    group's lookups in int16 before any float arithmetic.
-    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32 [..., groups]."""
+    ((|x0| + |x1|) + |x2|) + |x3| (= max |T|), inv = 127/amax: int8 t = rint(T * inv)
+    and the table scale ls = amax/127 (float32). One scale per group lets the kernels sum
+    a group's lookups in int16 before any float arithmetic.
+    With block multipliers (lut_block_mult), each 32-column block b of the group gets a
+    finer step where its own amax_b allows: the int16 q_b = min(32767, ceil((amax_b/amax)
+    * 32768)) and t = rint(T * (inv * (32768/q_b))) (float32, in that order), so the
+    block's step is ls * q_b/32768; the kernels weigh the block's integer sum I_b by
+    (I_b * q_b + 2^14) >> 15 (one rounding multiply: its error, half a unit of ls per
+    block, is far below the tables').
+    x: float32 [..., k], k a multiple of 32 -> t int8 [..., k/4, 16], ls float32
+    [..., groups], lq int16 [..., k/32] (None without block multipliers)."""
     x = np.asarray(x, dtype=np.float32)
     k, sg = x.shape[-1], group_size // 4
     ng = -(-k // group_size)
@@ -247,19 +262,35 @@ def lut_tables(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     pad = np.zeros((*s4.shape[:-1], ng * sg - s4.shape[-1]), np.float32)
     amax = np.concatenate([s4, pad], axis=-1).reshape(*s4.shape[:-1], ng, sg).max(axis=-1)
     inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)
-    t = np.rint(T * np.repeat(inv, sg, axis=-1)[..., :k // 4, None]).astype(np.int8)
-    return t, (amax / np.float32(127.0)).astype(np.float32)
+    inv_j = np.repeat(inv, sg, axis=-1)[..., :k // 4]  # [..., J]
+    lq = None
+    if block_mult:
+        ab = s4.reshape(*s4.shape[:-1], -1, BLOCK // 4).max(axis=-1)  # [..., nblk]
+        gb = (np.arange(k // BLOCK) * BLOCK) // group_size
+        ag = amax[..., gb]
+        r = np.divide(ab, ag, out=np.zeros_like(ab), where=ag != 0)
+        lq = np.minimum(np.ceil(r * np.float32(32768.0)), np.float32(32767.0)).astype(np.int16)
+        qf = lq.astype(np.float32)
+        step = np.divide(np.float32(32768.0), qf, out=np.zeros_like(qf), where=lq != 0)
+        inv_j = (inv[..., gb] * step).astype(np.float32).repeat(BLOCK // 4, axis=-1)
+    t = np.rint(T * inv_j[..., None]).astype(np.int8)
+    return t, (amax / np.float32(127.0)).astype(np.float32), lq
 
 
 def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
     """Bound on |LUT result - x . dequantize(W)^T| from the int8 tables alone, [n, rows]:
-    each table entry is off by at most ls/2, a 4-column dot sum_k 2^(k-1) T[p_k] by at
-    most (2^bits - 1) * ls/4, so a block of 32 columns by 2 * (2^bits - 1) * d * ls
-    (d and ls of the block's group)."""
-    _, ls = lut_tables(np.atleast_2d(x), fmt.group_size)
+    each table entry is off by at most half its step s (ls of the group, or ls * q_b/32768
+    with block multipliers), a 4-column dot sum_k 2^(k-1) T[p_k] by at most
+    (2^bits - 1) * s/4, so a block of 32 columns by 2 * (2^bits - 1) * d * s (d of the
+    block's group); block multipliers add their rounding, half a unit of ls times d/2."""
+    mult = lut_block_mult(fmt.bits)
+    _, ls, lq = lut_tables(np.atleast_2d(x), fmt.group_size, mult)
     gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
     d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
-    return 2.0 * ((1 << fmt.bits) - 1) * (ls.astype(np.float64)[:, gidx] @ d.T)
+    s = ls.astype(np.float64)[:, gidx]  # [n, nblk]
+    if not mult:
+        return 2.0 * ((1 << fmt.bits) - 1) * (s @ d.T)
+    return (2.0 * ((1 << fmt.bits) - 1) * (s * lq / 32768.0) + s / 4) @ d.T
 
 
 def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
@@ -271,8 +302,9 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
         y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
-        I_g = sum_k 2^k sum_{j in g} t[j, p_kj] exact integers (|I| <= 8*127*(2^bits-1)
-        per 32-column block)."""
+        I_g = sum_{b in g} I_b, or with block multipliers (4 bits) sum_{b in g}
+        (I_b * q_b + 2^14) >> 15, I_b = sum_k 2^k sum_{j in b} t[j, p_kj], exact integers
+        (|I_b| <= 8*127*(2^bits-1))."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if not isinstance(fmt, GroupQuant):
         return (x.astype(np.float64) @ fmt.dequantize(parts, cols).T.astype(np.float64)).astype(np.float32)
@@ -288,13 +320,15 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
-    t, ls = lut_tables(x, fmt.group_size)  # [n, J, 16], [n, ngroups]
+    t, ls, lq = lut_tables(x, fmt.group_size, lut_block_mult(fmt.bits))  # [n, J, 16], [n, ngroups], [n, nblk]
     quad = c.reshape(rows, nblk, 8, 4)
-    I = np.zeros((x.shape[0], rows, nblk), dtype=np.int32)  # |I| <= 8*127*15
+    I = np.zeros((x.shape[0], rows, nblk), dtype=np.int64)  # I_b, |I_b| <= 8*127*15
     for k in range(fmt.bits):
         nib = (((quad >> k) & 1) << np.arange(4, dtype=np.uint8)).sum(axis=-1)  # [rows, nblk, 8]
         for q in range(8):  # sub-group q of every block: table j = 8b + q
             I += (1 << k) * t[:, q::8][:, np.arange(nblk)[None, :], nib[:, :, q]].astype(np.int32)
+    if lq is not None:
+        I = (I * lq.astype(np.int64)[:, None, :] + (1 << 14)) >> 15  # floor, as mulhrs / vqrdmulh
     xsum = x.astype(np.float64).reshape(x.shape[0], nblk, BLOCK).sum(axis=-1)  # per block; groups are whole blocks
     y = (d[None] * ls.astype(np.float64)[:, None, gidx] / 2) * I + (m + d * ((1 << fmt.bits) - 1) / 2)[None] * xsum[:, None, :]
     return y.sum(axis=-1).astype(np.float32)

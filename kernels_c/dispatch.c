@@ -274,17 +274,19 @@ static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float
     ert_parallel(rows_task, &j, threads < j.end[nw - 1] ? threads : j.end[nw - 1]);
 }
 
-/* q1..q4: the activation tables (formats.lut_tables) and group sums */
+/* q1..q4: the activation tables (formats.lut_tables), block multipliers (4 bits) and group sums */
 static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
-    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w);
+    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), mult = ERT_LUT_BLOCK_MULT(ert_format_bits(w->format));
     size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * ng);
-    char *p = malloc(nl + nls + sizeof(float) * (size_t)n * ng);
+    size_t nq = mult ? align64(sizeof(int16_t) * (size_t)n * nblk) : 0;
+    char *p = malloc(nl + nls + nq + sizeof(float) * (size_t)n * ng);
     if (!p) return ERT_ENOMEM;
     *scratch = p;
     a->lut = (const int8_t *)p;
     a->ls = (const float *)(p + nl);
-    a->xsum = (const float *)(p + nl + nls);
-    g_lut_act(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (float *)a->xsum);
+    a->lq = mult ? (const int16_t *)(p + nl + nls) : NULL;
+    a->xsum = (const float *)(p + nl + nls + nq);
+    g_lut_act(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (int16_t *)a->lq, (float *)a->xsum);
     a->nblk = nblk;
     a->ngroups = ng;
     a->group_size = w->group_size;
@@ -327,10 +329,12 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
 }
 
 /* weights whose products can share one prepared input: the same kind of activations
- * (tables for q1..q4, int8 for q8, the floats themselves) over the same groups */
+ * (tables for q1..q4, with or without block multipliers; int8 for q8; the floats
+ * themselves) over the same groups */
 static int same_input(const ert_weight *a, const ert_weight *b) {
     const int ba = ert_format_bits(a->format), bb = ert_format_bits(b->format);
-    const int ka = ba && ba <= 4 ? 1 : ba ? 2 : 0, kb = bb && bb <= 4 ? 1 : bb ? 2 : 0;
+    const int ka = ba && ba <= 4 ? 1 + ERT_LUT_BLOCK_MULT(ba) : ba ? 3 : 0;
+    const int kb = bb && bb <= 4 ? 1 + ERT_LUT_BLOCK_MULT(bb) : bb ? 3 : 0;
     return ka == kb && a->cols == b->cols && (!ka || a->group_size == b->group_size);
 }
 

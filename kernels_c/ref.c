@@ -66,8 +66,7 @@ void ert_quant_act_ref(const float *x, int n, int cols, int8_t *q, float *da, in
 
 /* tables of formats.lut_tables, in the same float32 order (this file is compiled with
  * -ffp-contract=off), and the group sums of x */
-static inline float lut_block_ref(const float *xb, float amax, int8_t *tb) {
-    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+static inline float lut_block_ref(const float *xb, float inv, int8_t *tb) {
     for (int q = 0; q < 8; q++) {
         const float *v = xb + 4 * q;
         int8_t *t = tb + 16 * q;
@@ -82,8 +81,9 @@ static inline float lut_block_ref(const float *xb, float amax, int8_t *tb) {
     return bsum;
 }
 
-void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_ref);
+void ert_lut_act_ref(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, int16_t *lq,
+                     float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, lq, xsum, lut_block_ref);
 }
 
 /* ---- f32 / f16 -------------------------------------------------------------------- */
@@ -181,7 +181,8 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
 }
 
 /* q1..q4: y = sum_g d/2 * ls_g * I_g + (m + d*(2^bits-1)/2) * xsum_g,
- * I_g = sum_k 2^k sum_{j in g} lut[j][nibble of plane k] (formats.matmul_reference) */
+ * I_g = sum_{b in g} I_b, or with block multipliers sum_{b in g} (I_b * q_b + 2^14) >> 15,
+ * I_b = sum_k 2^k sum_{j in b} lut[j][nibble of plane k] (formats.matmul_reference) */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const float off = 0.5f * (float)((1 << bits) - 1);
@@ -194,13 +195,16 @@ void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, f
                 const float m = ert_half_to_float(w->min[ert_group_offset(w, bits, r, g)]);
                 const int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
                 int32_t isum = 0;
-                for (int b = g * bpg; b < b1; b++)
+                for (int b = g * bpg; b < b1; b++) {
+                    int32_t bsum = 0;
                     for (int k = 0; k < bits; k++)
                         for (int s = 0; s < 4; s++) {
                             const uint8_t v = ((const uint8_t *)w->data)[ert_lut_offset(w, bits, r, b, k, s)];
                             const int8_t *t = lut + (size_t)(8 * b + 2 * s) * 16;
-                            isum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
+                            bsum += (t[v & 15] + t[16 + (v >> 4)]) * (1 << k);
                         }
+                    isum += a->lq ? (bsum * a->lq[(size_t)j * nblk + b] + (1 << 14)) >> 15 : bsum;
+                }
                 const float fsum = a->ls[(size_t)j * ng + g] * (float)isum;
                 acc += 0.5f * d * fsum + (m + d * off) * a->xsum[(size_t)j * ng + g];
             }

@@ -238,7 +238,7 @@ def test_lut_tables():
     largest |sum|, which maps to +-127 (a last group shorter than the others too)."""
     rng = np.random.default_rng(4)
     x = rand_act(rng, 2, 160)
-    t, ls = formats.lut_tables(x, 64)
+    t, ls, _ = formats.lut_tables(x, 64)
     assert t.shape == (2, 40, 16) and ls.shape == (2, 3)
     assert np.array_equal(t[..., ::-1], -t)
     sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
@@ -249,11 +249,47 @@ def test_lut_tables():
     assert all(big[:, 16 * g:16 * g + 16].max(axis=-1).min() == 127 for g in range(3)) or not ls.all()
 
 
+def test_lut_block_multipliers():
+    """4 bits: each 32-column block of a group gets its own table step ls * q/32768 (q the
+    int16 multiplier, 32767 for the group's loudest block), the entries stay within int8,
+    and the C kernels (every ISA) agree with the numpy twin and beat one step per group."""
+    assert formats.lut_block_mult(4) and not any(formats.lut_block_mult(b) for b in (1, 2, 3))
+    rng = np.random.default_rng(11)
+    x = rand_act(rng, 3, 192)
+    x[:, 32:64] *= 0.01  # a quiet block next to the outlier's (column 5)
+    x[2, 64:128] = 0.0  # a silent group
+    t, ls, lq = formats.lut_tables(x, 64, block_mult=True)
+    assert lq.shape == (3, 6) and lq.dtype == np.int16
+    assert np.all(lq.reshape(3, 3, 2)[:2].max(axis=-1) == 32767) and np.all(lq[2, 2:4] == 0)
+    assert np.all(lq[:, 1] < 1000)  # the quiet block: a step ~100x finer
+    step = np.repeat(ls, 2, axis=1) * lq / np.float32(32768.0)  # [n, nblk]
+    sign = 2 * ((np.arange(16)[:, None] >> np.arange(4)) & 1) - 1
+    exact = x.reshape(3, 48, 4) @ sign.T
+    st = np.repeat(step, 8, axis=1)[..., None]
+    assert np.abs(t).max() <= 127 and np.all(np.abs(t * st - exact) <= 0.5 * st * (1 + 1e-5))
+    fmt = formats.GroupQuant(4, 64)
+    parts = fmt.quantize(rand_weight(rng, 70, 192))
+    w = K.Weight(fmt, 70, 192, parts)
+    ref = formats.matmul_reference(fmt, parts, 192, x).astype(np.float64)
+    for isa in ("auto", "ref"):
+        K.force_isa(isa)
+        for n in (1, 3):  # batch invariance: a token alone or with others
+            assert close(K.matmul(w, x[:n], threads=2), ref[:n])[0], isa
+    K.force_isa("auto")
+    exact_y = x.astype(np.float64) @ fmt.dequantize(parts, 192).T.astype(np.float64)
+    assert np.all(np.abs(ref - exact_y) <= formats.lut_error_bound(fmt, parts, 192, x) + 1e-5 * np.abs(exact_y).max())
+    t1, ls1, _ = formats.lut_tables(x, 64)  # one step per group: a coarser quiet block
+    quiet = x[:, 32:64].astype(np.float64).reshape(3, 8, 4) @ sign.T
+    assert (np.abs(t[:, 8:16] * st[:, 8:16] - quiet).max()
+            < 0.1 * np.abs(t1[:, 8:16] * ls1[:, :1, None] - quiet).max())
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_lut_within_bound_of_float_product(bits):
     """The only approximation of the LUT path is the int8 rounding of the tables:
-    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d ls_g per
-    row; float32 rounding is far below it). Also reports how tight the bound is."""
+    |y - x . dequantize(W)^T| <= formats.lut_error_bound (2 (2^bits-1) sum_b d s_b per
+    row, s_b the block's table step; float32 rounding is far below it). Also reports how
+    tight the bound is."""
     rng = np.random.default_rng(bits + 40)
     for g in (32, 64, 128):
         fmt = formats.GroupQuant(bits, g)

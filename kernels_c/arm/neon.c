@@ -196,7 +196,8 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
  *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
  *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
  * The sums are weighted by 2^(2u) (vmlaq_n_s16); a group's blocks are summed in int16
- * (up to ERT_LUT_SPAN(bits) blocks at a time), then converted and scaled by the group's
+ * (up to ERT_LUT_SPAN(bits) blocks at a time; at 4 bits each block's sums first weighed
+ * by its multiplier q, vqrdmulhq_s16), then converted and scaled by the group's
  * table scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is
  * added (the group's 32 scales and mins side by side in the file: tile order). */
 
@@ -258,7 +259,21 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
             int16x8_t acc[4][4];
             for (int k = 0; k < NR; k++)
                 for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
-            for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+            for (int b = b0; b < be; b++) {
+                const uint8_t *vb = tile + (size_t)b * bits * 4 * ERT_TILE;
+                if (!ERT_LUT_BLOCK_MULT(bits)) {
+                    lut_block(vb, lut, b, acc, NR, bits);
+                    continue;
+                }
+                int16x8_t bacc[4][4]; /* the block's sums, weighed by q into acc: (I*q + 2^14) >> 15 */
+                for (int k = 0; k < NR; k++)
+                    for (int h = 0; h < 4; h++) bacc[k][h] = vdupq_n_s16(0);
+                lut_block(vb, lut, b, bacc, NR, bits);
+                for (int k = 0; k < NR; k++) {
+                    const int16x8_t q = vdupq_n_s16(a->lq[(size_t)(j0 + k) * nblk + b]);
+                    for (int h = 0; h < 4; h++) acc[k][h] = vaddq_s16(acc[k][h], vqrdmulhq_s16(bacc[k][h], q));
+                }
+            }
             for (int k = 0; k < NR; k++) {
                 const float ls = a->ls[(size_t)(j0 + k) * ng + g];
                 for (int h = 0; h < 4; h++) {
@@ -302,10 +317,9 @@ LUT_KERNELS(q4, 4)
  * sub-group the entries with bit 3 clear, ((+-x0 +- x1) +- x2) - x3, as two vectors (the
  * sign flips are exact, and a + (-b) == a - b), rounded to nearest even like rintf;
  * entries 8..15 are the negated mirror (t[15-p] = -t[p]). */
-INLINE float lut_block_neon(const float *xb, float amax, int8_t *tb) {
+INLINE float lut_block_neon(const float *xb, float inv, int8_t *tb) {
     static const uint32_t S0[4] = {0x80000000u, 0, 0x80000000u, 0}, S1[4] = {0x80000000u, 0x80000000u, 0, 0};
     const uint32x4_t s0 = vld1q_u32(S0), s1 = vld1q_u32(S1);
-    const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
     for (int q = 0; q < 8; q++) {
         const float *v = xb + 4 * q;
         const float32x4_t u = vaddq_f32(vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(vdupq_n_f32(v[0])), s0)),
@@ -322,8 +336,9 @@ INLINE float lut_block_neon(const float *xb, float amax, int8_t *tb) {
     return vaddvq_f32(sum);
 }
 
-void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_neon);
+void ert_lut_act_neon(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, int16_t *lq,
+                      float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, lq, xsum, lut_block_neon);
 }
 
 /* ---- f32 / f16 ----------------------------------------------------------------------------------- */

@@ -170,6 +170,13 @@ void ert_layer_select(int simd);
 /* 32-column blocks whose table lookups a q1..q4 kernel may sum in int16 (one block's
  * |sum| <= 8*127*(2^bits-1)): 32, 10, 4, 2 at 1..4 bits */
 #define ERT_LUT_SPAN(bits) (32767 / (8 * 127 * ((1 << (bits)) - 1)))
+/* Block multipliers (formats.lut_tables): at 4 bits each 32-column block's tables have
+ * their own step, ls * q/32768 with q <= 32767 an int16 of the block, and the kernels
+ * weigh a block's int16 sum I by q with one rounding multiply, (I*q + 2^14) >> 15
+ * (_mm256_mulhrs_epi16, vqrdmulhq_s16), before the group's int16 sum. A table entry's
+ * rounding error weighs 2^k in plane k: at 4 bits one step per 64-column group cost
+ * +0.42% perplexity on SmolLM2, over issue 3's 0.3%. 1-3 bits: one step per group. */
+#define ERT_LUT_BLOCK_MULT(bits) ((bits) == 4)
 
 /* Activations prepared once per ert_matmul call. */
 typedef struct {
@@ -178,6 +185,7 @@ typedef struct {
     /* q1..q4 (table lookups; formats.lut_tables): */
     const int8_t *lut;  /* [n][cols/4][16] int8 tables of the 4-column sub-groups */
     const float *ls;    /* [n][ngroups] table scale of each group */
+    const int16_t *lq;  /* [n][nblk] block multipliers (ERT_LUT_BLOCK_MULT), else NULL */
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
     /* q8 (int8 dot products): */
     int nblk, ngroups, group_size;
@@ -196,9 +204,10 @@ typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
 typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
-/* Builds lut, ls (bit-exact with formats.lut_tables in every implementation) and xsum
- * (float32, any summation order) of x[n][cols]. */
-typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum);
+/* Builds lut, ls, lq (unless NULL: no block multipliers; bit-exact with formats.lut_tables
+ * in every implementation) and xsum (float32, any summation order) of x[n][cols]. */
+typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, int16_t *lq,
+                               float *xsum);
 /* The largest ((|x0| + |x1|) + |x2|) + |x3| over the 8 sub-groups of a 32-column block;
  * a group's table scale is the largest of its blocks' /127 (formats.lut_tables); every
  * table builder uses this. */
@@ -290,7 +299,7 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
-    void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, float *);
+    void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, int16_t *, float *);
 
 ERT_DECLARE_KERNELS(ref)
 ERT_DECLARE_KERNELS(avx2)

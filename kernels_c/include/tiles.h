@@ -11,6 +11,8 @@
 #ifndef ERT_TILES_H
 #define ERT_TILES_H
 
+#include <math.h> /* ceilf */
+
 /* tokens per group; ERT_FOR_TILES reads w->cols */
 #define ERT_TOKEN_GROUP(cols) ((131072 / (4 * (cols))) / 4 * 4 > 4 ? (131072 / (4 * (cols))) / 4 * 4 : 4)
 
@@ -42,11 +44,14 @@
 
 /* The activation-table builders' loop (ref.c, avx2.c, neon.c; formats.lut_tables): for
  * activation row j and group g (of group_size columns, the weights' groups), amax = the
- * largest ert_lut_amax of its blocks; for each block b of 32 columns at xb,
- * BLOCK(xb, amax, tb) writes the block's 8 sub-group tables at tb and is the sum of its
- * 32 values (in each file's own order); the loop stores the table scale amax/127 of the
- * group and the sums per group. */
-#define ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, BLOCK)                                        \
+ * largest ert_lut_amax of its blocks, inv = 127/amax (0 if amax is 0); for each block b
+ * of 32 columns at xb, BLOCK(xb, inv_b, tb) writes the block's 8 sub-group tables
+ * rint(T * inv_b) at tb and is the sum of its 32 values (in each file's own order), with
+ * inv_b = inv, or with block multipliers (lq not NULL) q = min(32767, ceil((amax_b /
+ * amax) * 32768)) (amax_b: the block's ert_lut_amax; q = 0 if amax is 0) stored in lq
+ * and inv_b = inv * (32768 / q) (0 if q is 0); the loop stores the table scale amax/127
+ * of the group and the sums per group. */
+#define ERT_LUT_ACT(x, n, cols, group_size, lut, ls, lq, xsum, BLOCK)                                    \
     do {                                                                                                \
         const int nblk_ = (cols) / ERT_BLOCK, bpg_ = (group_size) / ERT_BLOCK;                          \
         const int ng_ = ((cols) + (group_size) - 1) / (group_size);                                     \
@@ -59,9 +64,19 @@
                     const float a_ = ert_lut_amax(xg_ + (size_t)b_ * ERT_BLOCK);                        \
                     amax_ = a_ > amax_ ? a_ : amax_;                                                    \
                 }                                                                                       \
-                for (int b_ = b0_; b_ < b1_; b_++)                                                      \
-                    sum_ += BLOCK(xg_ + (size_t)b_ * ERT_BLOCK, amax_,                                  \
-                                  (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16);             \
+                const float inv_ = amax_ != 0.0f ? 127.0f / amax_ : 0.0f;                               \
+                for (int b_ = b0_; b_ < b1_; b_++) {                                                    \
+                    const float *xb_ = xg_ + (size_t)b_ * ERT_BLOCK;                                    \
+                    int8_t *tb_ = (lut) + ((size_t)j_ * (cols) / 4 + (size_t)b_ * 8) * 16;              \
+                    if (!(lq)) {                                                                        \
+                        sum_ += BLOCK(xb_, inv_, tb_);                                                  \
+                        continue;                                                                       \
+                    }                                                                                   \
+                    const float c_ = amax_ != 0.0f ? ceilf(ert_lut_amax(xb_) / amax_ * 32768.0f) : 0.0f; \
+                    const int q_ = c_ < 32767.0f ? (int)c_ : 32767;                                     \
+                    (lq)[(size_t)j_ * nblk_ + b_] = (int16_t)q_;                                        \
+                    sum_ += BLOCK(xb_, q_ ? inv_ * (32768.0f / (float)q_) : 0.0f, tb_);                 \
+                }                                                                                       \
                 (ls)[(size_t)j_ * ng_ + g_] = amax_ / 127.0f;                                           \
                 (xsum)[(size_t)j_ * ng_ + g_] = sum_;                                                   \
             }                                                                                           \

@@ -76,7 +76,7 @@ INLINE __m256 load8_half(const uint16_t *p, int cnt, int safe) {
  * sign flips are exact, and a + (-b) == a - b), scaled and rounded like rintf; entries
  * 8..15 are the negated mirror (t[15-p] = -t[p]). Four sub-groups are packed and
  * stored at a time. */
-INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
+INLINE float lut_block_avx2(const float *xb, float inv, int8_t *tb) {
     const __m256 s0 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
     const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN, 0, 0));
     const __m256 s2 = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN, 0, 0, 0, 0));
@@ -84,14 +84,14 @@ INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
     const __m256i rev = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 15,
                                          14, 13, 12, 11, 10, 9, 8);
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    const __m256 inv = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    const __m256 vinv = _mm256_set1_ps(inv);
     __m256i e[8];
     for (int q = 0; q < 8; q++) {
         const float *v = xb + 4 * q;
         __m256 t = _mm256_add_ps(_mm256_xor_ps(_mm256_set1_ps(v[0]), s0), _mm256_xor_ps(_mm256_set1_ps(v[1]), s1));
         t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(v[2]), s2));
         t = _mm256_sub_ps(t, _mm256_set1_ps(v[3]));
-        e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, inv), rm));
+        e[q] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(t, vinv), rm));
     }
     for (int q = 0; q < 8; q += 4) {
         /* bytes: entries 0..7 of sub-groups q, q+1 (lane 0) and q+2, q+3 (lane 1) */
@@ -108,8 +108,9 @@ INLINE float lut_block_avx2(const float *xb, float amax, int8_t *tb) {
                               _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
 }
 
-void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, float *xsum) {
-    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, xsum, lut_block_avx2);
+void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, int16_t *lq,
+                      float *xsum) {
+    ERT_LUT_ACT(x, n, cols, group_size, lut, ls, lq, xsum, lut_block_avx2);
 }
 
 /* ---- q1..q4: table lookups ------------------------------------------------------------------
@@ -123,7 +124,8 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time), then
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time; at 4
+ * bits each block's sums first weighed by its multiplier q, _mm256_mulhrs_epi16), then
  * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
  * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
@@ -202,7 +204,21 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
             const int be = b0 + ERT_LUT_SPAN(bits) < b1 ? b0 + ERT_LUT_SPAN(bits) : b1;
             __m256i acc[4][2];
             for (int k = 0; k < NR; k++) acc[k][0] = acc[k][1] = _mm256_setzero_si256();
-            for (int b = b0; b < be; b++) lut_block(tile + (size_t)b * bits * 4 * ERT_TILE, lut, b, acc, NR, bits);
+            for (int b = b0; b < be; b++) {
+                const uint8_t *vb = tile + (size_t)b * bits * 4 * ERT_TILE;
+                if (!ERT_LUT_BLOCK_MULT(bits)) {
+                    lut_block(vb, lut, b, acc, NR, bits);
+                    continue;
+                }
+                __m256i bacc[4][2]; /* the block's sums, weighed by q into acc: (I*q + 2^14) >> 15 */
+                for (int k = 0; k < NR; k++) bacc[k][0] = bacc[k][1] = _mm256_setzero_si256();
+                lut_block(vb, lut, b, bacc, NR, bits);
+                for (int k = 0; k < NR; k++) {
+                    const __m256i q = _mm256_set1_epi16(a->lq[(size_t)(j0 + k) * nblk + b]);
+                    acc[k][0] = _mm256_add_epi16(acc[k][0], _mm256_mulhrs_epi16(bacc[k][0], q));
+                    acc[k][1] = _mm256_add_epi16(acc[k][1], _mm256_mulhrs_epi16(bacc[k][1], q));
+                }
+            }
             for (int k = 0; k < NR; k++) {
                 const __m256 ls = _mm256_set1_ps(a->ls[(size_t)(j0 + k) * ng + g]);
                 const __m128i part[4] = {_mm256_castsi256_si128(acc[k][0]), _mm256_extracti128_si256(acc[k][0], 1),
