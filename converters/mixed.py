@@ -7,7 +7,8 @@ squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the d
 of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
 tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). Start every matrix at
 the narrowest width; then, while something still fits, widen the matrix that buys the
-most error per added byte."""
+most error per added byte. Tensors named in `keep` (the embeddings/head under a mix
+with --embed-bits) keep the width they were given and are not part of the choice."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,10 +32,11 @@ def sensitivity(w: np.ndarray, importance: np.ndarray, group_size: int) -> dict[
 
 
 def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, count: dict | None,
-                  group_size: int, progress: bool | None = None) -> dict:
+                  group_size: int, progress: bool | None = None, keep=()) -> dict:
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its width is
-    replaced); file_size(chosen) -> exact bytes of the file. Returns the new choice."""
-    names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant)]
+    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file.
+    Returns the new choice."""
+    names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant) and n not in keep]
     bits = {n: WIDTHS[0] for n in names}
 
     def with_bits(b):

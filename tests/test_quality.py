@@ -105,6 +105,25 @@ def test_mixed_precision_stays_within_budget(tiny_src32, tmp_path, bits, size, m
     assert np.isfinite(z).all()
 
 
+def test_mixed_precision_keeps_the_head_at_embed_bits(tiny_src32, tmp_path):
+    """--size with --embed-bits: the embeddings/head keep that width and the budget goes to the
+    other matrices (left to the chooser, this 9.1 MB budget gives the head 8 bits)."""
+    from edge_rt.converters.convert import convert
+    size = 9_100_000
+    for embed_bits in (8, 3):
+        out = convert(tiny_src32, tmp_path / f"mixed{embed_bits}.gguf", size=size, embed_bits=embed_bits,
+                      method="rtn", calib_windows=1, progress=False)
+        assert out.stat().st_size <= size
+        types = matrix_types(out)
+        heads = {n: t for n, t in types.items() if n in ("token_embd.weight", "output.weight")}
+        others = {t for n, t in types.items() if n not in heads}
+        assert heads and set(heads.values()) == {f"q{embed_bits}:64"}, (embed_bits, heads)
+        if embed_bits == 8:
+            assert out.stat().st_size > 0.97 * size and len(others) >= 2, others  # spent, on a mix
+        else:
+            assert others == {"q8:64"}, others  # every other matrix as wide as it goes
+
+
 def test_budget_below_the_smallest_file_is_refused(tiny_src32, tmp_path):
     from edge_rt.converters.convert import convert
     from edge_rt.errors import EdgeRtError
