@@ -6,14 +6,17 @@ Sensitivity of a matrix at b bits: its round-to-nearest error weighted by the me
 squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the diagonal
 of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
 tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). The widths
-minimize the summed sensitivity within the budget (a multiple-choice knapsack,
-solved by dynamic programming over the spare bytes in steps of at most 1/8192 of them,
-each cost rounded up to a step so the choice always fits: exact up to that rounding); bytes left over by it
-rounding then go, greedily, to the matrix that buys the most error per added byte. (A
-greedy walk alone strands bytes: with Gemma-3's 168M-parameter tied head one step from
-4 to 8 bits costs 84 MB, and a greedy that widened the smaller matrices first could not
-afford it.) Tensors named in `keep` (the embeddings/head under a mix
-with --embed-bits) keep the width they were given and are not part of the choice."""
+minimize the summed sensitivity within the budget: a multiple-choice knapsack, solved by
+dynamic programming over the spare bytes in steps of at most 1/8192 of them, each cost
+rounded up to a step so that the choice always fits (exact up to that rounding); the bytes
+the rounding leaves then go, greedily, to the matrix that buys the most error per added
+byte. (A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs
+84 MB more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix
+with --embed-bits) keep the width they were given and are not part of the choice.
+Known limit: the measure is each matrix's own output error; where a norm follows the
+matrix (Gemma-3's q/k norms and post-norms) that error's size means little, and a Gemma-3
+mix put ffn_down at 2 bits and lost to uniform 4 bits (BENCHMARKS.md, the quality table
+of Gemma-3, round 4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,7 +75,8 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
     def with_bits(b):
         return chosen | {n: formats.GroupQuant(b[n], group_size) for n in names}
 
-    fixed = file_size(with_bits(dict.fromkeys(names, WIDTHS[0])))  # header, the float tensors and every matrix at the narrowest width
+    # header, the float tensors and every matrix at the narrowest width
+    fixed = file_size(with_bits(dict.fromkeys(names, WIDTHS[0])))
     if fixed > budget:
         raise EdgeRtError(f"the budget {format_size(budget)} is below the smallest file this model makes "
                           f"({format_size(fixed)}, every matrix at {WIDTHS[0]} bits)")
