@@ -24,6 +24,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,14 +43,19 @@ PEER_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_S", "Q2_K")
 OURS = {"q8": ["--bits", "8"], "q4": ["--bits", "4"], "q4+e8": ["--bits", "4", "--embed-bits", "8"],
         "q3": ["--bits", "3"], "q3+e4": ["--bits", "3", "--embed-bits", "4"], "q2": ["--bits", "2"],
         "q2+e4": ["--bits", "2", "--embed-bits", "4"], "mix3.5": ["--bits", "3.5"], "mix2.5": ["--bits", "2.5"],
-        "ffn0.25+q4": ["--bits", "4", "--prune", "ffn:0.25"]}  # +eN: token embeddings / output head at N bits
+        "ffn0.25+q4": ["--bits", "4", "--prune", "ffn:0.25"], "q8g128": ["--bits", "8", "--group-size", "128"]}
+# +eN: token embeddings / output head at N bits. Rows 'edge-rt mix[F]@TYPE[+e8]': a mix with
+# --size the smaller of llama.cpp's TYPE and TYPE+imat files (ours at an equal or smaller
+# file), times F when given (mix0.8@Q4_0: 80% of Q4_0's file).
+MIX_RE = re.compile(r"mix(?P<f>0\.\d+)?@(?P<type>\w+?)(?P<e8>\+e8)?")
 VALID = bs.REPO / "data" / "wikitext-2" / "valid.txt"
 IMATRIX_CHUNKS = 40
 
 
 def rows_of(model: str) -> list[str]:
     """Every row key: 'F32', 'Q4_0', 'Q4_0+imat', ..., 'edge-rt q4', ..."""
-    return ["F32"] + [t + s for t in PEER_TYPES for s in ("", "+imat")] + [f"edge-rt {k}" for k in OURS]
+    return (["F32"] + [t + s for t in PEER_TYPES for s in ("", "+imat")] + [f"edge-rt {k}" for k in OURS]
+            + [f"edge-rt mix@{t}{e}" for t in PEER_TYPES for e in ("", "+e8")] + ["edge-rt mix0.8@Q4_0"])
 
 
 def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
@@ -75,7 +81,14 @@ def model_file(model: str, row: str, threads: int, method: str = "gptq",
         key = row.split()[1]
         calib = [] if method in ("rtn", "clip") else ["--calib-windows", str(calib_windows)]
         path = d / f"{model}-edge-rt-{key}-{method}{''.join(calib[1:])}-v{v}.gguf"
-        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *OURS[key], "--method", method, *calib]
+        mix = MIX_RE.fullmatch(key)
+        if mix:
+            size = min(model_file(model, mix["type"] + s, threads)[0].stat().st_size for s in ("", "+imat"))
+            size = int(size * float(mix["f"] or 1))
+            args = ["--size", str(size), *(["--embed-bits", "8"] if mix["e8"] else [])]
+        else:
+            args = OURS[key]
+        cmd = [*bs.edge_rt_exe(), "convert", f32, "-o", path, *args, "--method", method, *calib]
         make(path, cmd, "edge-rt convert")
         return path, cmd, "edge-rt"
     qtype, imat = row.removesuffix("+imat"), row.endswith("+imat")

@@ -16,7 +16,7 @@ from edge_rt.models.registry import by_sha256
 from . import awq, calibrate
 from . import prune as pruning
 from .mixed import WIDTHS as MIXED_WIDTHS, choose_widths
-from .quantize import AUTO, CALIBRATED, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
+from .quantize import AUTO, CALIBRATED, EMBEDDINGS, LLAMA_CPP_TYPES, METHODS, choose_formats, quantizer
 from .readers import open_source
 from .writers import edge_rt_items, file_bytes, llama_cpp_items, provenance, write_gguf
 
@@ -88,7 +88,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         try:
             for m in runs:
                 _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress,
-                                    target, int8_activations)
+                                    target, int8_activations, embed_bits)
             if len(runs) > 1:
                 scores = {m: held_out_perplexity(outs[m], calib_text) for m in runs}
                 best = min(scores, key=scores.get)
@@ -103,9 +103,10 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
 
 
 def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress,
-                        target="edge-rt", int8_activations=False):
-    """Scale (awq), choose the widths (a mix), quantize with `method` and write out_path
-    (our GGUF, or the ONNX graph for target "onnx")."""
+                        target="edge-rt", int8_activations=False, embed_bits=None):
+    """Scale (awq), choose the widths (a mix: embed_bits, when given, fixes the embeddings'
+    and head's), quantize with `method` and write out_path (our GGUF, or the ONNX graph
+    for target "onnx")."""
     meta = meta | {"edgert.method": method}
     if method.startswith("awq"):
         src, gram, _ = awq.apply(src, chosen, gram, count, progress)
@@ -117,7 +118,8 @@ def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed,
         def file_size(ch):
             items, extra = edge_rt_items(src, ch)
             return file_bytes(src, items, extra | meta)
-        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress)
+        keep = EMBEDDINGS if embed_bits is not None else ()
+        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress, keep)
     if target == "onnx":
         from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
         onnx_export.write_onnx(out_path, src, chosen, quantizer(method, gram), meta, progress, int8_activations)

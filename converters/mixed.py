@@ -1,13 +1,22 @@
 """Mixed precision under a size budget: each matrix (token embeddings and output head
-included) gets one of WIDTHS bits, chosen greedily from measured sensitivity so that
+included) gets one of WIDTHS bits, chosen from measured sensitivity so that
 the whole file (header, metadata, padding and all) fits the budget.
 
 Sensitivity of a matrix at b bits: its round-to-nearest error weighted by the mean
 squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the diagonal
 of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
-tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). Start every matrix at
-the narrowest width; then, while something still fits, widen the matrix that buys the
-most error per added byte."""
+tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). The widths
+minimize the summed sensitivity within the budget: a multiple-choice knapsack, solved by
+dynamic programming over the spare bytes in steps of at most 1/8192 of them, each cost
+rounded up to a step so that the choice always fits (exact up to that rounding); the bytes
+the rounding leaves then go, greedily, to the matrix that buys the most error per added
+byte. (A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs
+84 MB more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix
+with --embed-bits) keep the width they were given and are not part of the choice.
+Known limit: the measure is each matrix's own output error; where a norm follows the
+matrix (Gemma-3's q/k norms and post-norms) that error's size means little, and a Gemma-3
+mix put ffn_down at 2 bits and lost to uniform 4 bits (BENCHMARKS.md, the quality table
+of Gemma-3, round 4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,17 +39,44 @@ def sensitivity(w: np.ndarray, importance: np.ndarray, group_size: int) -> dict[
     return out
 
 
+def allocate(errors: list[dict], costs: list[dict], spare: int, steps: int = 8192) -> list[int]:
+    """The widths (one of WIDTHS per matrix) minimizing sum errors[i][b_i] subject to
+    sum costs[i][b_i] <= spare (costs: bytes over the narrowest width, 0 for it)."""
+    step = max(1, -(-spare // steps))
+    cap = spare // step
+    units = [{b: -(-c[b] // step) for b in WIDTHS} for c in costs]
+    best = np.zeros(cap + 1)  # best[u]: least error of the matrices so far within u steps
+    pick = np.zeros((len(errors), cap + 1), np.int8)
+    for i, (err, unit) in enumerate(zip(errors, units)):
+        new = np.full(cap + 1, np.inf)
+        for k, b in enumerate(WIDTHS):
+            if unit[b] > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[unit[b]:] = best[:cap + 1 - unit[b]] + err[b]
+            better = cand < new
+            new[better], pick[i, better] = cand[better], k
+        best = new
+    out, u = [], cap
+    for i in reversed(range(len(errors))):
+        b = WIDTHS[pick[i, u]]
+        out.append(b)
+        u -= units[i][b]
+    return out[::-1]
+
+
 def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, count: dict | None,
-                  group_size: int, progress: bool | None = None) -> dict:
+                  group_size: int, progress: bool | None = None, keep=()) -> dict:
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its width is
-    replaced); file_size(chosen) -> exact bytes of the file. Returns the new choice."""
-    names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant)]
-    bits = {n: WIDTHS[0] for n in names}
+    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file.
+    Returns the new choice."""
+    names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant) and n not in keep]
 
     def with_bits(b):
         return chosen | {n: formats.GroupQuant(b[n], group_size) for n in names}
 
-    fixed = file_size(with_bits(bits))  # header, the float tensors and every matrix at the narrowest width
+    # header, the float tensors and every matrix at the narrowest width
+    fixed = file_size(with_bits(dict.fromkeys(names, WIDTHS[0])))
     if fixed > budget:
         raise EdgeRtError(f"the budget {format_size(budget)} is below the smallest file this model makes "
                           f"({format_size(fixed)}, every matrix at {WIDTHS[0]} bits)")
@@ -57,6 +93,10 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
         return pad(rows * cols * b // 8) + 2 * pad(2 * rows * g)
 
     spare = budget - fixed
+    widths = allocate([sens[n] for n in names], [{b: size(n, b) - size(n, WIDTHS[0]) for b in WIDTHS} for n in names],
+                      spare)
+    bits = dict(zip(names, widths))
+    spare -= sum(size(n, bits[n]) - size(n, WIDTHS[0]) for n in names)
     while True:
         best, gain = None, 0.0
         for n in names:

@@ -105,6 +105,48 @@ def test_mixed_precision_stays_within_budget(tiny_src32, tmp_path, bits, size, m
     assert np.isfinite(z).all()
 
 
+def test_mixed_precision_keeps_the_head_at_embed_bits(tiny_src32, tmp_path):
+    """--size with --embed-bits: the embeddings/head keep that width and the budget goes to the
+    other matrices (left to the chooser, this 9.1 MB budget gives the head 8 bits)."""
+    from edge_rt.converters.convert import convert
+    size = 9_100_000
+    for embed_bits in (8, 3):
+        out = convert(tiny_src32, tmp_path / f"mixed{embed_bits}.gguf", size=size, embed_bits=embed_bits,
+                      method="rtn", calib_windows=1, progress=False)
+        assert out.stat().st_size <= size
+        types = matrix_types(out)
+        heads = {n: t for n, t in types.items() if n in ("token_embd.weight", "output.weight")}
+        others = {t for n, t in types.items() if n not in heads}
+        assert heads and set(heads.values()) == {f"q{embed_bits}:64"}, (embed_bits, heads)
+        if embed_bits == 8:
+            assert out.stat().st_size > 0.97 * size and len(others) >= 2, others  # spent, on a mix
+        else:
+            assert others == {"q8:64"}, others  # every other matrix as wide as it goes
+
+
+def test_width_allocation_is_the_best_within_the_spare_bytes():
+    """mixed.allocate against every combination of widths on small random problems, and on the
+    case a greedy walk gets wrong: a big matrix whose widening to 8 bits buys the most error of
+    all but costs nearly the whole spare, the small ones each buying more per byte."""
+    import itertools
+    from edge_rt.converters.mixed import WIDTHS, allocate
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = 4
+        errors = [dict(zip(WIDTHS, np.sort(rng.random(4))[::-1] * rng.random() * 10)) for _ in range(n)]
+        costs = [dict(zip(WIDTHS, np.r_[0, np.sort(rng.integers(1, 300, 3))])) for _ in range(n)]
+        spare = int(rng.integers(0, 700))
+        best = min((sum(e[b] for e, b in zip(errors, c)), c) for c in itertools.product(WIDTHS, repeat=n)
+                   if sum(k[b] for k, b in zip(costs, c)) <= spare)
+        got = allocate(errors, costs, spare)
+        assert sum(k[b] for k, b in zip(costs, got)) <= spare
+        assert sum(e[b] for e, b in zip(errors, got)) == pytest.approx(best[0], rel=1e-12)
+    head = {2: 100.0, 3: 60.0, 4: 40.0, 8: 0.0}, {2: 0, 3: 21, 4: 42, 8: 126}
+    small = {2: 10.0, 3: 5.0, 4: 3.0, 8: 0.0}, {2: 0, 3: 2, 4: 4, 8: 10}
+    got = allocate([head[0]] + [small[0]] * 4, [head[1]] + [small[1]] * 4, 130)
+    assert got[0] == 8, got  # greedily: the small ones to 8 bits first (40 bytes), then the head to 4 only
+
+
 def test_budget_below_the_smallest_file_is_refused(tiny_src32, tmp_path):
     from edge_rt.converters.convert import convert
     from edge_rt.errors import EdgeRtError
