@@ -290,16 +290,30 @@ typedef struct {
 
 /* scl[k][i] = d[group of block c0+i] * da[k][c0+i], i < nb, for weight row r: 8 blocks
  * per vector (the 8 groups' d converted at once, permuted to blocks via a->bgroup) */
+/* 8 halfs past any of row r's groups are readable */
+INLINE int scales_safe(const ert_weight *w, int ng, int r) { return (size_t)(w->rows - 1 - r) * ng >= 8; }
+
+/* row r's scales d of blocks b0..b0+7 (each its group's) */
+INLINE __m256 block_d8(const ert_weight *w, const ert_act *a, int r, int b0, int safe) {
+    const int ng = a->ngroups, gb = a->bgroup[b0];
+    const __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(a->bgroup + b0)), _mm256_set1_epi32(gb));
+    return _mm256_permutevar8x32_ps(load8_half(w->scale + (size_t)r * ng + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
+}
+
+/* row r's m + 128*d of groups g0..g0+7 (zero past the last group) */
+INLINE __m256 group_mb8(const ert_weight *w, int ng, int r, int g0, int safe) {
+    const int cnt = ng - g0 < 8 ? ng - g0 : 8;
+    const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
+    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps(128.0f), load8_half(mn + g0, cnt, safe));
+    return cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb;
+}
+
 INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, int c0, int nb,
                          float (*scl)[CHUNK], const int NR) {
-    const int ng = a->ngroups;
-    const uint16_t *sc = w->scale + (size_t)r * ng;
-    const int safe = (size_t)(w->rows - 1 - r) * ng >= 8; /* 8 halfs past any group are readable */
+    const int safe = scales_safe(w, a->ngroups, r);
     for (int i = 0; i < nb; i += 8) {
-        const int b0 = c0 + i, gb = a->bgroup[b0];
-        const __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(a->bgroup + b0)), _mm256_set1_epi32(gb));
-        const __m256 d8 = _mm256_permutevar8x32_ps(load8_half(sc + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
-        for (int k = 0; k < NR; k++) _mm256_store_ps(scl[k] + i, _mm256_mul_ps(d8, _mm256_loadu_ps(ar->da[k] + b0)));
+        const __m256 d8 = block_d8(w, a, r, c0 + i, safe);
+        for (int k = 0; k < NR; k++) _mm256_store_ps(scl[k] + i, _mm256_mul_ps(d8, _mm256_loadu_ps(ar->da[k] + c0 + i)));
     }
 }
 
@@ -331,14 +345,9 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
 /* acc[k] += the min term of row r: sum_g (m + 128*d) * gsum[k][g], 8 groups per
  * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
 INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR) {
-    const int ng = a->ngroups;
-    const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
-    const int safe = (size_t)(w->rows - 1 - r) * ng >= 8;
-    const __m256 off = _mm256_set1_ps(128.0f);
+    const int ng = a->ngroups, safe = scales_safe(w, ng, r);
     for (int g0 = 0; g0 < ng; g0 += 8) {
-        const int cnt = ng - g0 < 8 ? ng - g0 : 8;
-        __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), off, load8_half(mn + g0, cnt, safe));
-        if (cnt < 8) mb = _mm256_and_ps(mb, lane_mask(cnt));
+        const __m256 mb = group_mb8(w, ng, r, g0, safe);
         for (int k = 0; k < NR; k++) acc[k] = _mm256_fmadd_ps(mb, _mm256_loadu_ps(ar->gsum[k] + g0), acc[k]);
     }
 }
@@ -401,18 +410,9 @@ typedef struct {
 INLINE void q8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, q8_rowscales *rs) {
     const int ng = a->ngroups;
     for (int r = 0; r < rm; r++) {
-        const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
-        const int safe = (size_t)(w->rows - 1 - (r0 + r)) * ng >= 8;
-        for (int g0 = 0; g0 < ng; g0 += 8) {
-            const int cnt = ng - g0 < 8 ? ng - g0 : 8;
-            __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps(128.0f), load8_half(mn + g0, cnt, safe));
-            _mm256_store_ps(rs->mb[r] + g0, cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb);
-        }
-        for (int b0 = 0; b0 < a->nblk; b0 += 8) {
-            const int gb = a->bgroup[b0];
-            const __m256i idx = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(a->bgroup + b0)), _mm256_set1_epi32(gb));
-            _mm256_store_ps(rs->d[r] + b0, _mm256_permutevar8x32_ps(load8_half(sc + gb, ng - gb < 8 ? ng - gb : 8, safe), idx));
-        }
+        const int safe = scales_safe(w, ng, r0 + r);
+        for (int g0 = 0; g0 < ng; g0 += 8) _mm256_store_ps(rs->mb[r] + g0, group_mb8(w, ng, r0 + r, g0, safe));
+        for (int b0 = 0; b0 < a->nblk; b0 += 8) _mm256_store_ps(rs->d[r] + b0, block_d8(w, a, r0 + r, b0, safe));
     }
 }
 
