@@ -4,10 +4,13 @@
 - armv6 without NEON (arm-linux-gnueabi: Debian's armel is built for ARMv5TE, so its libc runs
   on an ARMv6 core; 32-bit Raspberry Pi OS is armv6 + VFP2), run as an ARM1176 (Pi 1 / Zero).
 
-Both run the scalar kernels of ref.c: arm/neon.c is AArch64 code, and there are no 32-bit
-NEON kernels (by design, CMakeLists.txt). The armv7 run asserts that NEON is detected
-(HWCAP_NEON, shown by `edge-rt info`) and that every format dispatches to `:ref`; the armv6
-run asserts that NEON is not detected, and that the library holds no NEON code. The scalar
+Both run the matmul kernels of ref.c: arm/neon.c is AArch64 code, and there are no 32-bit
+NEON matmul kernels (by design, CMakeLists.txt). The layer's vector helpers (layer.c:
+attention over the KV cache, softmax, GLU) have 32-bit NEON twins: the armv7 run asserts that
+NEON is detected (HWCAP_NEON, shown by `edge-rt info`), that every format dispatches to
+`:ref`, and that the layer runs the NEON helpers, checked against the portable ones
+(kernel_check.c's layer cases); the armv6 run asserts that NEON is not detected, that the
+layer runs the portable helpers, and that the library holds no NEON code. The scalar
 path is checked by tests/arm/kernel_check.c --ref-digest: a hash of the reference outputs
 (matmul and dequantization) of every format on every test shape, which must be identical,
 bit for bit, to the same driver's native run on this machine (the native reference is
@@ -91,9 +94,11 @@ def _check(b, native_digest, neon: bool):
     features = r.stdout.splitlines()[0]
     assert features.startswith("features:"), r.stdout
     assert ("neon" in features.split()) == neon, features
-    for name in formats.FORMAT_IDS:  # the scalar path, by design, on both (no 32-bit NEON kernels)
+    for name in formats.FORMAT_IDS:  # the scalar path, by design, on both (no 32-bit NEON matmul kernels)
         assert f"kernel: {name}:ref\n" in r.stdout, r.stdout
-    assert "PASSED" in r.stdout, r.stdout  # argument checks; no SIMD ISA to compare
+    assert f"layer: {'neon' if neon else 'ref'}\n" in r.stdout, r.stdout
+    assert ("checked layer: neon " in r.stdout) == neon, r.stdout  # NEON helpers against the portable ones
+    assert "PASSED" in r.stdout, r.stdout
     r = _qemu(b, "--ref-digest")
     assert r.returncode == 0, r.stdout + r.stderr
     got = _digests(r.stdout)
