@@ -268,7 +268,7 @@ SIMD_INLINE void v_hsums(const vec8 *a, int KB, float scale, float *s) {
     for (int b = 0; b < KB; b++) s[b] = v_hsum(a[b]) * scale;
 }
 
-#if defined(__aarch64__) || (__ARM_FP & 2) /* half-precision conversions (-mfpu=neon-fp16 and later) */
+#if defined(__aarch64__) || ((__ARM_FP & 2) && defined(__ARM_FP16_FORMAT_IEEE)) /* 32-bit: -mfpu=neon-fp16 -mfp16-format=ieee */
 SIMD_INLINE vec8 load_f16(const half *row, int c) {
     const uint16x8_t h = vld1q_u16(row + c);
     return (vec8){vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))), vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))};
