@@ -237,7 +237,8 @@ static void check_layer(const char *isa) {
 
 int main(int argc, char **argv) {
     static const shape shapes[] = {{1, 32, 32, 1},    {37, 192, 128, 3}, {64, 256, 64, 17}, {5, 576, 64, 1},
-                                   {33, 96, 32, 5},   {16, 2048, 128, 2}, {19, 320, 96, 4}, {3, 8192, 256, 1}};
+                                   {33, 96, 32, 5},   {16, 2048, 128, 2}, {19, 320, 96, 4}, {3, 8192, 256, 1},
+                                   {6, 8224, 32, 5}}; /* 257 blocks: q8's scale chunks of 256 and a last odd block */
     static const shape fshapes[] = {{7, 45, 32, 3}, {1, 1, 32, 1}, {40, 100, 32, 5}, {9, 576, 32, 17}};
     printf("features: %s\n", ert_cpu_features());
     digest_only = argc > 1 && !strcmp(argv[1], "--ref-digest");
