@@ -72,6 +72,8 @@ INLINE float half1(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(v), 0);
 }
 
+INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
 /* acc[r][k] += float(s_r . q_k) * scl[r][k][i] for block b of the rows (at codes[r]) */
@@ -97,25 +99,34 @@ INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float
     }
     const uint8_t *codes[2];
     float32x4_t acc[2][4], acc2[2][4];
-    float accm[2][4], d[CHUNK + 4], scl[2][4][CHUNK + 4];
-    for (int r = 0; r < RM; r++) {
+    float accm[2][4], dg[CHUNK], d[CHUNK + 4], scl[2][4][CHUNK + 4];
+    for (int r = 0; r < RM; r++) { /* the min terms: 4 groups a vector, the last ng % 4 by fmaf */
         codes[r] = (const uint8_t *)w->data + (size_t)(r0 + r) * w->cols;
         const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
-        for (int k = 0; k < NR; k++) {
-            acc[r][k] = acc2[r][k] = vdupq_n_f32(0.0f);
-            accm[r][k] = 0.0f;
+        float32x4_t vm[4];
+        for (int k = 0; k < NR; k++) acc[r][k] = acc2[r][k] = vm[k] = vdupq_n_f32(0.0f);
+        int g = 0;
+        for (; g + 4 <= ng; g += 4) {
+            const float32x4_t mb = vfmaq_n_f32(half4(mn + g), half4(sc + g), 128.0f);
+            for (int k = 0; k < NR; k++) vm[k] = vfmaq_f32(vm[k], mb, vld1q_f32(gsum[k] + g));
         }
-        for (int g = 0; g < ng; g++) {
+        for (int k = 0; k < NR; k++) accm[r][k] = vaddvq_f32(vm[k]);
+        for (; g < ng; g++) {
             const float mb = fmaf(half1(sc[g]), 128.0f, half1(mn[g]));
             for (int k = 0; k < NR; k++) accm[r][k] = fmaf(mb, gsum[k][g], accm[r][k]);
         }
     }
     for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
         const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
-        for (int r = 0; r < RM; r++) { /* scl = d of the block's group * da, 4 at a time (bgroup and da
-                                          have 8 readable entries past the last block; those lanes unused) */
+        const int g0 = a->bgroup[c0], g1 = a->bgroup[c0 + nb - 1] + 1; /* the chunk's groups (<= nb) */
+        for (int r = 0; r < RM; r++) { /* scl = d of the block's group * da, 4 at a time (da has 8
+                                          readable floats past the last block; those lanes unused) */
             const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng;
-            for (int i = 0; i < nb + 3; i++) d[i] = half1(sc[a->bgroup[c0 + i]]);
+            int g = g0;
+            for (; g + 4 <= g1; g += 4) vst1q_f32(dg + g - g0, half4(sc + g));
+            for (; g < g1; g++) dg[g - g0] = half1(sc[g]);
+            for (int i = 0; i < nb; i++) d[i] = dg[a->bgroup[c0 + i] - g0];
+            d[nb] = d[nb + 1] = d[nb + 2] = 0.0f;
             for (int k = 0; k < NR; k++)
                 for (int i = 0; i < nb; i += 4) vst1q_f32(scl[r][k] + i, vmulq_f32(vld1q_f32(d + i), vld1q_f32(da[k] + c0 + i)));
         }
