@@ -36,7 +36,8 @@
  * the arithmetic is the same whatever RM and NR (a token alone, as in decode, or in a prefill
  * batch gives the same bits): the block dots (exact int32 lanes) converted and accumulated with
  * their scale, even blocks into acc and odd ones into acc2 (two FMA chains), then
- * y = sum of the lanes of acc + acc2, plus the min term accumulated in order with fmaf. */
+ * y = sum of the lanes of acc + acc2, plus the min term (groups 4 a vector, the lanes summed,
+ * then the last ng % 4 groups by fmaf). */
 
 typedef struct {
     int8x16_t lo, hi;
