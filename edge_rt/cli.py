@@ -339,13 +339,15 @@ def info(as_json):
     """The CPU features found and the kernel chosen for each weight format."""
     from . import formats, kernels
     r = {"cpu_features": kernels.cpu_features(),
-         "kernels": {name: kernels.kernel_name(fid) for name, fid in formats.FORMAT_IDS.items()}}
+         "kernels": {name: kernels.kernel_name(fid) for name, fid in formats.FORMAT_IDS.items()},
+         "layer": kernels.layer_isa()}
     if as_json:
         _emit_json(r)
         return
     click.echo(f"cpu features: {r['cpu_features']}")
     for name, k in r["kernels"].items():
         click.echo(f"{name:4s} -> {k}")
+    click.echo(f"layer (attention, softmax, GLU) -> {r['layer']}")
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import formats
 
-__all__ = ["Weight", "matmul", "bind_matmul", "BoundMatmul", "dequantize_rows", "kernel_name", "cpu_features", "force_isa",
+__all__ = ["Weight", "matmul", "bind_matmul", "BoundMatmul", "dequantize_rows", "kernel_name", "cpu_features", "layer_isa", "force_isa",
            "max_threads", "KernelError", "library_path"]
 
 _LIBNAME = {"win32": "edgert.dll", "darwin": "libedgert.dylib"}.get(sys.platform, "libedgert.so")
@@ -92,6 +92,8 @@ def _load():
     lib.ert_kernel_name.restype = ctypes.c_char_p
     lib.ert_cpu_features.argtypes = []
     lib.ert_cpu_features.restype = ctypes.c_char_p
+    lib.ert_layer_isa.argtypes = []
+    lib.ert_layer_isa.restype = ctypes.c_char_p
     lib.ert_force_isa.argtypes = [ctypes.c_char_p]
     lib.ert_force_isa.restype = ci
     lib.ert_weight_nbytes.argtypes = [vp]
@@ -297,6 +299,12 @@ def kernel_name(format_id: int) -> str:
 def cpu_features() -> str:
     """CPU features detected by the library, e.g. 'avx avx2 fma f16c'."""
     return _load().ert_cpu_features().decode()
+
+
+def layer_isa() -> str:
+    """The instruction set of the layer's vector helpers (attention over the KV cache,
+    softmax, GLU) in use: 'avx2', 'neon' or 'ref'."""
+    return _load().ert_layer_isa().decode()
 
 
 def force_isa(name: str) -> None:

@@ -174,7 +174,10 @@ static void detect_cpu(void) {
     g_isa_ok[ISA_NEON] = ERT_HAVE_NEON;
     g_isa_ok[ISA_NEON_DOTPROD] = ERT_HAVE_NEON && ERT_HAVE_NEON_DOTPROD && dotprod;
 #elif ERT_ARM32
-    if (getauxval(AT_HWCAP) & HWCAP_NEON) add_feature("neon"); /* reported; no 32-bit NEON kernels */
+    if (getauxval(AT_HWCAP) & HWCAP_NEON) add_feature("neon"); /* no 32-bit NEON matmul kernels: */
+#if defined(__ARM_NEON) /* -mfpu=neon builds: "neon" runs layer.c's NEON helpers, the formats fall back to ref */
+    g_isa_ok[ISA_NEON] = (getauxval(AT_HWCAP) & HWCAP_NEON) != 0;
+#endif
 #endif
 }
 

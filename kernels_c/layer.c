@@ -18,8 +18,8 @@
 #include <string.h>
 
 /* ---- vector helpers ----------------------------------------------------------------
- * Portable C (eight partial sums: compilers vectorize them without -ffast-math), and on
- * x86 AVX2+FMA+F16C twins chosen at load time (the library's baseline is SSE2). The KV
+ * Portable C (eight partial sums: compilers vectorize them without -ffast-math), and SIMD
+ * twins chosen at load time (AVX2+FMA+F16C on x86-64, NEON on ARM; below). The KV
  * cache holds float32, IEEE half (rounded to nearest even like numpy's float16) or q8_0
  * (enum ert_kv_type). */
 
@@ -143,93 +143,52 @@ static void glu_c(float *g, const float *u, int n, int act) {
     for (int j = 0; j < n; j++) g[j] = (act == ERT_ACT_GELU_TANH ? gelu_tanh(g[j]) : silu(g[j])) * u[j];
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/* ---- SIMD twins ------------------------------------------------------------------------
+ * Written once, over vectors of 8 floats (vec8), for the one instruction set a build has
+ * primitives for (below): x86-64 AVX2+FMA+F16C (functions with target attributes: the
+ * library's baseline is SSE2), chosen when the CPU has them; ARM NEON, a vec8 being two
+ * float32x4_t: always on AArch64, and on 32-bit ARM when the build enables it (-mfpu=neon),
+ * chosen by dispatch.c when HWCAP_NEON says the CPU has it. They differ from the portable
+ * helpers by summation order, the exp polynomial and (32-bit NEON, which has no division)
+ * a refined reciprocal. */
+#if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define AVX2_INLINE AVX2 __attribute__((always_inline)) static inline
-/* values c..c+7 of a cache row (c a multiple of 8) */
-#define LOAD_F32(row, c) _mm256_loadu_ps((row) + (c))
-#define LOAD_F16(row, c) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((row) + (c))))
-#define LOAD_Q8_0(row, c) load_q8_0(row, c)
-#define UNROLL _Pragma("GCC unroll 4")
-
-AVX2_INLINE __m256 load_q8_0(const block_q8_0 *row, int c) {
-    const block_q8_0 *b = row + c / 32;
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + c % 32))));
-    return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)), q); /* d q: exact in float32 */
+#define SIMD_ISA avx2
+#define SIMD __attribute__((target("avx2,fma,f16c")))
+#define SIMD_INLINE SIMD __attribute__((always_inline)) static inline
+typedef __m256 vec8;
+SIMD_INLINE vec8 v_set1(float x) { return _mm256_set1_ps(x); }
+SIMD_INLINE vec8 v_load(const float *p) { return _mm256_loadu_ps(p); }
+SIMD_INLINE void v_store(float *p, vec8 v) { _mm256_storeu_ps(p, v); }
+SIMD_INLINE vec8 v_add(vec8 a, vec8 b) { return _mm256_add_ps(a, b); }
+SIMD_INLINE vec8 v_sub(vec8 a, vec8 b) { return _mm256_sub_ps(a, b); }
+SIMD_INLINE vec8 v_mul(vec8 a, vec8 b) { return _mm256_mul_ps(a, b); }
+SIMD_INLINE vec8 v_div(vec8 a, vec8 b) { return _mm256_div_ps(a, b); }
+SIMD_INLINE vec8 v_max(vec8 a, vec8 b) { return _mm256_max_ps(a, b); }
+SIMD_INLINE vec8 v_min(vec8 a, vec8 b) { return _mm256_min_ps(a, b); }
+SIMD_INLINE vec8 v_fma(vec8 a, vec8 b, vec8 c) { return _mm256_fmadd_ps(a, b, c); }  /* a b + c */
+SIMD_INLINE vec8 v_fnma(vec8 a, vec8 b, vec8 c) { return _mm256_fnmadd_ps(a, b, c); } /* c - a b */
+SIMD_INLINE vec8 v_round(vec8 x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SIMD_INLINE vec8 v_exp2i(vec8 n) { /* 2^n, n integral in [-126, 127] */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 
-AVX2_INLINE float hsum(__m256 v) {
+SIMD_INLINE float v_hsum(vec8 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-AVX2_INLINE float hmax(__m256 v) {
+SIMD_INLINE float v_hmax(vec8 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* e^x to about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial in r,
- * times 2^n); x is clamped to [-87.3, 88.4], the range of normal results */
-AVX2_INLINE __m256 exp_avx2(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-AVX2 static void softmax_avx2(float *s, int L) {
-    int j = 0;
-    __m256 vm = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= L; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
-    float mx = hmax(vm);
-    for (; j < L; j++) mx = s[j] > mx ? s[j] : mx;
-    vm = _mm256_set1_ps(mx);
-    __m256 vs = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= L; j += 8) {
-        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-        _mm256_storeu_ps(s + j, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    float sum = hsum(vs);
-    for (; j < L; j++) sum += s[j] = expf(s[j] - mx);
-    const __m256 vsum = _mm256_set1_ps(sum);
-    for (j = 0; j + 8 <= L; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), vsum));
-    for (; j < L; j++) s[j] /= sum;
-}
-
-/* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
- * as 0.5 (1 + tanh(z)) = sigmoid(2z) */
-AVX2 static void glu_avx2(float *g, const float *u, int n, int act) {
-    const __m256 one = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(-2.0f * 0.7978845608028654f);
-    const __m256 c3 = _mm256_set1_ps(0.044715f);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256 x = _mm256_loadu_ps(g + j);
-        const __m256 mk = act == ERT_ACT_GELU_TANH ? _mm256_mul_ps(c2, _mm256_fmadd_ps(_mm256_mul_ps(c3, x), _mm256_mul_ps(x, x), x))
-                                                   : _mm256_sub_ps(_mm256_setzero_ps(), x); /* -k */
-        const __m256 a = _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(mk)));
-        _mm256_storeu_ps(g + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
-    }
-    glu_c(g + j, u + j, n - j, act);
-}
-
 /* the KB (1, 2 or 4) sums of a[0..KB-1], times scale, stored at s[0..KB-1] */
-AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
+SIMD_INLINE void v_hsums(const vec8 *a, int KB, float scale, float *s) {
     if (KB == 1) {
-        s[0] = hsum(a[0]) * scale;
+        s[0] = v_hsum(a[0]) * scale;
         return;
     }
     const __m256 t0 = _mm256_hadd_ps(a[0], a[1]); /* a0 01 23, a1 01 23 | a0 45 67, a1 45 67 */
@@ -239,32 +198,184 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
     else _mm_storel_pi((__m64 *)s, r);
 }
 
-/* Scores: R heads x KB keys of accumulators (R KB <= 12 stay in registers), each chunk of a
- * key row converted once. Mix: out chunks of R heads += KB keys' weighted value chunks. Both
- * are specialized for each R (the switches), so the accumulator arrays are registers. */
-#define AVX2_ATTENTION(name, T, LOAD)                                                           \
-    AVX2_INLINE void scores##name##_block(const float *q, const int R, const int KB, const T *k, size_t stride, \
+/* values c..c+7 of a cache row (c a multiple of 8) */
+SIMD_INLINE vec8 load_f16(const half *row, int c) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + c))); }
+
+SIMD_INLINE vec8 load_q8_0(const block_q8_0 *row, int c) {
+    const block_q8_0 *b = row + c / 32;
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + c % 32))));
+    return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)), q); /* d q: exact in float32 */
+}
+
+#elif defined(__GNUC__) && (defined(__aarch64__) || defined(__ARM_NEON))
+#include <arm_neon.h>
+#define SIMD_ISA neon
+#define SIMD
+#define SIMD_INLINE __attribute__((always_inline)) static inline
+typedef struct {
+    float32x4_t lo, hi;
+} vec8;
+#define V8(f, a, b) ((vec8){f((a).lo, (b).lo), f((a).hi, (b).hi)})
+SIMD_INLINE vec8 v_set1(float x) { return (vec8){vdupq_n_f32(x), vdupq_n_f32(x)}; }
+SIMD_INLINE vec8 v_load(const float *p) { return (vec8){vld1q_f32(p), vld1q_f32(p + 4)}; }
+SIMD_INLINE void v_store(float *p, vec8 v) { vst1q_f32(p, v.lo), vst1q_f32(p + 4, v.hi); }
+SIMD_INLINE vec8 v_add(vec8 a, vec8 b) { return V8(vaddq_f32, a, b); }
+SIMD_INLINE vec8 v_sub(vec8 a, vec8 b) { return V8(vsubq_f32, a, b); }
+SIMD_INLINE vec8 v_mul(vec8 a, vec8 b) { return V8(vmulq_f32, a, b); }
+SIMD_INLINE vec8 v_max(vec8 a, vec8 b) { return V8(vmaxq_f32, a, b); }
+SIMD_INLINE vec8 v_min(vec8 a, vec8 b) { return V8(vminq_f32, a, b); }
+#if defined(__ARM_FEATURE_FMA) /* AArch64, -mfpu=neon-vfpv4 */
+SIMD_INLINE vec8 v_fma(vec8 a, vec8 b, vec8 c) { return (vec8){vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+SIMD_INLINE vec8 v_fnma(vec8 a, vec8 b, vec8 c) { return (vec8){vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi)}; }
+#else /* -mfpu=neon: a b rounded, then added */
+SIMD_INLINE vec8 v_fma(vec8 a, vec8 b, vec8 c) { return (vec8){vmlaq_f32(c.lo, a.lo, b.lo), vmlaq_f32(c.hi, a.hi, b.hi)}; }
+SIMD_INLINE vec8 v_fnma(vec8 a, vec8 b, vec8 c) { return (vec8){vmlsq_f32(c.lo, a.lo, b.lo), vmlsq_f32(c.hi, a.hi, b.hi)}; }
+#endif
+#if defined(__aarch64__)
+SIMD_INLINE vec8 v_div(vec8 a, vec8 b) { return V8(vdivq_f32, a, b); }
+SIMD_INLINE vec8 v_round(vec8 x) { return (vec8){vrndnq_f32(x.lo), vrndnq_f32(x.hi)}; }
+SIMD_INLINE float v_hsum(vec8 v) { return vaddvq_f32(vaddq_f32(v.lo, v.hi)); }
+SIMD_INLINE float v_hmax(vec8 v) { return vmaxvq_f32(vmaxq_f32(v.lo, v.hi)); }
+#else /* 32-bit NEON has no division, rounding to integral or across-vector sums */
+SIMD_INLINE float32x4_t recip4(float32x4_t b) { /* the estimate and two Newton steps: about 1 ulp */
+    float32x4_t r = vrecpeq_f32(b);
+    r = vmulq_f32(vrecpsq_f32(b, r), r);
+    return vmulq_f32(vrecpsq_f32(b, r), r);
+}
+SIMD_INLINE vec8 v_div(vec8 a, vec8 b) { return (vec8){vmulq_f32(a.lo, recip4(b.lo)), vmulq_f32(a.hi, recip4(b.hi))}; }
+SIMD_INLINE vec8 v_round(vec8 x) { /* |x| < 2^22: NEON adds rounding to nearest even */
+    const vec8 m = v_set1(12582912.0f); /* 1.5 * 2^23 */
+    return v_sub(v_add(x, m), m);
+}
+SIMD_INLINE float v_hsum(vec8 v) {
+    const float32x4_t s = vaddq_f32(v.lo, v.hi);
+    const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(vpadd_f32(t, t), 0);
+}
+SIMD_INLINE float v_hmax(vec8 v) {
+    const float32x4_t s = vmaxq_f32(v.lo, v.hi);
+    const float32x2_t t = vmax_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(vpmax_f32(t, t), 0);
+}
+#endif
+SIMD_INLINE vec8 v_exp2i(vec8 n) { /* 2^n, n integral in [-126, 127] */
+    const int32x4_t bias = vdupq_n_s32(127);
+    return (vec8){vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n.lo), bias), 23)),
+                  vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n.hi), bias), 23))};
+}
+
+SIMD_INLINE void v_hsums(const vec8 *a, int KB, float scale, float *s) {
+    for (int b = 0; b < KB; b++) s[b] = v_hsum(a[b]) * scale;
+}
+
+#if defined(__aarch64__) || ((__ARM_FP & 2) && defined(__ARM_FP16_FORMAT_IEEE)) /* 32-bit: -mfpu=neon-fp16 -mfp16-format=ieee */
+SIMD_INLINE vec8 load_f16(const half *row, int c) {
+    const uint16x8_t h = vld1q_u16(row + c);
+    return (vec8){vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))), vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))};
+}
+#else
+SIMD_INLINE vec8 load_f16(const half *row, int c) {
+    float x[8];
+    for (int i = 0; i < 8; i++) x[i] = h2f(row[c + i]);
+    return v_load(x);
+}
+#endif
+
+SIMD_INLINE vec8 load_q8_0(const block_q8_0 *row, int c) {
+    const block_q8_0 *b = row + c / 32;
+    const int16x8_t q = vmovl_s8(vld1_s8(b->qs + c % 32));
+    const float32x4_t d = vdupq_n_f32(h2f(b->d)); /* d q: exact in float32 */
+    return (vec8){vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q)))), vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_high_s16(q))))};
+}
+#endif
+
+#ifdef SIMD_ISA
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define ISA(name) CAT(name, SIMD_ISA) /* softmax -> softmax_avx2, softmax_neon */
+#define STR_(a) #a
+#define STR(a) STR_(a)
+#define UNROLL _Pragma("GCC unroll 4")
+
+SIMD_INLINE vec8 load_f32(const float *row, int c) { return v_load(row + c); }
+
+/* e^x to about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial in r,
+ * times 2^n); x is clamped to [-87.3, 88.4], the range of normal results */
+SIMD_INLINE vec8 v_exp(vec8 x) {
+    x = v_min(v_max(x, v_set1(-87.33654f)), v_set1(88.37626f));
+    const vec8 n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vec8 r = v_fnma(n, v_set1(0.693359375f), x);
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    vec8 y = v_set1(1.9875691500e-4f);
+    y = v_fma(y, r, v_set1(1.3981999507e-3f));
+    y = v_fma(y, r, v_set1(8.3334519073e-3f));
+    y = v_fma(y, r, v_set1(4.1665795894e-2f));
+    y = v_fma(y, r, v_set1(1.6666665459e-1f));
+    y = v_fma(y, r, v_set1(5.0000001201e-1f));
+    y = v_fma(y, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_mul(y, v_exp2i(n));
+}
+
+SIMD static void ISA(softmax)(float *s, int L) {
+    int j = 0;
+    vec8 vm = v_set1(-INFINITY);
+    for (; j + 8 <= L; j += 8) vm = v_max(vm, v_load(s + j));
+    float mx = v_hmax(vm);
+    for (; j < L; j++) mx = s[j] > mx ? s[j] : mx;
+    vm = v_set1(mx);
+    vec8 vs = v_set1(0.0f);
+    for (j = 0; j + 8 <= L; j += 8) {
+        const vec8 e = v_exp(v_sub(v_load(s + j), vm));
+        v_store(s + j, e);
+        vs = v_add(vs, e);
+    }
+    float sum = v_hsum(vs);
+    for (; j < L; j++) sum += s[j] = expf(s[j] - mx);
+    const vec8 vsum = v_set1(sum);
+    for (j = 0; j + 8 <= L; j += 8) v_store(s + j, v_div(v_load(s + j), vsum));
+    for (; j < L; j++) s[j] /= sum;
+}
+
+/* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
+ * as 0.5 (1 + tanh(z)) = sigmoid(2z) */
+SIMD static void ISA(glu)(float *g, const float *u, int n, int act) {
+    const vec8 one = v_set1(1.0f), c2 = v_set1(-2.0f * 0.7978845608028654f), c3 = v_set1(0.044715f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const vec8 x = v_load(g + j);
+        const vec8 mk = act == ERT_ACT_GELU_TANH ? v_mul(c2, v_fma(v_mul(c3, x), v_mul(x, x), x))
+                                                 : v_sub(v_set1(0.0f), x); /* -k */
+        const vec8 a = v_div(x, v_add(one, v_exp(mk)));
+        v_store(g + j, v_mul(a, v_load(u + j)));
+    }
+    glu_c(g + j, u + j, n - j, act);
+}
+
+/* Scores: R heads x KB keys of accumulators (R KB <= 12), each chunk of a key row converted
+ * once. Mix: out chunks of R heads += KB keys' weighted value chunks. Both are specialized
+ * for each R (the switches), so the accumulator arrays are registers. */
+#define SIMD_ATTENTION(name, T, LOAD)                                                           \
+    SIMD_INLINE void scores##name##_block(const float *q, const int R, const int KB, const T *k, size_t stride, \
                                           int hd, float scale, float *s, size_t ss) {           \
-        __m256 acc[4][4];                                                                       \
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) acc[r][b] = _mm256_setzero_ps(); \
+        vec8 acc[4][4];                                                                         \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) acc[r][b] = v_set1(0.0f); \
         for (int c = 0; c < hd; c += 8) {                                                       \
             UNROLL for (int b = 0; b < KB; b++) {                                               \
-                const __m256 kv = LOAD(k + b * stride, c);                                      \
-                UNROLL for (int r = 0; r < R; r++)                                              \
-                    acc[r][b] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + r * hd + c), acc[r][b]); \
+                const vec8 kv = LOAD(k + b * stride, c);                                        \
+                UNROLL for (int r = 0; r < R; r++) acc[r][b] = v_fma(kv, v_load(q + r * hd + c), acc[r][b]); \
             }                                                                                   \
         }                                                                                       \
-        UNROLL for (int r = 0; r < R; r++) hsums(acc[r], KB, scale, s + r * ss);                \
+        UNROLL for (int r = 0; r < R; r++) v_hsums(acc[r], KB, scale, s + r * ss);              \
     }                                                                                           \
-    AVX2_INLINE void scores##name##_rows(const float *q, const int R, const T *k, size_t stride, int L, int hd, \
+    SIMD_INLINE void scores##name##_rows(const float *q, const int R, const T *k, size_t stride, int L, int hd, \
                                          float scale, float *s, size_t ss) {                    \
         const int KB = R <= 3 ? 4 : 2;                                                          \
         int j = 0;                                                                              \
         for (; j + KB <= L; j += KB) scores##name##_block(q, R, KB, k + j * stride, stride, hd, scale, s + j, ss); \
         for (; j < L; j++) scores##name##_block(q, R, 1, k + j * stride, stride, hd, scale, s + j, ss); \
     }                                                                                           \
-    AVX2 static void scores##name##_avx2(const float *q, int R, const void *k, size_t stride, int L, int hd, \
-                                         float scale, float *s, size_t ss) {                    \
+    SIMD static void ISA(scores##name)(const float *q, int R, const void *k, size_t stride, int L, int hd, \
+                                       float scale, float *s, size_t ss) {                      \
         stride /= sizeof(T);                                                                    \
         switch (R) {                                                                            \
         case 1: scores##name##_rows(q, 1, k, stride, L, hd, scale, s, ss); break;               \
@@ -273,21 +384,21 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
         default: scores##name##_rows(q, 4, k, stride, L, hd, scale, s, ss); break;              \
         }                                                                                       \
     }                                                                                           \
-    AVX2_INLINE void mix##name##_block(float *out, const int R, const int KB, const float *p, size_t ps, \
+    SIMD_INLINE void mix##name##_block(float *out, const int R, const int KB, const float *p, size_t ps, \
                                        const T *v, size_t stride, int hd) {                     \
-        __m256 w[4][4];                                                                         \
-        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) w[r][b] = _mm256_broadcast_ss(p + r * ps + b); \
+        vec8 w[4][4];                                                                           \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int b = 0; b < KB; b++) w[r][b] = v_set1(p[r * ps + b]); \
         for (int c = 0; c < hd; c += 8) {                                                       \
-            __m256 acc[4];                                                                      \
-            UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_loadu_ps(out + r * hd + c);      \
+            vec8 acc[4];                                                                        \
+            UNROLL for (int r = 0; r < R; r++) acc[r] = v_load(out + r * hd + c);               \
             UNROLL for (int b = 0; b < KB; b++) {                                               \
-                const __m256 vv = LOAD(v + b * stride, c);                                      \
-                UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(w[r][b], vv, acc[r]); \
+                const vec8 vv = LOAD(v + b * stride, c);                                        \
+                UNROLL for (int r = 0; r < R; r++) acc[r] = v_fma(w[r][b], vv, acc[r]);         \
             }                                                                                   \
-            UNROLL for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * hd + c, acc[r]);     \
+            UNROLL for (int r = 0; r < R; r++) v_store(out + r * hd + c, acc[r]);               \
         }                                                                                       \
     }                                                                                           \
-    AVX2_INLINE void mix##name##_rows(float *out, const int R, const float *p, size_t ps, const T *v, size_t stride, \
+    SIMD_INLINE void mix##name##_rows(float *out, const int R, const float *p, size_t ps, const T *v, size_t stride, \
                                       int L, int hd) {                                          \
         const int KB = R <= 2 ? 4 : 2;                                                          \
         memset(out, 0, sizeof(float) * R * hd);                                                 \
@@ -295,8 +406,8 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
         for (; j + KB <= L; j += KB) mix##name##_block(out, R, KB, p + j, ps, v + j * stride, stride, hd); \
         for (; j < L; j++) mix##name##_block(out, R, 1, p + j, ps, v + j * stride, stride, hd); \
     }                                                                                           \
-    AVX2 static void mix##name##_avx2(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, \
-                                      int L, int hd) {                                          \
+    SIMD static void ISA(mix##name)(float *out, int R, const float *p, size_t ps, const void *v, size_t stride, \
+                                    int L, int hd) {                                            \
         stride /= sizeof(T);                                                                    \
         switch (R) {                                                                            \
         case 1: mix##name##_rows(out, 1, p, ps, v, stride, L, hd); break;                       \
@@ -305,38 +416,51 @@ AVX2_INLINE void hsums(const __m256 *a, int KB, float scale, float *s) {
         default: mix##name##_rows(out, 4, p, ps, v, stride, L, hd); break;                      \
         }                                                                                       \
     }
-AVX2_ATTENTION(_f32, float, LOAD_F32)
-AVX2_ATTENTION(_f16, half, LOAD_F16)
-AVX2_ATTENTION(_q8_0, block_q8_0, LOAD_Q8_0)
+SIMD_ATTENTION(_f32, float, load_f32)
+SIMD_ATTENTION(_f16, half, load_f16)
+SIMD_ATTENTION(_q8_0, block_q8_0, load_q8_0)
 
 /* the cache's type picks the instance (head_dim a multiple of 8) */
-AVX2 static void scores_avx2(int type, const float *q, int R, const void *k, size_t stride, int L, int hd, float scale,
+SIMD static void ISA(scores)(int type, const float *q, int R, const void *k, size_t stride, int L, int hd, float scale,
                              float *s, size_t ss) {
-    (type == ERT_KV_F32 ? scores_f32_avx2 : type == ERT_KV_F16 ? scores_f16_avx2 : scores_q8_0_avx2)(q, R, k, stride, L,
+    (type == ERT_KV_F32 ? ISA(scores_f32) : type == ERT_KV_F16 ? ISA(scores_f16) : ISA(scores_q8_0))(q, R, k, stride, L,
                                                                                                   hd, scale, s, ss);
 }
 
-AVX2 static void mix_avx2(int type, float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L,
+SIMD static void ISA(mix)(int type, float *out, int R, const float *p, size_t ps, const void *v, size_t stride, int L,
                           int hd) {
-    (type == ERT_KV_F32 ? mix_f32_avx2 : type == ERT_KV_F16 ? mix_f16_avx2 : mix_q8_0_avx2)(out, R, p, ps, v, stride, L, hd);
+    (type == ERT_KV_F32 ? ISA(mix_f32) : type == ERT_KV_F16 ? ISA(mix_f16) : ISA(mix_q8_0))(out, R, p, ps, v, stride, L, hd);
 }
+
+/* whether this CPU runs the SIMD twins (dispatch.c asks for them, simd != 0, only where
+ * its ISA is usable: on ARM, AArch64 or a 32-bit CPU with HWCAP_NEON) */
+static int simd_usable(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 1;
 #endif
+}
+#endif /* SIMD_ISA */
 
 static struct {
+    const char *isa;  /* "ref", or the ISA of the SIMD twins */
     scores_fn scores; /* for head_dim a multiple of 8 */
     mix_fn mix;
     void (*softmax)(float *, int);
     void (*glu)(float *, const float *, int, int);
-} V = {scores_c, mix_c, softmax_c, glu_c};
+} V = {"ref", scores_c, mix_c, softmax_c, glu_c};
 
 void ert_layer_select(int simd) { /* dispatch.c, at load and by ert_force_isa */
-    V.scores = scores_c, V.mix = mix_c, V.softmax = softmax_c, V.glu = glu_c;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        V.scores = scores_avx2, V.mix = mix_avx2, V.softmax = softmax_avx2, V.glu = glu_avx2;
+    V.isa = "ref", V.scores = scores_c, V.mix = mix_c, V.softmax = softmax_c, V.glu = glu_c;
+#ifdef SIMD_ISA
+    if (simd && simd_usable())
+        V.isa = STR(SIMD_ISA), V.scores = ISA(scores), V.mix = ISA(mix), V.softmax = ISA(softmax), V.glu = ISA(glu);
 #endif
 }
+
+const char *ert_layer_isa(void) { return V.isa; }
 
 /* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on (q8_0: f
  * at a block's start) */

@@ -1,13 +1,18 @@
 """32-bit ARM builds of the C library under qemu-arm (Debian's cross compilers, `make cross`).
 
-- armv7-a, hard float, -mfpu=neon (arm-linux-gnueabihf), run as a Cortex-A7 (Raspberry Pi 2).
+- armv7-a, hard float, -mfpu=neon (arm-linux-gnueabihf), run as a Cortex-A7 (Raspberry Pi 2);
+  and with -mfpu=neon-vfpv4 -mfp16-format=ieee (the Pi 2's full FPU: fused multiply-add and
+  float16 conversions, which the layer's NEON helpers use when the build has them).
 - armv6 without NEON (arm-linux-gnueabi: Debian's armel is built for ARMv5TE, so its libc runs
   on an ARMv6 core; 32-bit Raspberry Pi OS is armv6 + VFP2), run as an ARM1176 (Pi 1 / Zero).
 
-Both run the scalar kernels of ref.c: arm/neon.c is AArch64 code, and there are no 32-bit
-NEON kernels (by design, CMakeLists.txt). The armv7 run asserts that NEON is detected
-(HWCAP_NEON, shown by `edge-rt info`) and that every format dispatches to `:ref`; the armv6
-run asserts that NEON is not detected, and that the library holds no NEON code. The scalar
+Both run the matmul kernels of ref.c: arm/neon.c is AArch64 code, and there are no 32-bit
+NEON matmul kernels (by design, CMakeLists.txt). The layer's vector helpers (layer.c:
+attention over the KV cache, softmax, GLU) have 32-bit NEON twins: the armv7 run asserts that
+NEON is detected (HWCAP_NEON, shown by `edge-rt info`), that every format dispatches to
+`:ref`, and that the layer runs the NEON helpers, checked against the portable ones
+(kernel_check.c's layer cases); the armv6 run asserts that NEON is not detected, that the
+layer runs the portable helpers, and that the library holds no NEON code. The scalar
 path is checked by tests/arm/kernel_check.c --ref-digest: a hash of the reference outputs
 (matmul and dequantization) of every format on every test shape, which must be identical,
 bit for bit, to the same driver's native run on this machine (the native reference is
@@ -29,6 +34,10 @@ TARGETS = {
     # name: (compiler, CMAKE_SYSTEM_PROCESSOR, flags, qemu -cpu, sysroot)
     "armv7": ("arm-linux-gnueabihf-gcc", "armv7-a", "-march=armv7-a -mfpu=neon -mfloat-abi=hard",
               "cortex-a7", "/usr/arm-linux-gnueabihf"),
+    # the layer helpers' other 32-bit NEON paths: fused multiply-add and float16 conversions
+    "armv7-vfpv4": ("arm-linux-gnueabihf-gcc", "armv7-a",
+                    "-march=armv7-a -mfpu=neon-vfpv4 -mfp16-format=ieee -mfloat-abi=hard",
+                    "cortex-a7", "/usr/arm-linux-gnueabihf"),
     "armv6": ("arm-linux-gnueabi-gcc", "armv6", "-march=armv6 -marm -mfpu=vfp -mfloat-abi=softfp",
               "arm1176", "/usr/arm-linux-gnueabi"),
 }
@@ -52,6 +61,11 @@ def _build(tmp_path_factory, target):
 @pytest.fixture(scope="module")
 def armv7(tmp_path_factory):
     return _build(tmp_path_factory, "armv7")
+
+
+@pytest.fixture(scope="module")
+def armv7_vfpv4(tmp_path_factory):
+    return _build(tmp_path_factory, "armv7-vfpv4")
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +105,11 @@ def _check(b, native_digest, neon: bool):
     features = r.stdout.splitlines()[0]
     assert features.startswith("features:"), r.stdout
     assert ("neon" in features.split()) == neon, features
-    for name in formats.FORMAT_IDS:  # the scalar path, by design, on both (no 32-bit NEON kernels)
+    for name in formats.FORMAT_IDS:  # the scalar path, by design, on both (no 32-bit NEON matmul kernels)
         assert f"kernel: {name}:ref\n" in r.stdout, r.stdout
-    assert "PASSED" in r.stdout, r.stdout  # argument checks; no SIMD ISA to compare
+    assert f"layer: {'neon' if neon else 'ref'}\n" in r.stdout, r.stdout
+    assert ("checked layer: neon " in r.stdout) == neon, r.stdout  # NEON helpers against the portable ones
+    assert "PASSED" in r.stdout, r.stdout
     r = _qemu(b, "--ref-digest")
     assert r.returncode == 0, r.stdout + r.stderr
     got = _digests(r.stdout)
@@ -110,6 +126,12 @@ def test_armv7_neon_qemu(armv7, native_digest):
     attrs = _attributes(armv7)
     assert "Tag_CPU_arch: v7" in attrs and "Tag_Advanced_SIMD_arch: NEON" in attrs, attrs
     _check(armv7, native_digest, neon=True)
+
+
+def test_armv7_neon_vfpv4_qemu(armv7_vfpv4, native_digest):
+    attrs = _attributes(armv7_vfpv4)
+    assert "Tag_Advanced_SIMD_arch: NEONv1 with Fused-MAC" in attrs and "Tag_ABI_FP_16bit_format: IEEE 754" in attrs, attrs
+    _check(armv7_vfpv4, native_digest, neon=True)
 
 
 def test_armv6_without_neon_qemu(armv6, native_digest):

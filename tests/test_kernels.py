@@ -410,8 +410,11 @@ def test_kernel_names_and_features():
         if "avx2" in feats and "fma" in feats and "f16c" in feats:
             assert kname == f"{name}:avx2", kname
     assert K.kernel_name(99) == "?"
+    if "avx2" in feats and "fma" in feats and "f16c" in feats:
+        assert K.layer_isa() == "avx2"
     K.force_isa("ref")
     assert all(K.kernel_name(fid).endswith(":ref") for fid in formats.FORMAT_IDS.values())
+    assert K.layer_isa() == "ref"
     K.force_isa("auto")
     with pytest.raises(K.KernelError):
         K.force_isa("no-such-isa")
@@ -518,6 +521,8 @@ def test_arm_neon_dotprod_qemu(arm_build):
     assert "kernel: q8:neon-dotprod" in r.stdout, r.stdout
     assert "kernel: f32:neon" in r.stdout and "kernel: f16:neon" in r.stdout
     assert "checked: neon\n" in r.stdout and "checked: neon-dotprod" in r.stdout and "PASSED" in r.stdout
+    # layer.c's NEON helpers chosen and checked against the portable ones for both kernel sets
+    assert "layer: neon\n" in r.stdout and "checked layer: neon " in r.stdout and "checked layer: neon-dotprod" in r.stdout
 
 
 def test_arm_neon_without_dotprod_qemu(arm_build):
@@ -527,6 +532,7 @@ def test_arm_neon_without_dotprod_qemu(arm_build):
     for name in ("q1", "q2", "q3", "q4", "q8"):
         assert f"kernel: {name}:neon\n" in r.stdout, r.stdout
     assert "checked: neon\n" in r.stdout and "neon-dotprod" not in r.stdout and "PASSED" in r.stdout
+    assert "layer: neon\n" in r.stdout and "checked layer: neon " in r.stdout
 
 
 def test_native_kernel_check(tmp_path):
@@ -541,6 +547,8 @@ def test_native_kernel_check(tmp_path):
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASSED" in r.stdout
+    if "checked: avx2" in r.stdout:  # the layer's AVX2 helpers against the portable ones too
+        assert "layer: avx2\n" in r.stdout and "checked layer: avx2 " in r.stdout, r.stdout
 
 
 def test_q8_long_rows():

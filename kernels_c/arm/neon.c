@@ -12,6 +12,7 @@
 #include "tiles.h"
 
 #include <arm_neon.h>
+#include <math.h>
 #include <string.h>
 
 #ifndef ERT_NEON_DOTPROD
@@ -27,7 +28,16 @@
 #define SFX(name) CAT(name, _neon)
 #endif
 
-/* ---- q8: int8 dot products ------------------------------------------------------------------ */
+/* ---- q8: int8 dot products ------------------------------------------------------------------
+ * y[j][r] = sum over blocks b of float(s_b . q_b) * (d_g(b) * da_b) + sum_g (m_g + 128 d_g) gsum_g
+ * (s = c - 128 of row r's codes, q / da / gsum the activation row's), computed for a micro-tile
+ * of RM (<= 2) rows x NR (<= 4) activation rows at a time: each weight block is loaded and
+ * offset once for the NR tokens, each activation block once for the RM rows. Per (row, token)
+ * the arithmetic is the same whatever RM and NR (a token alone, as in decode, or in a prefill
+ * batch gives the same bits): the block dots (exact int32 lanes) converted and accumulated with
+ * their scale, even blocks into acc and odd ones into acc2 (two FMA chains), then
+ * y = sum of the lanes of acc + acc2, plus the min term (groups 4 a vector, the lanes summed,
+ * then the last ng % 4 groups by fmaf). */
 
 typedef struct {
     int8x16_t lo, hi;
@@ -42,14 +52,18 @@ INLINE signed32 load_signed(const uint8_t *p) {
     return s;
 }
 
+INLINE signed32 load_q(const int8_t *p) {
+    signed32 q = {vld1q_s8(p), vld1q_s8(p + 16)};
+    return q;
+}
+
 /* 4 int32 partial sums of s.q (exact) */
-INLINE int32x4_t block_dot(signed32 s, const int8_t *q) {
-    int8x16_t q0 = vld1q_s8(q), q1 = vld1q_s8(q + 16);
+INLINE int32x4_t block_dot(signed32 s, signed32 q) {
 #if ERT_NEON_DOTPROD
-    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), s.lo, q0), s.hi, q1);
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), s.lo, q.lo), s.hi, q.hi);
 #else
-    int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(s.lo), vget_low_s8(q0)), s.lo, q0);
-    int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(s.hi), vget_low_s8(q1)), s.hi, q1);
+    int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(s.lo), vget_low_s8(q.lo)), s.lo, q.lo);
+    int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(s.hi), vget_low_s8(q.hi)), s.hi, q.hi);
     return vpadalq_s16(vpaddlq_s16(p0), p1);
 #endif
 }
@@ -59,69 +73,82 @@ INLINE float half1(uint16_t h) {
     return vgetq_lane_f32(vcvt_f32_f16(v), 0);
 }
 
+INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
-/* Rows r0..r1-1 times activation rows j0..j0+NR-1 (NR <= 4):
- *  - the min term sum_g (m + 128*d) * gsum[g] (scalar, per group);
- *  - per chunk of blocks the block scales scl[k][b] = d[group of b] * da[k][b];
- *  - a flat loop over pairs of blocks, even blocks into acc, odd ones into acc2 (two
- *    FMA chains), whatever NR: an activation row's result does not depend on its batch. */
-INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR) {
+/* acc[r][k] += float(s_r . q_k) * scl[r][k][i] for block b of the rows (at codes[r]) */
+INLINE void q8_block(const uint8_t *const *codes, const int8_t *const *q, size_t b, float (*scl)[4][CHUNK + 4], int i,
+                     float32x4_t (*acc)[4], const int RM, const int NR) {
+    signed32 s[2];
+    for (int r = 0; r < RM; r++) s[r] = load_signed(codes[r] + b * ERT_BLOCK);
+    for (int k = 0; k < NR; k++) {
+        const signed32 qk = load_q(q[k] + b * ERT_BLOCK);
+        for (int r = 0; r < RM; r++) acc[r][k] = vfmaq_n_f32(acc[r][k], vcvtq_f32_s32(block_dot(s[r], qk)), scl[r][k][i]);
+    }
+}
+
+/* Rows r0..r0+RM-1 times activation rows j0..j0+NR-1 */
+INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float *y, const int RM, const int NR) {
     const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7;
     const int8_t *q[4];
     const float *da[4], *gsum[4];
-    float scl[4][CHUNK];
     for (int k = 0; k < NR; k++) {
         q[k] = a->q + (size_t)(j0 + k) * a->cols;
         da[k] = a->da + (size_t)(j0 + k) * nblk;
         gsum[k] = a->gsum + (size_t)(j0 + k) * ngp;
     }
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * w->cols;
-        const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
-        float32x4_t acc[4], acc2[4];
-        float accm[4];
-        for (int k = 0; k < NR; k++) {
-            acc[k] = acc2[k] = vdupq_n_f32(0.0f);
-            accm[k] = 0.0f;
+    const uint8_t *codes[2];
+    float32x4_t acc[2][4], acc2[2][4];
+    float accm[2][4], dg[CHUNK], d[CHUNK + 4], scl[2][4][CHUNK + 4];
+    for (int r = 0; r < RM; r++) { /* the min terms: 4 groups a vector, the last ng % 4 by fmaf */
+        codes[r] = (const uint8_t *)w->data + (size_t)(r0 + r) * w->cols;
+        const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
+        float32x4_t vm[4];
+        for (int k = 0; k < NR; k++) acc[r][k] = acc2[r][k] = vm[k] = vdupq_n_f32(0.0f);
+        int g = 0;
+        for (; g + 4 <= ng; g += 4) {
+            const float32x4_t mb = vfmaq_n_f32(half4(mn + g), half4(sc + g), 128.0f);
+            for (int k = 0; k < NR; k++) vm[k] = vfmaq_f32(vm[k], mb, vld1q_f32(gsum[k] + g));
         }
-        for (int g = 0; g < ng; g++) {
-            const float mb = half1(mn[g]) + half1(sc[g]) * 128.0f;
-            for (int k = 0; k < NR; k++) accm[k] += mb * gsum[k][g];
+        for (int k = 0; k < NR; k++) accm[r][k] = vaddvq_f32(vm[k]);
+        for (; g < ng; g++) {
+            const float mb = fmaf(half1(sc[g]), 128.0f, half1(mn[g]));
+            for (int k = 0; k < NR; k++) accm[r][k] = fmaf(mb, gsum[k][g], accm[r][k]);
         }
-        for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
-            const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
-            int gprev = -1;
-            float d = 0.0f;
-            for (int i = 0; i < nb; i++) {
-                const int g = a->bgroup[c0 + i];
-                if (g != gprev) d = half1(sc[g]), gprev = g;
-                for (int k = 0; k < NR; k++) scl[k][i] = d * da[k][c0 + i];
-            }
-            const uint8_t *cp = codes + (size_t)c0 * ERT_BLOCK;
-            int i = 0;
-            for (; i + 2 <= nb; i += 2) {
-                const signed32 sa = load_signed(cp + (size_t)i * ERT_BLOCK), sb = load_signed(cp + (size_t)(i + 1) * ERT_BLOCK);
-                const size_t b = (size_t)c0 + i;
-                for (int k = 0; k < NR; k++) {
-                    int32x4_t pa = block_dot(sa, q[k] + b * ERT_BLOCK), pb = block_dot(sb, q[k] + (b + 1) * ERT_BLOCK);
-                    acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(pa), scl[k][i]);
-                    acc2[k] = vfmaq_n_f32(acc2[k], vcvtq_f32_s32(pb), scl[k][i + 1]);
-                }
-            }
-            if (i < nb) {
-                const signed32 s = load_signed(cp + (size_t)i * ERT_BLOCK);
-                const size_t b = (size_t)c0 + i;
-                for (int k = 0; k < NR; k++)
-                    acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(block_dot(s, q[k] + b * ERT_BLOCK)), scl[k][i]);
-            }
-        }
-        for (int k = 0; k < NR; k++)
-            y[(size_t)(j0 + k) * w->rows + r] = vaddvq_f32(vaddq_f32(acc[k], acc2[k])) + accm[k];
     }
+    for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
+        const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
+        const int g0 = a->bgroup[c0], g1 = a->bgroup[c0 + nb - 1] + 1; /* the chunk's groups (<= nb) */
+        for (int r = 0; r < RM; r++) { /* scl = d of the block's group * da, 4 at a time (da has 8
+                                          readable floats past the last block; those lanes unused) */
+            const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng;
+            int g = g0;
+            for (; g + 4 <= g1; g += 4) vst1q_f32(dg + g - g0, half4(sc + g));
+            for (; g < g1; g++) dg[g - g0] = half1(sc[g]);
+            for (int i = 0; i < nb; i++) d[i] = dg[a->bgroup[c0 + i] - g0];
+            d[nb] = d[nb + 1] = d[nb + 2] = 0.0f;
+            for (int k = 0; k < NR; k++)
+                for (int i = 0; i < nb; i += 4) vst1q_f32(scl[r][k] + i, vmulq_f32(vld1q_f32(d + i), vld1q_f32(da[k] + c0 + i)));
+        }
+        int i = 0;
+        for (; i + 2 <= nb; i += 2) {
+            q8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR);
+            q8_block(codes, q, (size_t)c0 + i + 1, scl, i + 1, acc2, RM, NR);
+        }
+        if (i < nb) q8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR);
+    }
+    for (int r = 0; r < RM; r++)
+        for (int k = 0; k < NR; k++)
+            y[(size_t)(j0 + k) * w->rows + r0 + r] = vaddvq_f32(vaddq_f32(acc[r][k], acc2[r][k])) + accm[r][k];
 }
 
-#define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
+/* rows t0..t1-1 two at a time (the last alone) */
+#define Q8_ROWS(t0, t1, j0, NR)                                                      \
+    for (int r_ = t0; r_ < t1; r_ += 2) {                                            \
+        if (r_ + 2 <= t1) q8_tile(w, a, r_, j0, y, 2, NR);                           \
+        else q8_tile(w, a, r_, j0, y, 1, NR);                                        \
+    }
 
 void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
     ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)

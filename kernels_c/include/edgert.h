@@ -140,6 +140,10 @@ ERT_API const char *ert_cpu_features(void);
  * running kernels. */
 ERT_API int ert_force_isa(const char *isa);
 
+/* "avx2", "neon" or "ref": the instruction set of the layer's vector helpers in use now
+ * (attention over the KV cache, softmax, GLU; ert_layer_forward). */
+ERT_API const char *ert_layer_isa(void);
+
 /* Bytes of W as stored (codes + scales + mins), for bandwidth figures. */
 ERT_API size_t ert_weight_nbytes(const ert_weight *w);
 

@@ -4,7 +4,9 @@
  *   kernel_check            prints the features and the kernel of every format, then
  *                           for every ISA this CPU has (avx2 / neon / neon-dotprod)
  *                           compares ert_matmul and ert_dequantize_rows with "ref"
- *                           on deterministic random inputs of every format.
+ *                           on deterministic random inputs of every format, and the
+ *                           layer's vector helpers that ISA selects with the portable
+ *                           ones (check_layer; "layer: neon" names those in use).
  *   kernel_check --ref-digest
  *                           prints a hash of the reference (ref) outputs of every case
  *                           instead (and checks that 3 threads give the same bits as one):
@@ -56,6 +58,7 @@ typedef struct {
 
 static int failures;
 static int digest_only; /* --ref-digest */
+static float layer_err; /* largest relative error of check_layer's cases */
 
 static uint64_t fnv1a(const void *p, size_t n, uint64_t h) {
     for (size_t i = 0; i < n; i++) h = (h ^ ((const uint8_t *)p)[i]) * 0x100000001B3ull;
@@ -134,13 +137,113 @@ static void run_case(int fmt, shape s, const char *isa) {
     free(data), free(sc), free(mn), free(x), free(y0), free(y1), free(d0), free(d1);
 }
 
+/* ---- the layer's vector helpers (layer.c: attention scores and value mix over an f32 / f16 /
+ * q8_0 cache, softmax, SiLU / GELU-tanh GLU) ----------------------------------------------------
+ * A layer of f32 weights runs a 37-token batch and 4 decode steps under "ref" (the portable
+ * helpers) and under the ISA; the layer's output (x_out - x_in) must agree within LAYER_TOL of
+ * its scale, the bound tests/test_kv.py holds AVX2 to (ref against auto), for head groups of
+ * 1..5 query heads (R = 1..4 per attention item), a sliding window and every cache type.
+ * The inputs are +-1 and the norm, q, k and v weights on grids of 1/8 and 1/64, so q, k and v
+ * are exact in any summation order: both runs attend over the same cache, bit for bit (a q8_0
+ * code that flips with the matmul kernel's rounding would otherwise weigh more than the
+ * helpers' differences), and what differs is the helpers and the later products. */
+#define LAYER_TOL 1e-5f
+
+typedef struct {
+    int heads, kv_heads, head_dim, window, act, kv_type;
+} layer_case;
+
+/* n values in [lo, hi]: multiples of step (0: any) */
+static float *rand_floats(size_t n, float lo, float hi, float step) {
+    float *p = malloc(sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) {
+        p[i] = lo + (hi - lo) * 0.5f * (uni() + 1.0f);
+        if (step) p[i] = step * rintf(p[i] / step);
+    }
+    return p;
+}
+
+/* x (n0 + steps tokens of d values, updated) through the layer: a batch of n0, then one at a time */
+static int layer_run(const ert_layer *l, float *x, int n0, int steps, int ctx) {
+    const int d = l->d_model;
+    size_t cache = (size_t)ctx * l->n_kv_heads * l->head_dim * 4;
+    void *kc = calloc(1, cache), *vc = calloc(1, cache);
+    float *scratch = malloc(ert_layer_scratch_bytes(l, n0, ctx, 2));
+    int rc = ert_layer_forward(l, x, n0, 0, ctx, kc, vc, scratch, 2);
+    for (int i = 0; i < steps; i++) rc |= ert_layer_forward(l, x + (size_t)(n0 + i) * d, 1, n0 + i, ctx, kc, vc, scratch, 1);
+    free(kc), free(vc), free(scratch);
+    return rc;
+}
+
+static void layer_case_check(layer_case c, const char *isa) {
+    const int d = 96, ff = 200, n0 = 37, steps = 4, n = n0 + steps, hd = c.head_dim;
+    const int dq = c.heads * hd, dkv = c.kv_heads * hd;
+    ert_layer l;
+    memset(&l, 0, sizeof l);
+    l.d_model = d, l.n_heads = c.heads, l.n_kv_heads = c.kv_heads, l.head_dim = hd, l.d_ff = ff;
+    l.norm_eps = 0.0f, l.attn_scale = 1.0f / sqrtf((float)hd), l.window = c.window;
+    l.rope_dim = hd, l.rope_neox = 1, l.rope_base = 10000.0f, l.rope_scale = 1.0f;
+    l.act = c.act, l.kv_type = c.kv_type;
+    float *norms = rand_floats(2 * (size_t)d, 0.5f, 1.5f, 0.125f);
+    l.attn_norm = norms, l.ffn_norm = norms + d;
+    float *wq = rand_floats((size_t)dq * d, -0.3f, 0.3f, 1 / 64.0f), *wk = rand_floats((size_t)dkv * d, -0.3f, 0.3f, 1 / 64.0f);
+    float *wv = rand_floats((size_t)dkv * d, -0.2f, 0.2f, 1 / 64.0f), *wo = rand_floats((size_t)d * dq, -0.2f, 0.2f, 0);
+    float *wg = rand_floats((size_t)ff * d, -0.3f, 0.3f, 0), *wu = rand_floats((size_t)ff * d, -0.2f, 0.2f, 0);
+    float *wd = rand_floats((size_t)d * ff, -0.1f, 0.1f, 0);
+    const ert_weight W[7] = {{ERT_F32, dq, d, 32, wq, 0, 0}, {ERT_F32, dkv, d, 32, wk, 0, 0}, {ERT_F32, dkv, d, 32, wv, 0, 0},
+                             {ERT_F32, d, dq, 32, wo, 0, 0}, {ERT_F32, ff, d, 32, wg, 0, 0}, {ERT_F32, ff, d, 32, wu, 0, 0},
+                             {ERT_F32, d, ff, 32, wd, 0, 0}};
+    l.wq = W[0], l.wk = W[1], l.wv = W[2], l.wo = W[3], l.gate = W[4], l.up = W[5], l.down = W[6];
+    float *x0 = rand_floats((size_t)n * d, -1.0f, 1.0f, 0), *x[2];
+    for (size_t i = 0; i < (size_t)n * d; i++) x0[i] = x0[i] < 0 ? -1.0f : 1.0f; /* rmsnorm(x) = x exactly */
+    const char *used[2];
+    int rc = 0;
+    for (int k = 0; k < 2; k++) {
+        rc |= ert_force_isa(k ? isa : "ref");
+        used[k] = ert_layer_isa();
+        x[k] = malloc(sizeof(float) * (size_t)n * d);
+        memcpy(x[k], x0, sizeof(float) * (size_t)n * d);
+        rc |= layer_run(&l, x[k], n0, steps, 64);
+    }
+    ert_force_isa("auto");
+    float scale = 0.0f, err = 0.0f;
+    for (size_t i = 0; i < (size_t)n * d; i++) {
+        const float ref = x[0][i] - x0[i], got = x[1][i] - x0[i];
+        if (fabsf(ref) > scale) scale = fabsf(ref);
+        if (!(fabsf(got - ref) <= err)) err = fabsf(got - ref);
+    }
+    /* the ISA's helpers were run: avx2 on avx2, neon on both AArch64 kernel sets */
+    const int selected = !strcmp(used[0], "ref") && !strncmp(isa, used[1], strlen(used[1])) && strcmp(used[1], "ref");
+    if (rc || !selected || !(err <= LAYER_TOL * scale)) {
+        failures++;
+        printf("FAIL layer %s (helpers %s) heads=%d/%d hd=%d window=%d act=%d kv=%d rc=%d err=%g scale=%g\n", isa, used[1],
+               c.heads, c.kv_heads, hd, c.window, c.act, c.kv_type, rc, err, scale);
+    }
+    if (err > layer_err * scale) layer_err = err / scale;
+    free(norms), free(wq), free(wk), free(wv), free(wo), free(wg), free(wu), free(wd), free(x0), free(x[0]), free(x[1]);
+}
+
+static void check_layer(const char *isa) {
+    static const int groups[][2] = {{4, 4}, {6, 3}, {9, 3}, {8, 2}, {10, 2}}; /* query heads per kv head: 1..5 */
+    layer_err = 0.0f;
+    for (int kv = ERT_KV_F32; kv <= ERT_KV_Q8_0; kv++)
+        for (int act = ERT_ACT_SILU; act <= ERT_ACT_GELU_TANH; act++)
+            for (size_t g = 0; g < sizeof groups / sizeof *groups; g++) {
+                layer_case c = {groups[g][0], groups[g][1], g % 2 ? 64 : 32, g == 2 ? 16 : 0, act, kv};
+                layer_case_check(c, isa);
+            }
+    printf("checked layer: %s (largest error %.3g of the scale)\n", isa, layer_err);
+}
+
 int main(int argc, char **argv) {
     static const shape shapes[] = {{1, 32, 32, 1},    {37, 192, 128, 3}, {64, 256, 64, 17}, {5, 576, 64, 1},
-                                   {33, 96, 32, 5},   {16, 2048, 128, 2}, {19, 320, 96, 4}, {3, 8192, 256, 1}};
+                                   {33, 96, 32, 5},   {16, 2048, 128, 2}, {19, 320, 96, 4}, {3, 8192, 256, 1},
+                                   {6, 8224, 32, 5}}; /* 257 blocks: q8's scale chunks of 256 and a last odd block */
     static const shape fshapes[] = {{7, 45, 32, 3}, {1, 1, 32, 1}, {40, 100, 32, 5}, {9, 576, 32, 17}};
     printf("features: %s\n", ert_cpu_features());
     digest_only = argc > 1 && !strcmp(argv[1], "--ref-digest");
     for (int f = 0; f < ERT_NFORMATS; f++) printf("kernel: %s\n", ert_kernel_name(f));
+    printf("layer: %s\n", ert_layer_isa()); /* the layer's vector helpers */
     static const char *isas[] = {"avx2", "neon", "neon-dotprod", "ref"};
     int checked = 0;
     for (int i = digest_only ? 3 : 0; i < (digest_only ? 4 : 3); i++) {
@@ -153,6 +256,7 @@ int main(int argc, char **argv) {
             for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) run_case(f, shapes[k], isas[i]);
         }
         printf("checked: %s\n", isas[i]);
+        if (!digest_only) check_layer(isas[i]);
     }
     /* argument checks */
     ert_weight bad = {ERT_Q4, 4, 48, 32, "x", (const uint16_t *)"ab", (const uint16_t *)"cd"};
