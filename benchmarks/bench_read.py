@@ -170,11 +170,11 @@ def main(argv=None) -> None:
     ap.add_argument("--mib", type=int, default=128, help="MiB to read from --offset")
     ap.add_argument("--sizes", default="256K,1M,2M,4M,8M,16M")
     ap.add_argument("--depths", default="1,2,4,8,16")
-    ap.add_argument("--methods", default="direct-shmem,direct-4k,direct-thp,buffered,buffered-random,buffered-seq,mmap",
-                    help="direct-shmem / direct-4k / direct-thp: O_DIRECT into MAP_SHARED anonymous memory / MAP_PRIVATE 4 KiB "
-                         "pages / MAP_PRIVATE transparent huge pages (see buffer()); buffered: plain preads (readahead on, pages kept); buffered-random / "
-                         "buffered-seq: FADV_RANDOM / SEQUENTIAL, then DONTNEED after each read; mmap / mmap-seq: "
-                         "touch every page (MADV_NORMAL / SEQUENTIAL)")
+    ap.add_argument("--methods", default="direct-shmem,direct-4k,direct-thp,buffered,buffered-random,buffered-seq,"
+                    "mmap", help="direct-shmem / direct-4k / direct-thp: O_DIRECT into MAP_SHARED anonymous memory / "
+                    "MAP_PRIVATE 4 KiB pages / MAP_PRIVATE transparent huge pages (see buffer()); buffered: plain "
+                    "preads (readahead on, pages kept); buffered-random / buffered-seq: FADV_RANDOM / SEQUENTIAL, "
+                    "then DONTNEED after each read; mmap / mmap-seq: touch every page (MADV_NORMAL / SEQUENTIAL)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--drop-all", action="store_true", help="drop every clean page (root) instead of the file's")
     ap.add_argument("--json", action="store_true")
@@ -194,7 +194,8 @@ def main(argv=None) -> None:
             "runs_mb_per_s": [round(r["mb_per_s"]) for r in rs], "cached_before": max(r["cached_before"] for r in rs)}
         rows.append(row)
         print(f"  {method} {size >> 10} KiB x{depth}: {row['mb_per_s']:.0f} MB/s {row['runs_mb_per_s']}, "
-              f"device: {row['device_bytes'] / 2**20:.0f} MiB in requests of {row['device_request_bytes'] / 1024:.0f} KiB"
+              f"device: {row['device_bytes'] / 2**20:.0f} MiB in requests of "
+              f"{row['device_request_bytes'] / 1024:.0f} KiB"
               f"{' (cache not empty before!)' if row['cached_before'] else ''}", file=sys.stderr)
     out = {"file": a.file, "offset": offset, "bytes": length, "reps": a.reps, "rows": rows,
            "loadavg": os.getloadavg()}

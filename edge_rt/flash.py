@@ -8,9 +8,9 @@ slot while the current one computes (and, once the last streamed layer has compu
 next token's second one into its slot), and the head's first chunks (a streamed head)
 while the layers compute. Reads go in aligned pieces of at least PIECE bytes, up to DEPTH
 at once, into transparent huge pages (so each piece is one large device request: on a
-virtual disk the number of requests, not bytes, sets the speed). Streamed weights are never mmapped, so the page cache does not grow
-behind the budget. Everything else (embedding/output head, norms,
-resident layers) is read once into an anonymous arena, so after loading nothing of the
+virtual disk the number of requests, not bytes, sets the speed). Streamed weights are
+never mmapped, so the page cache does not grow behind the budget. Everything else
+(embedding/output head, norms, resident layers) is read once into an anonymous arena, so after loading nothing of the
 file is touched through the mmap, and a file truncated or replaced while streaming
 ends in one EdgeRtError instead of a SIGBUS.
 
@@ -219,7 +219,8 @@ class Reader:
         pieces = []
         for view, offset, need in spans:
             step = max(_up(-(-len(view) // self.depth)), PIECE)
-            pieces += [(view[a:a + step], offset + a, min(step, need - a)) for a in range(0, min(need, len(view)), step)]
+            pieces += [(view[a:a + step], offset + a, min(step, need - a))
+                       for a in range(0, min(need, len(view)), step)]
         queue, lock = iter(pieces), threading.Lock()
 
         def drain() -> int:  # read pieces until none is left; bytes read
@@ -377,6 +378,7 @@ class StreamedWeights(Weights):
         self.fresh = set()  # layers read into a slot and not used since
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
         self.head_ahead: dict[int, Future] = {}  # chunk -> its read, started before the head pass
+        self.ahead_crcs = None  # the running CRC-32s of that pass
         # an embedding row read on demand is checked against its own CRC-32, taken here in
         # one pass that checks the whole table (untied tables; a tied table is read and
         # checked whole by the head pass of every token, so damage to it is caught there)
@@ -441,15 +443,34 @@ class StreamedWeights(Weights):
         rows, step = self.matrices[name].rows, self._head_chunk(name)
         return [(r, min(r + step, rows)) for r in range(self.head_rows if name == self.out else 0, rows, step)]
 
-    def _read_chunk(self, name: str, chunks: list, k: int) -> Future:
+    def _read_chunk(self, name: str, chunks: list, k: int, crcs: dict | None) -> Future:
         """Chunk k of a head pass, read by the I/O thread into half k % 2 of the head buffer."""
-        return self.io.submit(self._head_rows, name, *chunks[k], k % 2 * (HEAD_BUFFER // 2))
+        return self.io.submit(self._checked_rows, name, *chunks[k], k % 2 * (HEAD_BUFFER // 2), crcs)
+
+    def _checked_rows(self, name: str, r0: int, r1: int, at: int, crcs: dict | None) -> kernels.Weight:
+        """_head_rows, then (crcs: part -> running CRC-32 of the pass) each part's CRC
+        carried over these rows: in the I/O thread, beside the compute, in chunk order
+        (the one I/O thread takes its tasks in the order they were submitted)."""
+        w = self._head_rows(name, r0, r1, at)
+        if crcs is not None:
+            t0 = time.perf_counter()
+            for key, part in w.parts.items():
+                n = self._part(name, key).name
+                crcs[n] = crc32(part, crcs.get(n, 0))
+            self.check_seconds += time.perf_counter() - t0
+        return w
+
+    def _pass_crcs(self, name: str) -> dict | None:
+        """A head pass's running CRC-32s to start with (verifying: the output head's
+        resident rows' CRC, where it has some), else None."""
+        return (dict(self.head_crc0) if name == self.out else {}) if self.want else None
 
     def _prefetch_head(self) -> None:
         """Start reading the output head's first two chunks (both halves of the head
         buffer) now, while the layers compute; the next head pass takes them."""
-        chunks = self._head_chunks(self.out)
-        self.head_ahead = {k: self._read_chunk(self.out, chunks, k) for k in range(min(2, len(chunks)))}
+        chunks, self.ahead_crcs = self._head_chunks(self.out), self._pass_crcs(self.out)
+        self.head_ahead = {k: self._read_chunk(self.out, chunks, k, self.ahead_crcs)
+                           for k in range(min(2, len(chunks)))}
 
     def _settle_head(self) -> None:
         """Wait for the head's read-ahead (unused: no head pass followed) before the
@@ -464,25 +485,21 @@ class StreamedWeights(Weights):
         thread into one half of the head buffer while the caller uses the chunk before
         it in the other half (the output head's first two: started by begin_layer);
         verified, each part's CRC-32 over the whole matrix (its resident rows' CRC, then
-        the streamed rows', taken here while the next chunk is read) is checked at its end."""
-        crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
+        the streamed rows', taken by the I/O thread after each read) is checked at its end."""
         chunks = self._head_chunks(name)
         if name != self.out:
             self._settle_head()
         early, self.head_ahead = self.head_ahead, {}  # the chunks _prefetch_head started
+        crcs = self.ahead_crcs if early else self._pass_crcs(name)
 
         def read(k):
-            return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k)
+            return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k, crcs)
         ahead = read(0)
         for k, (r, _) in enumerate(chunks):
+            t0 = time.perf_counter()
             chunk = ahead.result()  # re-raises the reader's EdgeRtError here
+            self.wait_seconds += time.perf_counter() - t0
             ahead = read(k + 1)
-            if crcs is not None:
-                t0 = time.perf_counter()
-                for key, part in chunk.parts.items():
-                    n = self._part(name, key).name
-                    crcs[n] = crc32(part, crcs.get(n, 0))
-                self.check_seconds += time.perf_counter() - t0
             yield r, chunk
         damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
                          if n in self.want and got != self.want[n]])
@@ -528,6 +545,7 @@ class StreamedWeights(Weights):
             if i == self.streamed >= 2:  # the last streamed layer has computed: its slot takes the next token's second
                 self._read_ahead(1, self.current)  # (the first is read into the other since that layer began)
             return
+        t0 = time.perf_counter()
         if i in self.pending:
             self._finish_pending(i)
         if i not in self.in_slot:
@@ -537,6 +555,7 @@ class StreamedWeights(Weights):
             self._load(i, slot)
             self.in_slot[slot] = i
             self.fresh.add(i)
+        self.wait_seconds += time.perf_counter() - t0
         self.layer_uses += 1
         if i in self.fresh:
             self.fresh.discard(i)
