@@ -10,9 +10,9 @@ while the layers compute. Reads go in aligned pieces of at least PIECE bytes, up
 at once, into transparent huge pages (so each piece is one large device request: on a
 virtual disk the number of requests, not bytes, sets the speed). Streamed weights are
 never mmapped, so the page cache does not grow behind the budget. Everything else
-(embedding/output head, norms, resident layers) is read once into an anonymous arena, so after loading nothing of the
-file is touched through the mmap, and a file truncated or replaced while streaming
-ends in one EdgeRtError instead of a SIGBUS.
+(embedding/output head, norms, resident layers) is read once into an anonymous arena,
+so after loading nothing of the file is touched through the mmap, and a file truncated
+or replaced while streaming ends in one EdgeRtError instead of a SIGBUS.
 
 The forward pass calls `W.begin_layer(i)` at the start of layer i; from then on the
 kernels.Weight objects of layer i point at its bytes in the pool (their C descriptors
@@ -378,7 +378,6 @@ class StreamedWeights(Weights):
         self.fresh = set()  # layers read into a slot and not used since
         self.io = ThreadPoolExecutor(1, thread_name_prefix="edge-rt-io")
         self.head_ahead: dict[int, Future] = {}  # chunk -> its read, started before the head pass
-        self.ahead_crcs = None  # the running CRC-32s of that pass
         # an embedding row read on demand is checked against its own CRC-32, taken here in
         # one pass that checks the whole table (untied tables; a tied table is read and
         # checked whole by the head pass of every token, so damage to it is caught there)
@@ -443,34 +442,15 @@ class StreamedWeights(Weights):
         rows, step = self.matrices[name].rows, self._head_chunk(name)
         return [(r, min(r + step, rows)) for r in range(self.head_rows if name == self.out else 0, rows, step)]
 
-    def _read_chunk(self, name: str, chunks: list, k: int, crcs: dict | None) -> Future:
+    def _read_chunk(self, name: str, chunks: list, k: int) -> Future:
         """Chunk k of a head pass, read by the I/O thread into half k % 2 of the head buffer."""
-        return self.io.submit(self._checked_rows, name, *chunks[k], k % 2 * (HEAD_BUFFER // 2), crcs)
-
-    def _checked_rows(self, name: str, r0: int, r1: int, at: int, crcs: dict | None) -> kernels.Weight:
-        """_head_rows, then (crcs: part -> running CRC-32 of the pass) each part's CRC
-        carried over these rows: in the I/O thread, beside the compute, in chunk order
-        (the one I/O thread takes its tasks in the order they were submitted)."""
-        w = self._head_rows(name, r0, r1, at)
-        if crcs is not None:
-            t0 = time.perf_counter()
-            for key, part in w.parts.items():
-                n = self._part(name, key).name
-                crcs[n] = crc32(part, crcs.get(n, 0))
-            self.check_seconds += time.perf_counter() - t0
-        return w
-
-    def _pass_crcs(self, name: str) -> dict | None:
-        """A head pass's running CRC-32s to start with (verifying: the output head's
-        resident rows' CRC, where it has some), else None."""
-        return (dict(self.head_crc0) if name == self.out else {}) if self.want else None
+        return self.io.submit(self._head_rows, name, *chunks[k], k % 2 * (HEAD_BUFFER // 2))
 
     def _prefetch_head(self) -> None:
         """Start reading the output head's first two chunks (both halves of the head
         buffer) now, while the layers compute; the next head pass takes them."""
-        chunks, self.ahead_crcs = self._head_chunks(self.out), self._pass_crcs(self.out)
-        self.head_ahead = {k: self._read_chunk(self.out, chunks, k, self.ahead_crcs)
-                           for k in range(min(2, len(chunks)))}
+        chunks = self._head_chunks(self.out)
+        self.head_ahead = {k: self._read_chunk(self.out, chunks, k) for k in range(min(2, len(chunks)))}
 
     def _settle_head(self) -> None:
         """Wait for the head's read-ahead (unused: no head pass followed) before the
@@ -485,21 +465,27 @@ class StreamedWeights(Weights):
         thread into one half of the head buffer while the caller uses the chunk before
         it in the other half (the output head's first two: started by begin_layer);
         verified, each part's CRC-32 over the whole matrix (its resident rows' CRC, then
-        the streamed rows', taken by the I/O thread after each read) is checked at its end."""
+        the streamed rows', taken here while the next chunk is read) is checked at its end."""
+        crcs = (dict(self.head_crc0) if name == self.out else {}) if self.want else None
         chunks = self._head_chunks(name)
         if name != self.out:
             self._settle_head()
         early, self.head_ahead = self.head_ahead, {}  # the chunks _prefetch_head started
-        crcs = self.ahead_crcs if early else self._pass_crcs(name)
 
         def read(k):
-            return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k, crcs)
+            return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k)
         ahead = read(0)
         for k, (r, _) in enumerate(chunks):
             t0 = time.perf_counter()
             chunk = ahead.result()  # re-raises the reader's EdgeRtError here
             self.wait_seconds += time.perf_counter() - t0
             ahead = read(k + 1)
+            if crcs is not None:
+                t0 = time.perf_counter()
+                for key, part in chunk.parts.items():
+                    n = self._part(name, key).name
+                    crcs[n] = crc32(part, crcs.get(n, 0))
+                self.check_seconds += time.perf_counter() - t0
             yield r, chunk
         damaged(self.g, [mismatch(n, got, self.want[n]) for n, got in (crcs or {}).items()
                          if n in self.want and got != self.want[n]])
