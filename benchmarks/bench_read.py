@@ -10,11 +10,14 @@ before every measurement (posix_fadvise DONTNEED on that file only, or --drop-al
         [--sizes 256K,1M,2M,4M,8M,16M] [--depths 1,2,4,8,16] [--reps 3] [--json]
 
 Requests in flight are threads each doing preads of the next request of the range in
-file order (os.preadv releases the GIL). MB/s is bytes / wall time, median of --reps rounds (each round
-measures every configuration once, so a shared machine's drift spreads over all)."""
+file order (os.preadv releases the GIL). MB/s is bytes / wall time, median of --reps
+rounds (each round measures every configuration once, so a shared machine's drift
+spreads over all). The device's request count and bytes (/sys/dev/block/*/stat, every
+process's reads) give the average request size."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import json
 import mmap
@@ -26,12 +29,9 @@ import time
 
 import numpy as np
 
+from edge_rt.plan import parse_size
+
 ALIGN = 4096
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
 def drop(path: str, everything: bool) -> None:
@@ -51,7 +51,6 @@ def drop(path: str, everything: bool) -> None:
 
 def cached_bytes(path: str, offset: int, length: int) -> int:
     """Bytes of [offset, offset+length) in the page cache (mincore)."""
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
