@@ -29,7 +29,9 @@ source converted with `--format llama.cpp`, Q8_0 / F16), throttle and rep:
   failcnt. Medians over --reps. This machine is shared: numbers are noisy.
 
 `--read-probe 1,2,4,8` measures instead the streaming reader alone: MB/s reading the first
-model's file in the head's 2 MiB chunks with that many preads in flight, per throttle.
+model's file in the head's 2 MiB chunks, per throttle, with a reader of that depth (a 2 MiB
+read is one piece, flash.PIECE: the depth matters for longer reads; benchmarks/bench_read.py
+measures request size against requests in flight).
 """
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ class Model:
                 "streamed_layers": self.plan.streamed_layers, "streamed_head": self.plan.streamed_head,
                 "resident_head_rows": self.plan.resident_head_rows,
                 "pool_bytes": self.plan.pool_bytes, "o_direct": bool(self.plan.pool_bytes and self.weights.reader.direct),
-                "flash_checksum_seconds": self.weights.check_seconds,
+                "flash_checksum_seconds": self.weights.check_seconds, "flash_wait_seconds": self.weights.wait_seconds,
                 "window_hit_rate": (self.weights.layer_hits / self.weights.layer_uses
                                     if self.weights.layer_uses else None)}
 

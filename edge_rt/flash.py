@@ -6,12 +6,13 @@ whose pages are dropped at once with POSIX_FADV_DONTNEED) into ONE preallocated 
 of min(2, m) slots; a background thread reads the next streamed layer into the free
 slot while the current one computes (and, once the last streamed layer has computed, the
 next token's second one into its slot), and the head's first chunks (a streamed head)
-while the layers compute. A read of 512 KiB or more is split into DEPTH aligned preads
-issued at once. Streamed weights are never mmapped, so the page cache does not grow
-behind the budget. Everything else (embedding/output head, norms,
-resident layers) is read once into an anonymous arena, so after loading nothing of the
-file is touched through the mmap, and a file truncated or replaced while streaming
-ends in one EdgeRtError instead of a SIGBUS.
+while the layers compute. Reads go in aligned pieces of at least PIECE bytes, up to DEPTH
+at once, into transparent huge pages (so each piece is one large device request: on a
+virtual disk the number of requests, not bytes, sets the speed). Streamed weights are
+never mmapped, so the page cache does not grow behind the budget. Everything else
+(embedding/output head, norms, resident layers) is read once into an anonymous arena,
+so after loading nothing of the file is touched through the mmap, and a file truncated
+or replaced while streaming ends in one EdgeRtError instead of a SIGBUS.
 
 The forward pass calls `W.begin_layer(i)` at the start of layer i; from then on the
 kernels.Weight objects of layer i point at its bytes in the pool (their C descriptors
@@ -23,6 +24,7 @@ import ctypes
 import mmap
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -41,8 +43,10 @@ CHUNK = 4 << 20         # buffered reads go in chunks, each dropped from the pag
 ARENA_ALIGN = 64        # resident tensors start on a cache line in the arena
 HEAD_BUFFER = 4 << 20   # a streamed output head / embedding table is read into two halves of this, one
                         # chunk by the I/O thread while the product runs over the other
-DEPTH = 2               # reads in flight: one read of a span is split into up to this many preads at once
-PIECE = 256 << 10       # ... each at least this long (a small read is one pread)
+DEPTH = 2               # preads in flight: a read is split into pieces read by up to this many threads at once
+PIECE = 2 << 20         # ... each piece at least this long: on a virtual disk a request's cost barely depends
+                        # on its size, so few large ones beat many small (BENCHMARKS.md, bench_read.py)
+HUGE = 2 << 20          # a transparent huge page: the pool and the arena are made of them where the kernel allows
 THREAD_BYTES = 1 << 20  # what streaming adds beyond the pool: the I/O threads' stacks and malloc
                         # arenas, the slots' descriptors (measured ~0.5 MiB on SmolLM2 with one thread)
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -81,10 +85,19 @@ def output_name(g: GGUFFile) -> str:
     return OUTPUT if OUTPUT in g.tensors else EMBD
 
 
-def head_parts(g: GGUFFile) -> list:
-    """The output head's tensors (its codes, and our formats' .scale and .min)."""
-    name = output_name(g)
+def matrix_parts(g: GGUFFile, name: str) -> list:
+    """The tensors of matrix `name`: its codes, and our formats' .scale and .min."""
     return [g.tensors[n] for n in (name, name + ".scale", name + ".min") if n in g.tensors]
+
+
+def head_parts(g: GGUFFile) -> list:
+    """The output head's tensors."""
+    return matrix_parts(g, output_name(g))
+
+
+def row_bytes(parts) -> int:
+    """Bytes of one row of a matrix stored as these tensors (one row of each)."""
+    return sum(t.nbytes // t.shape[0] for t in parts)
 
 
 def residency(g: GGUFFile, streamed: int, head: bool = False) -> tuple[list, list]:
@@ -124,7 +137,7 @@ class Layout:
         out = head_parts(g)
         rows = out[0].shape[0] if out else 0
         return cls(tuple(nbytes), tuple((_down(a), _up(b)) for a, b in zip(lo, hi)), head, total, row_crcs,
-                   rows, sum(t.nbytes for t in out) // rows if rows else 1)
+                   rows, row_bytes(out) if rows else 1)
 
     def slot_bytes(self, streamed: int) -> int:
         return max((b - a for a, b in self.span[:streamed]), default=0)
@@ -145,9 +158,10 @@ class Layout:
 # -- reading -----------------------------------------------------------------------
 class Reader:
     """pread of a GGUF file that survives short reads and EINTR, prefers O_DIRECT, and
-    notices the file being truncated, rewritten or replaced. A long read is split into
-    up to `depth` aligned pieces read at once (the calling thread reads the first), so
-    the device has more than one request in flight."""
+    notices the file being truncated, rewritten or replaced. The spans of one call are
+    cut into aligned pieces of at least PIECE bytes, read by up to `depth` threads at
+    once (the calling thread among them), so the device has more than one request in
+    flight."""
 
     def __init__(self, path, max_read: int | None = None, depth: int = DEPTH):
         self.path, self.max_read = path, max_read  # max_read: cap each syscall (tests)
@@ -197,16 +211,32 @@ class Reader:
 
     def read(self, view: memoryview, offset: int, need: int) -> None:
         """Fill view (at least its first `need` bytes) from file byte `offset`."""
+        self.read_spans([(view, offset, need)])
+
+    def read_spans(self, spans: list[tuple[memoryview, int, int]]) -> None:
+        """read() each (view, offset, need), all of them at once."""
         self.check_unchanged()
-        piece = _up(-(-len(view) // self.depth)) if self.fan and need >= 2 * PIECE else len(view)
-        piece = max(piece, PIECE)
-        starts = range(0, min(need, len(view)), piece)
-        rest = [self.fan.submit(self._read, view[a:a + piece], offset + a, min(piece, need - a)) for a in starts[1:]]
+        pieces = []
+        for view, offset, need in spans:
+            step = max(_up(-(-len(view) // self.depth)), PIECE)
+            pieces += [(view[a:a + step], offset + a, min(step, need - a))
+                       for a in range(0, min(need, len(view)), step)]
+        queue, lock = iter(pieces), threading.Lock()
+
+        def drain() -> int:  # read pieces until none is left; bytes read
+            done = 0
+            while True:
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    return done
+                done += self._read(*piece)
+        helpers = [self.fan.submit(drain) for _ in range(min(self.depth, len(pieces)) - 1)] if self.fan else []
         try:
-            done = self._read(view[:piece], offset, min(piece, need))
-        finally:  # every piece finished (or failed) before the caller may reuse view
-            wait(rest)
-        self.bytes_read += done + sum(f.result() for f in rest)
+            done = drain()
+        finally:  # every piece finished (or failed) before the caller may reuse a view
+            wait(helpers)
+        self.bytes_read += done + sum(f.result() for f in helpers)
 
     def _read(self, view: memoryview, offset: int, need: int) -> int:
         done = 0
@@ -240,12 +270,24 @@ class Reader:
         self.fd = self.direct_fd = None
 
 
-def _anonymous(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory, every page written now (resident from the start,
-    as the plan counts it)."""
-    m = mmap.mmap(-1, max(nbytes, 1))
-    np.frombuffer(m, np.uint8)[::mmap.PAGESIZE] = 0
-    return m
+def _anonymous(nbytes: int) -> memoryview:
+    """Page-aligned private anonymous memory, every page written now (resident from the
+    start, as the plan counts it), of transparent huge pages where the kernel has them.
+    An O_DIRECT read into 4 KiB pages is cut into requests of at most max_segments pages
+    (254 on virtio: ~1 MiB); into 2 MiB pages, one request carries up to max_sectors_kb.
+    On this VM's disk that is 1 GB/s against 5 GB/s (BENCHMARKS.md, bench_read.py). (A
+    MAP_SHARED mapping, Python's default, is shmem: never huge pages here.)"""
+    huge = nbytes >= HUGE and hasattr(mmap, "MADV_HUGEPAGE")
+    m = mmap.mmap(-1, max(nbytes, 1) + (HUGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    at = -ctypes.addressof(ctypes.c_char.from_buffer(m)) % HUGE if huge else 0
+    if huge:
+        try:  # only [at, at + nbytes): the mapping's unused tail never gets a huge page
+            m.madvise(mmap.MADV_HUGEPAGE, at, nbytes)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+    view = memoryview(m)[at:at + max(nbytes, 1)]
+    np.frombuffer(view, np.uint8)[::mmap.PAGESIZE] = 0
+    return view
 
 
 def _retarget(w: kernels.Weight, src: kernels.Weight) -> None:
@@ -280,7 +322,7 @@ class StreamedWeights(Weights):
         resident_names, streamed_names = residency(g, streamed, head)
         # the arena: every resident tensor, read once
         # and the first head_rows rows of each part of the output head
-        prefix = {t.name: self.head_rows * (t.nbytes // t.shape[0]) for t in head_parts(g)} if self.head_rows else {}
+        prefix = {t.name: self.head_rows * row_bytes([t]) for t in head_parts(g)} if self.head_rows else {}
         where, size, nbytes = {}, 0, {t.name: t.nbytes for t in resident_names} | prefix
         for name, n in nbytes.items():
             where[name] = size
@@ -302,7 +344,7 @@ class StreamedWeights(Weights):
 
         def view(buf, offset, t, rows=None):  # (the first `rows` rows of) tensor t at buf[offset:]
             dtype, rows = _DTYPES[t.ggml_type], t.shape[0] if rows is None else rows
-            return np.frombuffer(buf, dtype, t.nbytes // t.shape[0] * rows // np.dtype(dtype).itemsize,
+            return np.frombuffer(buf, dtype, row_bytes([t]) * rows // np.dtype(dtype).itemsize,
                                  offset).reshape(rows, *t.shape[1:])
 
         def array(name, slot=0):
@@ -378,23 +420,22 @@ class StreamedWeights(Weights):
         """Rows r0..r1-1 of a head matrix, read into the head buffer from byte `at` (each
         part's rows within the aligned span around them, so the read can bypass the page
         cache)."""
-        w, parts = self.matrices[name], {}
+        w, parts, spans = self.matrices[name], {}, []
         for key in w.parts:
             t = self._part(name, key)
-            row = t.nbytes // t.shape[0]
-            start, n = t.offset + r0 * row, (r1 - r0) * row
+            start, n = t.offset + r0 * row_bytes([t]), (r1 - r0) * row_bytes([t])
             a, b = _down(start), _up(start + n)
-            self.reader.read(memoryview(self.head_buffer)[at:at + b - a], a, min(b, self.g.size) - a)
-            rows = memoryview(self.head_buffer)[at + start - a:at + start - a + n]
-            parts[key] = np.frombuffer(rows, _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
+            spans.append((self.head_buffer[at:at + b - a], a, min(b, self.g.size) - a))
+            parts[key] = np.frombuffer(self.head_buffer[at + start - a:at + start - a + n],
+                                       _DTYPES[t.ggml_type]).reshape(r1 - r0, -1)
             at += b - a
+        self.reader.read_spans(spans)  # the parts' reads in flight together
         return kernels.Weight(w.fmt, r1 - r0, w.cols, parts)
 
     def _head_chunk(self, name: str) -> int:
         """Rows of a head matrix that fit half the head buffer at once (each of its up to
         three parts' spans widened to whole pages)."""
-        row = sum(self._part(name, k).nbytes for k in self.matrices[name].parts) // self.matrices[name].rows
-        return max(1, (HEAD_BUFFER // 2 - 3 * 2 * ALIGN) // row)
+        return max(1, (HEAD_BUFFER // 2 - 3 * 2 * ALIGN) // row_bytes(matrix_parts(self.g, name)))
 
     def _head_chunks(self, name: str) -> list[tuple[int, int]]:
         """[first, end) rows of each chunk a pass over a head matrix reads."""
@@ -435,7 +476,9 @@ class StreamedWeights(Weights):
             return None if k >= len(chunks) else early.pop(k, None) or self._read_chunk(name, chunks, k)
         ahead = read(0)
         for k, (r, _) in enumerate(chunks):
+            t0 = time.perf_counter()
             chunk = ahead.result()  # re-raises the reader's EdgeRtError here
+            self.wait_seconds += time.perf_counter() - t0
             ahead = read(k + 1)
             if crcs is not None:
                 t0 = time.perf_counter()
@@ -488,6 +531,7 @@ class StreamedWeights(Weights):
             if i == self.streamed >= 2:  # the last streamed layer has computed: its slot takes the next token's second
                 self._read_ahead(1, self.current)  # (the first is read into the other since that layer began)
             return
+        t0 = time.perf_counter()
         if i in self.pending:
             self._finish_pending(i)
         if i not in self.in_slot:
@@ -497,6 +541,7 @@ class StreamedWeights(Weights):
             self._load(i, slot)
             self.in_slot[slot] = i
             self.fresh.add(i)
+        self.wait_seconds += time.perf_counter() - t0
         self.layer_uses += 1
         if i in self.fresh:
             self.fresh.discard(i)

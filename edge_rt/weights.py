@@ -84,6 +84,7 @@ class Weights:
 
     streamed = 0  # layers 0..streamed-1 are read from storage by begin_layer (flash.StreamedWeights)
     check_seconds = 0.0  # spent checking streamed bytes' checksums (flash.StreamedWeights)
+    wait_seconds = 0.0   # the forward pass spent waiting for streamed bytes (flash.StreamedWeights)
     layer_uses = layer_hits = 0  # uses of streamed layers; of those, served by the pool without a read
 
     def __init__(self, g: GGUFFile, threads: int = 1, array=None):

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_rt.api import load
 from edge_rt.errors import EdgeRtError
-from edge_rt.flash import Reader
+from edge_rt.flash import Reader, _anonymous
 
 CLI = [sys.executable, "-m", "edge_rt.cli"]
 PROMPT = "The capital of France is"
@@ -89,15 +91,47 @@ def test_streamed_logits_are_bit_identical(model, streamed):
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_reader_survives_short_reads(model, depth):
-    """Every pread capped at an odd size: the reader loops until the span is full (at
-    depth 3, each of the three pieces read at once does)."""
-    want = open(model, "rb").read()[4096:4096 + 1_300_000]
-    for cap in (1, 4095, 65537):
+    """Every pread capped at an odd size: the reader loops until each span is full (at
+    depth 3, each piece of the spans of one call, read at once: a long span cut in
+    2 MiB pieces, two short ones, one at an odd offset)."""
+    data = open(model, "rb").read()
+    for cap, n in ((1, 5000), (4095, 1_300_000), (65537, 5_300_000)):
         r = Reader(model, max_read=cap, depth=depth)
-        buf = bytearray(1_300_000 if cap > 1 else 5000)
-        r.read(memoryview(buf), 4096, len(buf))
-        assert bytes(buf) == want[:len(buf)]
+        spans = [(4096, n), (9_000_000, n // 20), (20_000_001, min(n, 3000))]
+        bufs = [bytearray(k) for _, k in spans]
+        r.read_spans([(memoryview(b), at, len(b)) for b, (at, _) in zip(bufs, spans)])
+        assert [bytes(b) for b in bufs] == [data[at:at + k] for at, k in spans]
+        assert r.bytes_read == sum(k for _, k in spans)
         r.close()
+
+
+def test_reader_reads_aligned_spans_into_the_pool_memory(model):
+    """Page-aligned spans into _anonymous memory (the pool's kind): O_DIRECT where the
+    filesystem allows, several pieces in flight; the bytes are the file's."""
+    data, r = open(model, "rb").read(), Reader(model, depth=3)
+    buf = _anonymous(8 << 20)
+    spans = [(buf[:5 << 20], 4096, 5 << 20), (buf[5 << 20:], 12 << 20, 3 << 20)]
+    r.read_spans(spans)
+    assert [bytes(v) for v, _, _ in spans] == [data[at:at + n] for _, at, n in spans]
+    r.close()
+
+
+def test_pool_memory_is_huge_pages_where_the_kernel_has_them():
+    """_anonymous memory is private and advised for transparent huge pages (a MAP_SHARED
+    mapping is shmem, never huge here, and its O_DIRECT requests stay ~1 MiB)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this kernel")
+    buf = _anonymous(8 << 20)
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    huge, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1]) << 10
+    assert addr % (2 << 20) == 0 and huge >= 2 << 20, (addr, huge)
 
 
 def test_reader_survives_eintr(model):
