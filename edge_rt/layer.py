@@ -53,10 +53,13 @@ class CLayers:
         self.lib.ert_layer_scratch_bytes.restype = ctypes.c_size_t
         self.lib.ert_layer_forward.argtypes = [vp, vp, ci, ci, ci, vp, vp, vp, ci]
         self.lib.ert_layer_forward.restype = ci
+        self.lib.ert_layers_forward.argtypes = [vp, ci, vp, ci, ci, ci, vp, vp, vp, ci]
+        self.lib.ert_layers_forward.restype = ci
         self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, vp]
         self.lib.ert_layer_kv_shift.restype = ci
         self.scratch, self._scratch_n = None, 0  # the scratch, and the most tokens a step may have with it
         self._kv = None, []  # the KV cache and its per-layer addresses
+        self._rest = {}  # i -> (layer pointers, key and value cache pointers) of layers i.. for ert_layers_forward
         self.seconds = 0.0  # wall time inside the C calls (for the orchestrator's share)
 
     def _vec(self, a) -> _F:
@@ -96,6 +99,7 @@ class CLayers:
                 raise ValueError(f"a {kv.dtype} KV cache of {kv.ctx} positions; the layers were set up for "
                                  f"{self.kv_type}, {self.ctx}")
             self._kv = kv, [(kv.k[j].ctypes.data, kv.v[j].ctypes.data) for j in range(len(self.layers))]
+            self._rest = {}
         return self._kv[1]
 
     def kv_shift(self, spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> None:
@@ -108,19 +112,42 @@ class CLayers:
                 kernels._check(rc, f"ert_layer_kv_shift (layer {i})")
         self.seconds += time.perf_counter() - t0
 
-    def run(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        """x as the C calls take it, and the scratch grown for its tokens (its size only grows with n)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        n = x.shape[0]
-        if n > self._scratch_n:  # grows with the step (its size only grows with n)
+        if x.shape[0] > self._scratch_n:
             self.scratch = None  # freed before the larger one is made
-            self.scratch, self._scratch_n = np.empty(self.scratch_bytes(n) // 4, np.float32), n
+            self.scratch, self._scratch_n = np.empty(self.scratch_bytes(x.shape[0]) // 4, np.float32), x.shape[0]
+        return x
+
+    def run(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+        x = self._prepare(x)
         k, v = self._cache(kv)[i]
         if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
             self._bind(self.layers[i], W, i)
         t0 = time.perf_counter()
-        rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), x.ctypes.data, n, pos0, self.ctx, k, v,
+        rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), x.ctypes.data, x.shape[0], pos0, self.ctx, k, v,
                                         self.scratch.ctypes.data, self.threads)
         self.seconds += time.perf_counter() - t0
         if rc:
             kernels._check(rc, f"ert_layer_forward (layer {i})")
+        return x
+
+    def run_rest(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
+        """Layers i.. (resident: W.streamed <= i) in one C call: transformer.forward's
+        run_rest. A call from Python per layer cost ~5 us each, ~4% of a SmolLM2 token
+        at 2 threads (BENCHMARKS.md, issue 3)."""
+        x = self._prepare(x)
+        caches = self._cache(kv)
+        if i not in self._rest:
+            vp, nl = ctypes.c_void_p, len(self.layers) - i
+            self._rest[i] = ((vp * nl)(*[ctypes.addressof(c) for c in self.layers[i:]]),
+                             (vp * nl)(*[k for k, _ in caches[i:]]), (vp * nl)(*[v for _, v in caches[i:]]))
+        layers, ks, vs = self._rest[i]
+        t0 = time.perf_counter()
+        rc = self.lib.ert_layers_forward(layers, len(layers), x.ctypes.data, x.shape[0], pos0, self.ctx, ks, vs,
+                                         self.scratch.ctypes.data, self.threads)
+        self.seconds += time.perf_counter() - t0
+        if rc:
+            kernels._check(rc, f"ert_layers_forward (layers {i}..)")
         return x

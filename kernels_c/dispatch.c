@@ -6,6 +6,7 @@
  */
 #define ERT_BUILDING
 #include "edgert.h"
+#include "tiles.h" /* ERT_TOKEN_GROUP */
 
 #include <stdlib.h>
 #include <string.h>
@@ -234,51 +235,112 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 #define ROW_TILE ERT_TILE /* rows per unit of work: a multiple of it (whole q1..q4 tiles) */
 
-/* The products of one region: up to 3 weights of the same input, each in tiles of rows */
+/* Activation rows j0..j0+nj-1 of a prepared input (the arrays are [n][...] token by token) */
+static ert_act act_rows(const ert_act *a, int j0, int nj) {
+    ert_act s = *a;
+    const size_t j = (size_t)j0, ngp = ((size_t)a->ngroups + 7) & ~(size_t)7;
+    s.n = nj;
+    s.x += j * a->cols;
+    if (a->lut) {
+        s.lut += j * a->cols / 4 * 16, s.ls += j * a->ngroups, s.xsum += j * a->ngroups;
+        if (a->lq) s.lq += j * a->nblk;
+    }
+    if (a->q) s.q += j * a->cols, s.da += j * a->nblk, s.qsum += j * a->nblk, s.gsum += j * ngp;
+    return s;
+}
+
+/* The products of one region: up to 3 weights of the same input. A unit of work is a
+ * tile of rows of one weight for a chunk of tokens (all of them in decode); the units
+ * go chunk by chunk, so a chunk's activations serve every weight while they are in cache. */
 #define MAX_PRODUCTS 3
 typedef struct {
-    int nw;
+    int nw, chunk;                             /* tokens per chunk */
     const ert_weight *w[MAX_PRODUCTS];
     const ert_act *a;
     float *y[MAX_PRODUCTS];
     int tile[MAX_PRODUCTS], end[MAX_PRODUCTS]; /* end[i]: tiles of weights 0..i */
-    atomic_int next;                           /* the next tile to take */
+    atomic_int next;                           /* the next unit to take */
 } rows_job;
 
 static void rows_task(void *ctx, int ith, int nth) {
     rows_job *j = ctx;
-    for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->end[j->nw - 1];) {
+    const int per_chunk = j->end[j->nw - 1], units = per_chunk * ((j->a->n + j->chunk - 1) / j->chunk);
+    for (int u; (u = atomic_fetch_add(&j->next, 1)) < units;) {
+        const int t = u % per_chunk, j0 = u / per_chunk * j->chunk;
         int i = 0;
         while (t >= j->end[i]) i++;
         const ert_weight *w = j->w[i];
         const int r0 = (t - (i ? j->end[i - 1] : 0)) * j->tile[i], r1 = r0 + j->tile[i] < w->rows ? r0 + j->tile[i] : w->rows;
-        g_sel[w->format].k.matmul(w, j->a, r0, r1, j->y[i]);
+        const ert_act a = j->chunk < j->a->n ? act_rows(j->a, j0, j->a->n - j0 < j->chunk ? j->a->n - j0 : j->chunk) : *j->a;
+        g_sel[w->format].k.matmul(w, &a, r0, r1, j->y[i] + (size_t)j0 * w->rows);
     }
 }
 
+static int clamp_threads(int threads) {
+    return threads <= 0 || threads > ert_max_threads() ? ert_max_threads() : threads;
+}
+
 static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float *const *y, int threads) {
-    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
-    rows_job j = {.nw = nw, .a = a};
+    threads = clamp_threads(threads);
+    rows_job j = {.nw = nw, .a = a, .chunk = a->n};
     double work = 0.0;
     for (int i = 0; i < nw; i++) work += (double)w[i]->rows * w[i]->cols * a->n;
     /* tiny products: waking threads costs more than it saves (results are identical) */
     if (work < 16384.0) threads = 1;
-    /* about 8 tiles per thread and weight, taken dynamically: a slower core (big.LITTLE,
-       or one shared with another process) takes fewer. A row is computed the same way
-       whichever thread computes it, so y does not depend on the thread count. */
+    /* A few tokens (decode): about 8 tiles per thread and weight, taken dynamically, so a
+       slower core (big.LITTLE, or one shared with another process) takes fewer; whole
+       32-row tiles measured slower there (each unit's fixed cost). Many tokens (prefill):
+       units of one 32-row tile and a chunk of tokens whose tables (~128 KB) stay in cache,
+       so the threads end together (units of 64 rows split 576 rows 5:4). A row is computed
+       the same way whichever thread computes it, alone or in a batch, so y does not depend
+       on the thread count. */
+    if (a->n >= 4) j.chunk = ERT_TOKEN_GROUP(a->cols);
     for (int i = 0; i < nw; i++) {
         const int rows = w[i]->rows;
-        int tile = (rows + 8 * threads - 1) / (8 * threads);
+        int tile = a->n >= 4 ? ROW_TILE : (rows + 8 * threads - 1) / (8 * threads);
         tile = (tile + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
         j.w[i] = w[i], j.y[i] = y[i], j.tile[i] = tile;
         j.end[i] = (i ? j.end[i - 1] : 0) + (rows + tile - 1) / tile;
     }
     atomic_init(&j.next, 0);
-    ert_parallel(rows_task, &j, threads < j.end[nw - 1] ? threads : j.end[nw - 1]);
+    const int units = j.end[nw - 1] * ((a->n + j.chunk - 1) / j.chunk);
+    ert_parallel(rows_task, &j, threads < units ? threads : units);
+}
+
+/* Preparing the activations of many tokens (prefill) is shared by the threads: chunks of
+ * PREP_CHUNK tokens, each prepared exactly as alone (the arrays are token by token). */
+#define PREP_CHUNK 16
+typedef struct {
+    const ert_weight *w;
+    const float *x;
+    ert_act *a;
+    void (*fn)(const ert_weight *w, const float *x, ert_act *a, int j0, int nj);
+    atomic_int next;
+} prep_job;
+
+static void prep_task(void *ctx, int ith, int nth) {
+    prep_job *p = ctx;
+    for (int j0; (j0 = atomic_fetch_add(&p->next, PREP_CHUNK)) < p->a->n;)
+        p->fn(p->w, p->x, p->a, j0, p->a->n - j0 < PREP_CHUNK ? p->a->n - j0 : PREP_CHUNK);
+}
+
+static void prepare(const ert_weight *w, const float *x, ert_act *a, int threads,
+                    void (*fn)(const ert_weight *w, const float *x, ert_act *a, int j0, int nj)) {
+    threads = clamp_threads(threads);
+    const int chunks = (a->n + PREP_CHUNK - 1) / PREP_CHUNK;
+    prep_job p = {.w = w, .x = x, .a = a, .fn = fn};
+    atomic_init(&p.next, 0);
+    ert_parallel(prep_task, &p, threads < chunks ? threads : chunks);
+}
+
+static void lut_tokens(const ert_weight *w, const float *x, ert_act *a, int j0, int nj) {
+    const ert_act s = act_rows(a, j0, nj);
+    g_lut_act(x + (size_t)j0 * w->cols, nj, w->cols, w->group_size, (int8_t *)s.lut, (float *)s.ls, (int16_t *)s.lq,
+              (float *)s.xsum);
 }
 
 /* q1..q4: the activation tables (formats.lut_tables), block multipliers (4 bits) and group sums */
-static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
+static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), mult = ERT_LUT_BLOCK_MULT(ert_format_bits(w->format));
     size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * ng);
     size_t nq = mult ? align64(sizeof(int16_t) * (size_t)n * nblk) : 0;
@@ -289,15 +351,29 @@ static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, v
     a->ls = (const float *)(p + nl);
     a->lq = mult ? (const int16_t *)(p + nl + nls) : NULL;
     a->xsum = (const float *)(p + nl + nls + nq);
-    g_lut_act(x, n, w->cols, w->group_size, (int8_t *)a->lut, (float *)a->ls, (int16_t *)a->lq, (float *)a->xsum);
     a->nblk = nblk;
     a->ngroups = ng;
     a->group_size = w->group_size;
+    prepare(w, x, a, threads, lut_tokens);
     return ERT_OK;
 }
 
+static void int8_tokens(const ert_weight *w, const float *x, ert_act *a, int j0, int nj) {
+    const ert_act s = act_rows(a, j0, nj);
+    const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7, bpg = a->group_size / ERT_BLOCK;
+    float *da = (float *)s.da, *gsum = (float *)s.gsum;
+    g_quant_act(x + (size_t)j0 * w->cols, nj, w->cols, (int8_t *)s.q, da, (int32_t *)s.qsum);
+    for (int j = 0; j < nj; j++)
+        for (int g = 0; g < ngp; g++) {
+            int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
+            float sum = 0.0f;
+            for (int b = g * bpg; b < b1; b++) sum += da[(size_t)j * nblk + b] * (float)s.qsum[(size_t)j * nblk + b];
+            gsum[(size_t)j * ngp + g] = sum;
+        }
+}
+
 /* q8: int8 activations per 32-block and the sums the int8 kernels use */
-static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch) {
+static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
     size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
     size_t ns = align64(sizeof(int32_t) * (size_t)n * nblk), ngs = align64(sizeof(float) * (size_t)n * ngp);
@@ -310,16 +386,6 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
     int32_t *qsum = (int32_t *)(p += nd);
     float *gsum = (float *)(p += ns);
     int32_t *bgroup = (int32_t *)(p += ngs);
-    g_quant_act(x, n, w->cols, q, da, qsum);
-    memset(da + (size_t)n * nblk, 0, 8 * sizeof(float));
-    for (int j = 0; j < n; j++)
-        for (int g = 0; g < ngp; g++) {
-            int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
-            float s = 0.0f;
-            for (int b = g * bpg; b < b1; b++) s += da[(size_t)j * nblk + b] * (float)qsum[(size_t)j * nblk + b];
-            gsum[(size_t)j * ngp + g] = s;
-        }
-    for (int b = 0; b < nblk + 8; b++) bgroup[b] = (b < nblk ? b : nblk - 1) / bpg;
     a->nblk = nblk;
     a->ngroups = ng;
     a->group_size = w->group_size;
@@ -328,6 +394,9 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
     a->qsum = qsum;
     a->gsum = gsum;
     a->bgroup = bgroup;
+    prepare(w, x, a, threads, int8_tokens);
+    memset(da + (size_t)n * nblk, 0, 8 * sizeof(float));
+    for (int b = 0; b < nblk + 8; b++) bgroup[b] = (b < nblk ? b : nblk - 1) / bpg;
     return ERT_OK;
 }
 
@@ -369,9 +438,9 @@ int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, int n, f
     const int bits = ert_format_bits(w[0]->format);
     int rc = ERT_OK;
     if (bits && bits <= 4) {
-        rc = prepare_lut(w[0], x, n, &a, &scratch);
+        rc = prepare_lut(w[0], x, n, &a, &scratch, threads);
     } else if (bits) {
-        rc = prepare_int8(w[0], x, n, &a, &scratch);
+        rc = prepare_int8(w[0], x, n, &a, &scratch, threads);
     }
     if (rc) return rc;
     const ert_weight *ws[MAX_PRODUCTS];

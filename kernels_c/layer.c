@@ -14,6 +14,7 @@
 #include "edgert.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -491,15 +492,32 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-/* rotates the first rope_dim features of each head of x[nh][hd] and of x2[nh2][hd] (the
- * keys of the same position: the angles are computed once) by pos */
-static void rope(const ert_layer *l, int pos, float *x, int nh, float *x2, int nh2) {
+/* the cosines and sines of RoPE's angles at positions pos0..pos0+n-1: cs[j][i] = (cos, sin)
+ * of (pos0 + j) / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i], i < rope_dim/2 */
+static void rope_angles(const ert_layer *l, int pos0, int n, float *cs) {
     const int half = l->rope_dim / 2;
     for (int i = 0; i < half; i++) {
         double inv_freq = pow(l->rope_base, -2.0 * i / l->rope_dim);
         if (l->rope_factors) inv_freq /= l->rope_factors[i];
-        const float angle = (float)(pos / (double)l->rope_scale * inv_freq);
-        const float c = cosf(angle), s = sinf(angle);
+        for (int j = 0; j < n; j++) {
+            const float angle = (float)((pos0 + j) / (double)l->rope_scale * inv_freq);
+            cs[2 * ((size_t)j * half + i)] = cosf(angle), cs[2 * ((size_t)j * half + i) + 1] = sinf(angle);
+        }
+    }
+}
+
+/* layers whose RoPE turns by the same angles */
+static int same_angles(const ert_layer *a, const ert_layer *b) {
+    return a->rope_dim == b->rope_dim && a->rope_base == b->rope_base && a->rope_scale == b->rope_scale &&
+           a->rope_factors == b->rope_factors;
+}
+
+/* rotates the first rope_dim features of each head of x[nh][hd] and of x2[nh2][hd] (the
+ * keys of the same position) by the angles cs of one position (rope_angles) */
+static void rope(const ert_layer *l, const float *cs, float *x, int nh, float *x2, int nh2) {
+    const int half = l->rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float c = cs[2 * i], s = cs[2 * i + 1];
         for (int h = 0; h < nh + nh2; h++) {
             float *v = h < nh ? x + (size_t)h * l->head_dim : x2 + (size_t)(h - nh) * l->head_dim;
             float *a = l->rope_neox ? v + i : v + 2 * i, *b = l->rope_neox ? v + i + half : v + 2 * i + 1;
@@ -519,6 +537,7 @@ typedef struct {
     void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim] of its kv_type */
     int scores_stride, parts; /* parts: of the heads of a key/value head, one attention item each */
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
+    const float *angles;           /* rope_angles of the n tokens, or NULL: each token computes its own */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
 } step;
 
@@ -550,7 +569,9 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
             for (int h = 0; h < l->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, l->q_norm, hd, l->norm_eps);
             for (int h = 0; h < l->n_kv_heads; h++) rmsnorm(k + h * hd, k + h * hd, l->k_norm, hd, l->norm_eps);
         }
-        rope(l, s->pos0 + i, q, l->n_heads, k, l->n_kv_heads);
+        float own[l->rope_dim + 2];
+        if (!s->angles) rope_angles(l, s->pos0 + i, 1, own);
+        rope(l, s->angles ? s->angles + (size_t)i * l->rope_dim : own, q, l->n_heads, k, l->n_kv_heads);
         kv_store(l, s->kc, s->pos0 + i, k);
         kv_store(l, s->vc, s->pos0 + i, v);
     }
@@ -608,18 +629,21 @@ size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) 
     return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * 4 * ctx);
 }
 
-int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
-                      float *scratch, int threads) {
-    if (!l || !x || !k_cache || !v_cache || !scratch || n < 0 || pos0 < 0 || pos0 + n > ctx) return ERT_EINVAL;
+static int check_layer(const ert_layer *l, int n, int pos0, int ctx, const void *k_cache, const void *v_cache) {
+    if (!l || !k_cache || !v_cache || n < 0 || pos0 < 0 || pos0 + n > ctx) return ERT_EINVAL;
     if (l->n_kv_heads <= 0 || l->n_heads % l->n_kv_heads || l->rope_dim > l->head_dim || l->rope_dim % 2) return ERT_ESHAPE;
     if (kv_check(l) != ERT_OK) return kv_check(l);
     if (!l->attn_norm || !l->ffn_norm || (l->q_norm && !l->k_norm) || (l->q_bias && (!l->k_bias || !l->v_bias)))
         return ERT_EINVAL;
-    if (n == 0) return ERT_OK;
-    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    return ERT_OK;
+}
+
+/* ert_layer_forward of a checked layer, n > 0; angles: rope_angles of the n tokens or NULL */
+static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
+                         float *scratch, int threads, const float *angles) {
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
     float *p = scratch;
-    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .scores_stride = ctx};
+    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .scores_stride = ctx, .angles = angles};
     s.h = p, p += n * d;
     s.q = p, p += n * dq;
     s.att = p, p += n * dq;
@@ -659,12 +683,59 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     return ERT_OK;
 }
 
+int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
+                      float *scratch, int threads) {
+    if (!x || !scratch) return ERT_EINVAL;
+    int rc = check_layer(l, n, pos0, ctx, k_cache, v_cache);
+    if (rc || n == 0) return rc;
+    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    return layer_forward(l, x, n, pos0, ctx, k_cache, v_cache, scratch, threads, NULL);
+}
+
+int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int pos0, int ctx, void *const *k_caches,
+                       void *const *v_caches, float *scratch, int threads) {
+    if (!l || nl < 0 || !x || !k_caches || !v_caches || !scratch) return ERT_EINVAL;
+    for (int i = 0; i < nl; i++) {
+        int rc = check_layer(l[i], n, pos0, ctx, k_caches[i], v_caches[i]);
+        if (rc) return rc;
+    }
+    if (n == 0 || nl == 0) return ERT_OK;
+    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    /* the angles of the tokens, computed once for the layers that share them (two kinds at
+     * most in a model: Gemma-3's local and global layers) */
+    enum { KINDS = 2 };
+    float *angles[KINDS] = {NULL, NULL};
+    const ert_layer *kind[KINDS] = {NULL, NULL};
+    int rc = ERT_OK;
+    for (int i = 0; i < nl && rc == ERT_OK; i++) {
+        int k = 0;
+        while (k < KINDS && kind[k] && !same_angles(kind[k], l[i])) k++;
+        if (k == KINDS) { /* a third kind takes the first one's place */
+            k = 0;
+            free(angles[0]), kind[0] = NULL;
+        }
+        if (!kind[k]) {
+            if (!(angles[k] = malloc(sizeof(float) * ((size_t)n * l[i]->rope_dim + 1)))) {
+                rc = ERT_ENOMEM;
+                break;
+            }
+            kind[k] = l[i];
+            rope_angles(l[i], pos0, n, angles[k]);
+        }
+        rc = layer_forward(l[i], x, n, pos0, ctx, k_caches[i], v_caches[i], scratch, threads, angles[k]);
+    }
+    for (int k = 0; k < KINDS; k++) free(angles[k]);
+    return rc;
+}
+
 int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used, float *row) {
     if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
     if (kv_check(l) != ERT_OK) return kv_check(l);
+    float angles[l->rope_dim + 2];
+    rope_angles(l, -discard, 1, angles);
     for (int j = keep + discard; j < used; j++) {
         kv_load(l, k_cache, j, row);
-        rope(l, -discard, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
+        rope(l, angles, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
         kv_store(l, k_cache, j - discard, row);
     }
     memmove(kv_row(l, v_cache, keep, 0), kv_row(l, v_cache, keep + discard, 0),

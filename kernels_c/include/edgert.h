@@ -110,6 +110,13 @@ ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int t
 ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
                               float *scratch, int threads);
 
+/* ert_layer_forward of layers l[0..nl-1] in turn over the same x (a model's layers in one
+ * call), layer i with the caches k_caches[i], v_caches[i]; the scratch is the largest of the
+ * layers' ert_layer_scratch_bytes. RoPE's angles are computed once for the layers that
+ * share them (the same values as layer by layer). Returns ERT_OK or < 0. */
+ERT_API int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int pos0, int ctx,
+                               void *const *k_caches, void *const *v_caches, float *scratch, int threads);
+
 /* Drops cache positions keep .. keep+discard-1 of this layer's cache (filled up to
  * `used`): later positions move down by `discard`, their keys turned back by
  * `discard` positions of RoPE, so they read as if written there (the sink-and-window
