@@ -78,17 +78,17 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
         stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
             if (method in CALIBRATED and quantized) or prune or mixed else None
-        gram, count, norm_weight = (stats.gram, stats.count, stats.norm_weight) if stats else (None, None, None)
+        gram, count = (stats.gram, stats.count) if stats else (None, None)
         meta = provenance(src, bits, group_size)
         if prune:
-            src, gram = pruning.apply(src, prune, gram, count, norm_weight)
+            src, gram = pruning.apply(src, prune, gram, count)
             meta["edgert.prune"] = prune
         runs = AUTO if method == "auto" else (method,)
         outs = {m: Path(out_path) if len(runs) == 1 else Path(f"{out_path}.{m}.tmp") for m in runs}
         try:
             for m in runs:
                 _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress,
-                                    target, int8_activations, embed_bits, norm_weight)
+                                    target, int8_activations, embed_bits)
             if len(runs) > 1:
                 scores = {m: held_out_perplexity(outs[m], calib_text) for m in runs}
                 best = min(scores, key=scores.get)
@@ -103,10 +103,10 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
 
 
 def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress,
-                        target="edge-rt", int8_activations=False, embed_bits=None, norm_weight=None):
+                        target="edge-rt", int8_activations=False, embed_bits=None):
     """Scale (awq), choose the widths (a mix: embed_bits, when given, fixes the embeddings'
-    and head's; norm_weight: calibrate.RecordingWeights.norm_weight), quantize with `method`
-    and write out_path (our GGUF, or the ONNX graph for target "onnx")."""
+    and head's), quantize with `method` and write out_path (our GGUF, or the ONNX graph
+    for target "onnx")."""
     meta = meta | {"edgert.method": method}
     if method.startswith("awq"):
         src, gram, _ = awq.apply(src, chosen, gram, count, progress)
@@ -119,8 +119,7 @@ def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed,
             items, extra = edge_rt_items(src, ch)
             return file_bytes(src, items, extra | meta)
         keep = EMBEDDINGS if embed_bits is not None else ()
-        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress, keep,
-                               norm_weight)
+        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress, keep)
     if target == "onnx":
         from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
         onnx_export.write_onnx(out_path, src, chosen, quantizer(method, gram), meta, progress, int8_activations)

@@ -13,13 +13,10 @@ the rounding leaves then go, greedily, to the matrix that buys the most error pe
 byte. (A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs
 84 MB more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix
 with --embed-bits) keep the width they were given and are not part of the choice.
-Where an RMSNorm follows the matrix (Gemma-3's q/k norms, its norms after attention and
-after the FFN) the error is measured after the norm, to first order: each output row's
-error times its weight from calibration (converters/calibrate.py, NormWeight: the norm's
-gain squared over the normalized output's mean square, per token), and the branch's earlier
-matrices times the mean weight of the norm that ends their branch. Without that, a Gemma-3
-mix put ffn_down (small outputs, then a norm with gains in the hundreds) at 2 bits and lost
-to uniform 4 bits (BENCHMARKS.md, the quality table of Gemma-3, round 4)."""
+Known limit: the measure is each matrix's own output error; where a norm follows the
+matrix (Gemma-3's q/k norms and post-norms) that error's size means little, and a Gemma-3
+mix put ffn_down at 2 bits and lost to uniform 4 bits (BENCHMARKS.md, the quality table
+of Gemma-3, round 4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,15 +29,13 @@ from edge_rt.plan import format_size
 WIDTHS = (2, 3, 4, 8)
 
 
-def sensitivity(w: np.ndarray, importance: np.ndarray, group_size: int, norm_weight=1.0) -> dict[int, float]:
-    """bits -> squared error of round-to-nearest at that width, element (r, j) weighted by
-    importance[j] (the mean squared input) times norm_weight (a float, or [rows, cols])."""
+def sensitivity(w: np.ndarray, importance: np.ndarray, group_size: int) -> dict[int, float]:
+    """bits -> importance-weighted squared error of round-to-nearest at that width."""
     out = {}
     for bits in WIDTHS:
         fmt = formats.GroupQuant(bits, group_size)
         err = np.square(w - fmt.dequantize(fmt.quantize(w), w.shape[1]))
-        err *= norm_weight
-        out[bits] = float(np.sum(err @ importance.astype(np.float32), dtype=np.float64))
+        out[bits] = float(err.sum(axis=0, dtype=np.float64) @ importance)
     return out
 
 
@@ -71,10 +66,9 @@ def allocate(errors: list[dict], costs: list[dict], spare: int, steps: int = 819
 
 
 def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, count: dict | None,
-                  group_size: int, progress: bool | None = None, keep=(), norm_weight: dict | None = None) -> dict:
+                  group_size: int, progress: bool | None = None, keep=()) -> dict:
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its width is
-    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file;
-    norm_weight: name -> calibrate.NormWeight, where norms follow the matrix.
+    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file.
     Returns the new choice."""
     names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant) and n not in keep]
 
@@ -90,8 +84,7 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
     for name in tqdm(names, desc="sensitivity", unit="tensor", disable=None if progress is None else not progress):
         w = np.asarray(src.load(name), np.float32)
         h = np.diag(gram[name]) / count[name] if gram and name in gram else np.ones(w.shape[1])
-        nw = (norm_weight or {}).get(name)
-        sens[name] = sensitivity(w, h, group_size, nw.expand(w.shape[0]) if nw else 1.0)
+        sens[name] = sensitivity(w, h, group_size)
     pad = lambda n: -(-n // 64) * 64  # noqa: E731 (every tensor part starts on a 64-byte boundary)
 
     def size(name, b):

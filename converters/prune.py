@@ -59,9 +59,8 @@ def _unstructured(w: np.ndarray, H: np.ndarray, kind: str, arg) -> np.ndarray:
     return wv.reshape(rows, cols)
 
 
-def apply(src: Source, spec: str, gram: dict, count: dict, norm_weight: dict | None = None) -> tuple[Source, dict]:
-    """The pruned source and its Gram matrices (name -> H); the columns of norm_weight's
-    ratios (calibrate.NormWeight) follow the kept neurons, in place."""
+def apply(src: Source, spec: str, gram: dict, count: dict) -> tuple[Source, dict]:
+    """The pruned source and its Gram matrices (name -> H)."""
     kind, arg = parse(spec)
     blocks = [n for n in src.shapes if n.startswith("blk.") and n.endswith(".weight") and len(src.shapes[n]) == 2]
     if kind in ("wanda", "nm"):
@@ -84,8 +83,6 @@ def apply(src: Source, spec: str, gram: dict, count: dict, norm_weight: dict | N
             importance = np.square(down).sum(axis=0) * np.diag(gram[name]) / count[name]
             keep[layer] = np.sort(np.argsort(importance)[::-1][:keep_n])
             gram[name] = gram[name][np.ix_(keep[layer], keep[layer])]
-            if norm_weight and name in norm_weight:
-                norm_weight[name].ratio = norm_weight[name].ratio[:, keep[layer]]
     shapes = dict(src.shapes)
     for layer, idx in keep.items():
         shapes[layer + "ffn_gate.weight"] = (keep_n, shapes[layer + "ffn_gate.weight"][1])
