@@ -43,7 +43,8 @@ PEER_TYPES = ("Q8_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_S", "Q2_K")
 OURS = {"q8": ["--bits", "8"], "q4": ["--bits", "4"], "q4+e8": ["--bits", "4", "--embed-bits", "8"],
         "q3": ["--bits", "3"], "q3+e4": ["--bits", "3", "--embed-bits", "4"], "q2": ["--bits", "2"],
         "q2+e4": ["--bits", "2", "--embed-bits", "4"], "mix3.5": ["--bits", "3.5"], "mix2.5": ["--bits", "2.5"],
-        "ffn0.25+q4": ["--bits", "4", "--prune", "ffn:0.25"], "q8g128": ["--bits", "8", "--group-size", "128"]}
+        "ffn0.25+q4": ["--bits", "4", "--prune", "ffn:0.25"], "q8g128": ["--bits", "8", "--group-size", "128"],
+        "q8g96": ["--bits", "8", "--group-size", "96"]}
 # +eN: token embeddings / output head at N bits. Rows 'edge-rt mix[F]@TYPE[+e8]': a mix with
 # --size the smaller of llama.cpp's TYPE and TYPE+imat files (ours at an equal or smaller
 # file), times F when given (mix0.8@Q4_0: 80% of Q4_0's file).
