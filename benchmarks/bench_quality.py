@@ -131,12 +131,20 @@ def plot(rows: list[dict], out: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
+        # rows above 2.5x the model's best perplexity sit on the top edge (a triangle and
+        # their value), so that a broken file does not squeeze the rows being compared
+        top = 2.5 * min(r["ppl"] for r in rows if r["model"] == model)
         for engine, style in (("llama.cpp", "s"), ("edge-rt", "o")):
             pts = sorted((r["file_bytes"] / bs.MiB, r["ppl"], r["row"]) for r in rows
                          if r["model"] == model and r["engine"] == engine)
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=style, label=engine)
+            ax.scatter([x for x, y, _ in pts if y <= top], [y for _, y, _ in pts if y <= top], marker=style,
+                       label=engine, color=f"C{style == 'o':d}")
+            ax.scatter([x for x, y, _ in pts if y > top], [top] * sum(y > top for _, y, _ in pts), marker="^",
+                       color=f"C{style == 'o':d}")
             for x, y, name in pts:
-                ax.annotate(name.removeprefix("edge-rt "), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                label = name.removeprefix("edge-rt ") + (f" ({y:.0f}, off the scale)" if y > top else "")
+                ax.annotate(label, (x, min(y, top)), fontsize=7, xytext=(3, -9 if y > top else 3),
+                            textcoords="offset points")
         ax.set_xlabel("file MiB")
         ax.set_ylabel("wikitext-2 test perplexity")
         ax.set_yscale("log")
