@@ -276,12 +276,8 @@ static void rows_task(void *ctx, int ith, int nth) {
     }
 }
 
-static int clamp_threads(int threads) {
-    return threads <= 0 || threads > ert_max_threads() ? ert_max_threads() : threads;
-}
-
 static void run_rows(int nw, const ert_weight *const *w, const ert_act *a, float *const *y, int threads) {
-    threads = clamp_threads(threads);
+    threads = ert_clamp_threads(threads);
     rows_job j = {.nw = nw, .a = a, .chunk = a->n};
     double work = 0.0;
     for (int i = 0; i < nw; i++) work += (double)w[i]->rows * w[i]->cols * a->n;
@@ -326,7 +322,7 @@ static void prep_task(void *ctx, int ith, int nth) {
 
 static void prepare(const ert_weight *w, const float *x, ert_act *a, int threads,
                     void (*fn)(const ert_weight *w, const float *x, ert_act *a, int j0, int nj)) {
-    threads = clamp_threads(threads);
+    threads = ert_clamp_threads(threads);
     const int chunks = (a->n + PREP_CHUNK - 1) / PREP_CHUNK;
     prep_job p = {.w = w, .x = x, .a = a, .fn = fn};
     atomic_init(&p.next, 0);

@@ -623,7 +623,7 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
 /* ---- the layer --------------------------------------------------------------------- */
 
 size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) {
-    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    threads = ert_clamp_threads(threads);
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
     /* h, q, attention, k, v, o, gate, up; four rows of scores per thread */
     return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * 4 * ctx);
@@ -688,7 +688,7 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
     if (!x || !scratch) return ERT_EINVAL;
     int rc = check_layer(l, n, pos0, ctx, k_cache, v_cache);
     if (rc || n == 0) return rc;
-    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    threads = ert_clamp_threads(threads);
     return layer_forward(l, x, n, pos0, ctx, k_cache, v_cache, scratch, threads, NULL);
 }
 
@@ -700,7 +700,7 @@ int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int p
         if (rc) return rc;
     }
     if (n == 0 || nl == 0) return ERT_OK;
-    if (threads <= 0 || threads > ert_max_threads()) threads = ert_max_threads();
+    threads = ert_clamp_threads(threads);
     /* the angles of the tokens, computed once for the layers that share them (two kinds at
      * most in a model: Gemma-3's local and global layers) */
     enum { KINDS = 2 };

@@ -107,6 +107,8 @@ static int nprocs(void) { /* read once: sysconf reads sysfs, ~7 us, and every ma
 
 int ert_max_threads(void) { return nprocs(); }
 
+int ert_clamp_threads(int threads) { return threads <= 0 || threads > ert_max_threads() ? ert_max_threads() : threads; }
+
 void ert_parallel(ert_task_fn fn, void *ctx, int nth) {
     if (nth > nprocs()) nth = nprocs(); /* never oversubscribe */
     if (nth <= 1 || t_in_region) { /* the caller alone: it takes all the work */

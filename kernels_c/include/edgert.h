@@ -172,6 +172,8 @@ ERT_API int ert_version(void);
  * from inside a region) the caller runs fn(ctx, 0, 1) and takes everything. */
 typedef void (*ert_task_fn)(void *ctx, int ith, int nth);
 void ert_parallel(ert_task_fn fn, void *ctx, int nth);
+/* pool.c: a caller's thread count, <= 0 or above ert_max_threads() meaning ert_max_threads() */
+int ert_clamp_threads(int threads);
 
 /* layer.c: its vector helpers (attention, softmax, GLU) SIMD where the CPU has them (simd != 0)
  * or portable; dispatch.c calls it with the kernels it selects (portable for "ref") */
