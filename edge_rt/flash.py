@@ -423,7 +423,8 @@ class StreamedWeights(Weights):
         w, parts, spans = self.matrices[name], {}, []
         for key in w.parts:
             t = self._part(name, key)
-            start, n = t.offset + r0 * row_bytes([t]), (r1 - r0) * row_bytes([t])
+            row = row_bytes([t])
+            start, n = t.offset + r0 * row, (r1 - r0) * row
             a, b = _down(start), _up(start + n)
             spans.append((self.head_buffer[at:at + b - a], a, min(b, self.g.size) - a))
             parts[key] = np.frombuffer(self.head_buffer[at + start - a:at + start - a + n],
