@@ -131,10 +131,12 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
  * each. */
 
-/* Software prefetch distance (bytes) for the tile codes and for the scales and mins. The
+/* Software prefetch distance (bytes) for the weight codes (q1..q4 tiles, q8 rows) and for
+ * the q1..q4 scales and mins. The
  * hardware prefetchers stop at 4 KB page boundaries; a tile of 4096 columns spans 8 (2
  * bits) to 16 (4 bits) pages of codes. Measured (bench_gemv shapes, 1 thread, NOISY
- * machine): +25% GB/s at 2 and 4 bits with 2048 or 4096, +18% with 1024 (BENCHMARKS.md). */
+ * machine): +25% GB/s at 2 and 4 bits with 2048 or 4096, +18% with 1024; q8 rows (decode): +10%
+ * (BENCHMARKS.md). */
 #define PREFETCH_CODES 2048
 #define PREFETCH_SCALES 512
 
@@ -336,6 +338,7 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
     int i = 0;
     for (; i + 2 <= nb; i += 2) {
         const size_t b = (size_t)c0 + i;
+        _mm_prefetch((const char *)cp + (size_t)i * ERT_BLOCK + PREFETCH_CODES, _MM_HINT_T0);
         for (int k = 0; k < NR; k++) {
             __m256i pa = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
             __m256i pb = block_dot(cp + (size_t)(i + 1) * ERT_BLOCK, ar->q[k] + (b + 1) * ERT_BLOCK);
