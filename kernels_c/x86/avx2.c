@@ -131,11 +131,11 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
  * each. */
 
-/* Software prefetch distance (bytes) for the weight codes (q1..q4 tiles, q8 rows) and for
- * the q1..q4 scales and mins (the hardware prefetchers do not cross 4 KB pages); a tile of 4096 columns spans 8 (2
- * bits) to 16 (4 bits) pages of codes. Measured (bench_gemv shapes, 1 thread, NOISY
- * machine): +25% GB/s at 2 and 4 bits with 2048 or 4096, +18% with 1024; q8 rows (decode): +9-15%
- * (BENCHMARKS.md). */
+/* Software prefetch distances (bytes) for the weight codes (q1..q4 tiles, q8 rows) and
+ * for the q1..q4 scales and mins: the hardware prefetchers do not cross 4 KB pages, and a
+ * tile of 4096 columns spans 8 (2 bits) to 16 (4 bits) pages of codes. Measured
+ * (bench_gemv shapes, 1 thread, NOISY machine): +25% GB/s at 2 and 4 bits with 2048 or
+ * 4096, +18% with 1024; q8 rows (decode): +9-15% (BENCHMARKS.md). */
 #define PREFETCH_CODES 2048
 #define PREFETCH_SCALES 512
 
