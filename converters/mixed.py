@@ -76,14 +76,16 @@ def choose_widths(src, chosen: dict, budget: int, file_size, quantize, group_siz
     # (SmolLM2, GPTQ, BENCHMARKS.md round 7), below the measure's noise, and not worth a run per matrix
     costs = sensitivity.measure(src, names, WIDTHS[:-1], group_size, quantize, calib_text, progress=progress)
     costs = {n: c | {WIDTHS[-1]: 0.0} for n, c in costs.items()}
-    pad = lambda n: -(-n // 64) * 64  # noqa: E731 (every tensor part starts on a 64-byte boundary)
+    sizes = {n: {b: matrix_bytes(src.shapes[n], b, group_size) for b in WIDTHS} for n in names}
+    return with_bits(fit(costs, sizes, budget - fixed))
 
-    def size(name, b):
-        rows, cols = src.shapes[name]
-        g = -(-cols // group_size)
-        return pad(rows * cols * b // 8) + 2 * pad(2 * rows * g)
 
-    return with_bits(fit(costs, {n: {b: size(n, b) for b in WIDTHS} for n in names}, budget - fixed))
+def matrix_bytes(shape, bits: int, group_size: int) -> int:
+    """Bytes of a group-quantized matrix in our file: codes, then d and m (float16 per
+    group), each part starting on a 64-byte boundary."""
+    pad = lambda n: -(-n // 64) * 64  # noqa: E731
+    rows, cols = shape
+    return pad(rows * cols * bits // 8) + 2 * pad(2 * rows * -(-cols // group_size))
 
 
 def fit(costs: dict, sizes: dict, spare: int) -> dict:
