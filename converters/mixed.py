@@ -2,21 +2,22 @@
 included) gets one of WIDTHS bits, chosen from measured sensitivity so that
 the whole file (header, metadata, padding and all) fits the budget.
 
-Sensitivity of a matrix at b bits: its round-to-nearest error weighted by the mean
-squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the diagonal
-of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
-tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). The widths
-minimize the summed sensitivity within the budget: a multiple-choice knapsack, solved by
-dynamic programming over the spare bytes in steps of at most 1/8192 of them, each cost
-rounded up to a step so that the choice always fits (exact up to that rounding); the bytes
-the rounding leaves then go, greedily, to the matrix that buys the most error per added
-byte. (A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs
-84 MB more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix
-with --embed-bits) keep the width they were given and are not part of the choice.
-Known limit: the measure is each matrix's own output error; where a norm follows the
-matrix (Gemma-3's q/k norms and post-norms) that error's size means little, and a Gemma-3
-mix put ffn_down at 2 bits and lost to uniform 4 bits (BENCHMARKS.md, the quality table
-of Gemma-3, round 4)."""
+Sensitivity of a matrix at b bits, measured end to end (converters/sensitivity.py): the
+mean KL divergence of the model's next-token distribution with only that matrix quantized
+to b bits (by the quantizer the file is written with: GPTQ under --method gptq) against
+the float model's, on one window of 128 tokens of calibration text, 64 positions scored.
+The widest width costs 0 (measured, under 1% of the 4-bit cost). The widths minimize
+the summed costs within the budget: a multiple-choice knapsack, solved by dynamic
+programming over the spare bytes in steps of at most 1/8192 of them, each cost rounded up
+to a step so that the choice always fits (exact up to that rounding); the bytes the
+rounding leaves then go, greedily, to the matrix that buys the most cost per added byte.
+(A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs 84 MB
+more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix with
+--embed-bits) keep the width they were given and are not part of the choice.
+Known limit: the costs are measured one matrix at a time on a float model and added, as
+if independent; the errors of many narrow matrices compound (BENCHMARKS.md, issue 5,
+round 7, says where this beats and where it misses llama.cpp's files). One window of
+text makes the measure noisy (two windows disagree by up to 3x on one matrix)."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,7 +73,7 @@ def choose_widths(src, chosen: dict, budget: int, file_size, quantize, group_siz
     if fixed > budget:
         raise EdgeRtError(f"the budget {format_size(budget)} is below the smallest file this model makes "
                           f"({format_size(fixed)}, every matrix at {WIDTHS[0]} bits)")
-    # the widest width's cost is taken as 0: measured at 8 bits it is 0.1-0.6% of the 4-bit cost
+    # the widest width's cost is taken as 0: measured at 8 bits it is 0.3-0.7% of the 4-bit cost
     # (SmolLM2, GPTQ, BENCHMARKS.md round 7), below the measure's noise, and not worth a run per matrix
     costs = sensitivity.measure(src, names, WIDTHS[:-1], group_size, quantize, calib_text, progress=progress)
     costs = {n: c | {WIDTHS[-1]: 0.0} for n, c in costs.items()}

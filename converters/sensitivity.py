@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from edge_rt import formats
@@ -109,10 +110,12 @@ def measure(src: Source, names: list[str], widths, group_size: int, quantize, ca
     fmt, w) -> the format's parts (the convert's quantizer)."""
     spec = spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path)
     W = SwappedWeights(src)
-    runs = [Window(spec, W, chunk, scored) for chunk in calibration_windows(src, calib_text, windows, ctx)]
-    out = {}
-    with tqdm(total=len(names) * len(widths), desc="sensitivity (end to end)", unit="run",
-              disable=None if progress is None else not progress) as bar:
+    # one BLAS thread: products of 128 rows gain little from a second, and on a loaded
+    # machine two threads ran a forward 3-12x slower (BENCHMARKS.md, issue 5, round 7)
+    with threadpool_limits(1), tqdm(total=len(names) * len(widths), desc="sensitivity (end to end)", unit="run",
+                                    disable=None if progress is None else not progress) as bar:
+        runs = [Window(spec, W, chunk, scored) for chunk in calibration_windows(src, calib_text, windows, ctx)]
+        out = {}
         for name in names:
             w = W.matrix(name)
             out[name] = {}
