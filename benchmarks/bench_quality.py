@@ -69,8 +69,10 @@ def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
 
 
 def model_file(model: str, row: str, threads: int, method: str = "gptq",
-               calib_windows: int = 16) -> tuple[Path, list, str]:
-    """(path, the command that makes it, engine) for one row, made when missing."""
+               calib_windows: int = 16, known: dict | None = None) -> tuple[Path, list, str]:
+    """(path, the command that makes it, engine) for one row, made when missing. known:
+    (model, row) -> file bytes of rows already measured (a mix's budget comes from there
+    when both of its llama.cpp rows are, without making their files)."""
     d, v = bs.bench_dir(), formats.FORMAT_VERSION
     pull(model)
     f32 = d / f"{model}-F32-v{v}.gguf"
@@ -84,7 +86,9 @@ def model_file(model: str, row: str, threads: int, method: str = "gptq",
         path = d / f"{model}-edge-rt-{key}-{method}{''.join(calib[1:])}-v{v}.gguf"
         mix = MIX_RE.fullmatch(key)
         if mix:
-            size = min(model_file(model, mix["type"] + s, threads)[0].stat().st_size for s in ("", "+imat"))
+            peers = [mix["type"] + s for s in ("", "+imat")]
+            size = min(known[model, p] if (model, p) in (known or {}) else model_file(model, p, threads)[0].stat().st_size
+                       for p in peers)
             size = int(size * float(mix["f"] or 1))
             args = ["--size", str(size), *(["--embed-bits", "8"] if mix["e8"] else [])]
         else:
@@ -189,7 +193,8 @@ def main(argv=None):
             label = row if a.method == "gptq" or not row.startswith("edge-rt ") else f"{row} {a.method}"
             if any(r["model"] == model and r["row"] == label for r in rows):
                 continue
-            path, make_cmd, engine = model_file(model, row, a.threads, a.method, a.calib_windows)
+            known = {(r["model"], r["row"]): r["file_bytes"] for r in rows}
+            path, make_cmd, engine = model_file(model, row, a.threads, a.method, a.calib_windows, known)
             ppl, cmd = score(path, engine, a.text, a.ctx, a.windows, a.threads)
             facts = bs.file_facts(path)
             bs.log(f"{model} {row}: ppl {ppl:.4f}, {facts['file_bytes'] / bs.MiB:.1f} MiB")

@@ -77,7 +77,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         chosen = choose_formats(src.shapes, MIXED_WIDTHS[0] if mixed else bits, group_size, embed_bits)
         quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
         stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
-            if (method in CALIBRATED and quantized) or prune or mixed else None
+            if (method in CALIBRATED and quantized) or prune else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
         meta = provenance(src, bits, group_size)
         if prune:
@@ -88,7 +88,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         try:
             for m in runs:
                 _quantize_and_write(src, chosen, m, gram, count, meta, outs[m], mixed, size, bits, group_size, progress,
-                                    target, int8_activations, embed_bits)
+                                    target, int8_activations, embed_bits, calib_text)
             if len(runs) > 1:
                 scores = {m: held_out_perplexity(outs[m], calib_text) for m in runs}
                 best = min(scores, key=scores.get)
@@ -103,7 +103,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
 
 
 def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed, size, bits, group_size, progress,
-                        target="edge-rt", int8_activations=False, embed_bits=None):
+                        target="edge-rt", int8_activations=False, embed_bits=None, calib_text=None):
     """Scale (awq), choose the widths (a mix: embed_bits, when given, fixes the embeddings'
     and head's), quantize with `method` and write out_path (our GGUF, or the ONNX graph
     for target "onnx")."""
@@ -119,7 +119,8 @@ def _quantize_and_write(src, chosen, method, gram, count, meta, out_path, mixed,
             items, extra = edge_rt_items(src, ch)
             return file_bytes(src, items, extra | meta)
         keep = EMBEDDINGS if embed_bits is not None else ()
-        chosen = choose_widths(src, chosen, budget, file_size, gram, count, group_size, progress, keep)
+        chosen = choose_widths(src, chosen, budget, file_size, quantizer(method, gram), group_size, progress, keep,
+                               calib_text)
     if target == "onnx":
         from . import onnx_export  # noqa: PLC0415 (only this target needs onnx)
         onnx_export.write_onnx(out_path, src, chosen, quantizer(method, gram), meta, progress, int8_activations)

@@ -2,41 +2,33 @@
 included) gets one of WIDTHS bits, chosen from measured sensitivity so that
 the whole file (header, metadata, padding and all) fits the budget.
 
-Sensitivity of a matrix at b bits: its round-to-nearest error weighted by the mean
-squared input of each column, sum_j E[x_j^2] ||W[:, j] - Q_b(W)[:, j]||^2 (the diagonal
-of the layer's output error; convert always calibrates for a mix: with E[x_j^2] = 1 the
-tied SmolLM2 head went to 2 bits and a 3.5-bit mix scored a perplexity of 5389). The widths
-minimize the summed sensitivity within the budget: a multiple-choice knapsack, solved by
-dynamic programming over the spare bytes in steps of at most 1/8192 of them, each cost
-rounded up to a step so that the choice always fits (exact up to that rounding); the bytes
-the rounding leaves then go, greedily, to the matrix that buys the most error per added
-byte. (A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs
-84 MB more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix
-with --embed-bits) keep the width they were given and are not part of the choice.
-Known limit: the measure is each matrix's own output error; where a norm follows the
-matrix (Gemma-3's q/k norms and post-norms) that error's size means little, and a Gemma-3
-mix put ffn_down at 2 bits and lost to uniform 4 bits (BENCHMARKS.md, the quality table
-of Gemma-3, round 4)."""
+Sensitivity of a matrix at b bits, measured end to end (converters/sensitivity.py): the
+mean KL divergence of the model's next-token distribution with only that matrix quantized
+to b bits (by the quantizer the file is written with: GPTQ under --method gptq) against
+the float model's, on one window of 128 tokens of calibration text, 64 positions scored.
+The widest width costs 0 (measured, under 1% of the 4-bit cost). The widths minimize
+the summed costs within the budget: a multiple-choice knapsack, solved by dynamic
+programming over the spare bytes in steps of at most 1/8192 of them, each cost rounded up
+to a step so that the choice always fits (exact up to that rounding); the bytes the
+rounding leaves then go, greedily, to the matrix that buys the most cost per added byte.
+(A greedy walk alone can strand bytes before a big step: Gemma-3's tied head costs 84 MB
+more at 8 bits than at 4.) Tensors named in `keep` (the embeddings/head under a mix with
+--embed-bits) keep the width they were given and are not part of the choice.
+Known limit: the costs are measured one matrix at a time on a float model and added, as
+if independent; the errors of many narrow matrices compound (BENCHMARKS.md, issue 5,
+round 7, says where this beats and where it misses llama.cpp's files). One window of
+text makes the measure noisy (two windows disagree by up to 3x on one matrix)."""
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
 from edge_rt import formats
 from edge_rt.errors import EdgeRtError
 from edge_rt.plan import format_size
 
+from . import sensitivity
+
 WIDTHS = (2, 3, 4, 8)
-
-
-def sensitivity(w: np.ndarray, importance: np.ndarray, group_size: int) -> dict[int, float]:
-    """bits -> importance-weighted squared error of round-to-nearest at that width."""
-    out = {}
-    for bits in WIDTHS:
-        fmt = formats.GroupQuant(bits, group_size)
-        err = np.square(w - fmt.dequantize(fmt.quantize(w), w.shape[1]))
-        out[bits] = float(err.sum(axis=0, dtype=np.float64) @ importance)
-    return out
 
 
 def allocate(errors: list[dict], costs: list[dict], spare: int, steps: int = 8192) -> list[int]:
@@ -65,11 +57,12 @@ def allocate(errors: list[dict], costs: list[dict], spare: int, steps: int = 819
     return out[::-1]
 
 
-def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, count: dict | None,
-                  group_size: int, progress: bool | None = None, keep=()) -> dict:
+def choose_widths(src, chosen: dict, budget: int, file_size, quantize, group_size: int,
+                  progress: bool | None = None, keep=(), calib_text=None) -> dict:
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its width is
-    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file.
-    Returns the new choice."""
+    replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file;
+    quantize(name, fmt, w) -> parts: the quantizer the file is written with, which the
+    measure uses too. Returns the new choice."""
     names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant) and n not in keep]
 
     def with_bits(b):
@@ -80,23 +73,30 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
     if fixed > budget:
         raise EdgeRtError(f"the budget {format_size(budget)} is below the smallest file this model makes "
                           f"({format_size(fixed)}, every matrix at {WIDTHS[0]} bits)")
-    sens = {}
-    for name in tqdm(names, desc="sensitivity", unit="tensor", disable=None if progress is None else not progress):
-        w = np.asarray(src.load(name), np.float32)
-        h = np.diag(gram[name]) / count[name] if gram and name in gram else np.ones(w.shape[1])
-        sens[name] = sensitivity(w, h, group_size)
-    pad = lambda n: -(-n // 64) * 64  # noqa: E731 (every tensor part starts on a 64-byte boundary)
+    # the widest width's cost is taken as 0: measured at 8 bits it is 0.3-0.7% of the 4-bit cost
+    # (SmolLM2, GPTQ, BENCHMARKS.md round 7), below the measure's noise, and not worth a run per matrix
+    costs = sensitivity.measure(src, names, WIDTHS[:-1], group_size, quantize, calib_text, progress=progress)
+    costs = {n: c | {WIDTHS[-1]: 0.0} for n, c in costs.items()}
+    sizes = {n: {b: matrix_bytes(src.shapes[n], b, group_size) for b in WIDTHS} for n in names}
+    return with_bits(fit(costs, sizes, budget - fixed))
 
-    def size(name, b):
-        rows, cols = src.shapes[name]
-        g = -(-cols // group_size)
-        return pad(rows * cols * b // 8) + 2 * pad(2 * rows * g)
 
-    spare = budget - fixed
-    widths = allocate([sens[n] for n in names], [{b: size(n, b) - size(n, WIDTHS[0]) for b in WIDTHS} for n in names],
-                      spare)
-    bits = dict(zip(names, widths))
-    spare -= sum(size(n, bits[n]) - size(n, WIDTHS[0]) for n in names)
+def matrix_bytes(shape, bits: int, group_size: int) -> int:
+    """Bytes of a group-quantized matrix in our file: codes, then d and m (float16 per
+    group), each part starting on a 64-byte boundary."""
+    pad = lambda n: -(-n // 64) * 64  # noqa: E731
+    rows, cols = shape
+    return pad(rows * cols * bits // 8) + 2 * pad(2 * rows * -(-cols // group_size))
+
+
+def fit(costs: dict, sizes: dict, spare: int) -> dict:
+    """name -> width minimizing sum costs[name][width] with the bytes over every matrix
+    at WIDTHS[0], sum sizes[name][width] - sizes[name][WIDTHS[0]], within spare: the
+    knapsack (allocate), then the bytes its rounding left, greedily."""
+    names = list(costs)
+    extra = {n: {b: sizes[n][b] - sizes[n][WIDTHS[0]] for b in WIDTHS} for n in names}
+    bits = dict(zip(names, allocate([costs[n] for n in names], [extra[n] for n in names], spare)))
+    spare -= sum(extra[n][bits[n]] for n in names)
     while True:
         best, gain = None, 0.0
         for n in names:
@@ -104,12 +104,11 @@ def choose_widths(src, chosen: dict, budget: int, file_size, gram: dict | None, 
             if i + 1 == len(WIDTHS):
                 continue
             nb = WIDTHS[i + 1]
-            cost = size(n, nb) - size(n, bits[n])
-            if cost <= spare and (sens[n][bits[n]] - sens[n][nb]) / cost > gain:
-                best, gain = n, (sens[n][bits[n]] - sens[n][nb]) / cost
+            cost = extra[n][nb] - extra[n][bits[n]]
+            if cost <= spare and (costs[n][bits[n]] - costs[n][nb]) / cost > gain:
+                best, gain = n, (costs[n][bits[n]] - costs[n][nb]) / cost
         if best is None:
-            break
+            return bits
         nb = WIDTHS[WIDTHS.index(bits[best]) + 1]
-        spare -= size(best, nb) - size(best, bits[best])
+        spare -= extra[best][nb] - extra[best][bits[best]]
         bits[best] = nb
-    return with_bits(bits)

@@ -248,3 +248,48 @@ def test_auto_keeps_one_of_its_candidates(tiny_src32, tmp_path, capsys):
     assert kept in AUTO and f"kept {kept}" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf"]
     assert np.isfinite(load(out, ctx=64).logits([1, 2, 3])).all()
+
+
+def test_end_to_end_cost_equals_a_whole_forward_with_the_matrix_swapped(smollm2_gguf):
+    """sensitivity.Window.kl re-runs only layers L.. from the float run's kept inputs (and the
+    whole model for the tied embeddings/head): the same KL as a fresh forward of the whole
+    model with that one matrix swapped, on SmolLM2."""
+    from edge_rt.converters import sensitivity
+    from edge_rt.models import spec_from_meta
+    src = open_source(smollm2_gguf)
+    spec = spec_from_meta(src.meta, len(src.meta["tokenizer.ggml.tokens"]), src.path)
+    W = sensitivity.SwappedWeights(src)
+    tokens = calibrate.calibration_windows(src, windows=1, ctx=32)[0]
+    run = sensitivity.Window(spec, W, tokens, scored=8)
+    fmt = formats.GroupQuant(2, 64)
+    for name in ("blk.29.ffn_down.weight", "blk.3.attn_k.weight", "token_embd.weight"):
+        w = W.matrix(name)
+        W.swap = {name: fmt.dequantize(fmt.quantize(w), w.shape[1])}
+        fresh = sensitivity.Window(spec, W, tokens, scored=8)  # every layer and the head with the swap
+        want = np.mean(np.sum(np.exp(run.logp) * (run.logp - fresh.logp), axis=-1))
+        assert run.kl(name) == pytest.approx(want, rel=1e-4), name
+        assert want > 0
+        W.swap = {}
+
+
+def test_mix_chooser_never_worse_than_uniform_4_bits_by_its_measure(smollm2_gguf):
+    """On SmolLM2's last two layers (14 matrices, costs measured end to end with the clip
+    quantizer): every 2/3/4-bit cost is positive and narrower is costlier; at a budget of
+    uniform 4 bits' bytes plus 2% the chosen widths fit it and cost no more than uniform 4 bits."""
+    from edge_rt.converters import mixed, sensitivity
+    from edge_rt.converters.quantize import quantizer
+    src = open_source(smollm2_gguf)
+    names = [n for n in src.shapes if n.startswith(("blk.28.", "blk.29.")) and len(src.shapes[n]) == 2]
+    costs = sensitivity.measure(src, names, (2, 3, 4), 64, quantizer("clip"), windows=1, ctx=64, scored=16,
+                                progress=False)
+    for n, c in costs.items():
+        assert 0 < c[4] < c[3] < c[2], (n, c)
+    costs = {n: c | {8: 0.0} for n, c in costs.items()}
+    sizes = {n: {b: mixed.matrix_bytes(src.shapes[n], b, 64) for b in mixed.WIDTHS} for n in names}
+    uniform = sum(sizes[n][4] - sizes[n][2] for n in names)
+    for spare in (int(uniform * 1.02), uniform, int(uniform * 0.7)):
+        bits = mixed.fit(costs, sizes, spare)
+        assert sum(sizes[n][bits[n]] - sizes[n][2] for n in names) <= spare
+        if spare >= uniform * 1.02:
+            assert sum(costs[n][bits[n]] for n in names) <= sum(costs[n][4] for n in names)
+            assert len(set(bits.values())) >= 2, bits  # a real mix, not uniform 4 bits
