@@ -164,7 +164,19 @@ SIMD_INLINE void v_store(float *p, vec8 v) { _mm256_storeu_ps(p, v); }
 SIMD_INLINE vec8 v_add(vec8 a, vec8 b) { return _mm256_add_ps(a, b); }
 SIMD_INLINE vec8 v_sub(vec8 a, vec8 b) { return _mm256_sub_ps(a, b); }
 SIMD_INLINE vec8 v_mul(vec8 a, vec8 b) { return _mm256_mul_ps(a, b); }
-SIMD_INLINE vec8 v_div(vec8 a, vec8 b) { return _mm256_div_ps(a, b); }
+/* Two 128-bit divisions, not one 256-bit vdivps (the same IEEE quotients): on the shared Zen 3
+ * host the tests and benchmarks run on, vdivps ymm returned some quotients 1 ulp toward zero in
+ * lane 5, in bursts of seconds, while divps xmm and divss on the same operands never did
+ * (benchmarks/div_probe.c, BENCHMARKS.md "A faulty division"): runs of one model differed. */
+SIMD_INLINE __m128 div4(__m128 a, __m128 b) { /* in asm: GCC fuses two _mm_div_ps into one vdivps ymm */
+    __m128 q;
+    __asm__("vdivps %2, %1, %0" : "=x"(q) : "x"(a), "x"(b));
+    return q;
+}
+SIMD_INLINE vec8 v_div(vec8 a, vec8 b) {
+    return _mm256_set_m128(div4(_mm256_extractf128_ps(a, 1), _mm256_extractf128_ps(b, 1)),
+                           div4(_mm256_castps256_ps128(a), _mm256_castps256_ps128(b)));
+}
 SIMD_INLINE vec8 v_max(vec8 a, vec8 b) { return _mm256_max_ps(a, b); }
 SIMD_INLINE vec8 v_min(vec8 a, vec8 b) { return _mm256_min_ps(a, b); }
 SIMD_INLINE vec8 v_fma(vec8 a, vec8 b, vec8 c) { return _mm256_fmadd_ps(a, b, c); }  /* a b + c */
@@ -334,7 +346,12 @@ SIMD static void ISA(softmax)(float *s, int L) {
     for (; j < L; j++) sum += s[j] = expf(s[j] - mx);
     const vec8 vsum = v_set1(sum);
     for (j = 0; j + 8 <= L; j += 8) v_store(s + j, v_div(v_load(s + j), vsum));
-    for (; j < L; j++) s[j] /= sum;
+    if (j < L) { /* the tail through v_div too: GCC makes a loop of s[j] /= sum a vdivps ymm */
+        float t[8] = {0};
+        memcpy(t, s + j, sizeof(float) * (L - j));
+        v_store(t, v_div(v_load(t), vsum));
+        memcpy(s + j, t, sizeof(float) * (L - j));
+    }
 }
 
 /* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
