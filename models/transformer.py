@@ -9,8 +9,11 @@ from .spec import Spec
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x times 1 / sqrt(mean(x^2) + eps), times w (as llama.cpp and kernels_c/layer.c compute it):
+    no division of whole rows, which numpy does with vdivps ymm, on the host the tests run on
+    now and then 1 ulp off (BENCHMARKS.md, "A faulty division")."""
     ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return x / np.sqrt(ms + np.float32(eps)) * w
+    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * w
 
 
 def silu(x):
