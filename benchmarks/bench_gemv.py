@@ -105,8 +105,8 @@ def main(argv=None):
         threads_list = [int(t) for t in a.threads.split(",") if t]
     except ValueError as e:
         ap.error(str(e))
-    if any(b not in (1, 2, 3, 4, 8) for b in bits_list):
-        ap.error("--bits: each of 1, 2, 3, 4, 8")
+    if any(b not in formats.BITS for b in bits_list):
+        ap.error(f"--bits: each of {', '.join(map(str, formats.BITS))}")
     if a.reps < 1 or a.llc_factor < 8 or any(t < 1 for t in threads_list):
         ap.error("--reps and --threads must be at least 1, --llc-factor at least 8")
 

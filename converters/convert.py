@@ -20,7 +20,7 @@ from .quantize import AUTO, CALIBRATED, EMBEDDINGS, LLAMA_CPP_TYPES, METHODS, ch
 from .readers import open_source
 from .writers import edge_rt_items, file_bytes, llama_cpp_items, provenance, write_gguf
 
-BITS = (2, 3, 4, 8, 16, 32)
+BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 AUTO_WINDOWS = 8  # windows of held-out validation text that --method auto scores each candidate on
 
 

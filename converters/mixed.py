@@ -28,7 +28,7 @@ from edge_rt.plan import format_size
 
 from . import sensitivity
 
-WIDTHS = (2, 3, 4, 8)
+WIDTHS = (2, 3, 4, 5, 6, 8)
 
 
 def allocate(errors: list[dict], costs: list[dict], spare: int, steps: int = 8192) -> list[int]:

@@ -110,7 +110,7 @@ def pull(name):
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Output GGUF file (.onnx with --format onnx).")
 @click.option("--bits", type=float, default=4, show_default=True,
-              help="2, 3, 4, 8, 16 or 32; a fraction (e.g. 3.5) is an average: mixed precision, "
+              help="2, 3, 4, 5, 6, 8, 16 or 32; a fraction (e.g. 3.5) is an average: mixed precision, "
                    "8 x file bytes / parameters at most.")
 @click.option("--size", type=Size(), default=None,
               help="Mixed precision: the largest file allowed, e.g. 60MB (powers of 1024).")
@@ -122,7 +122,7 @@ def pull(name):
               show_default=True, help="How group codes are chosen: round-to-nearest, clipped-range search, GPTQ "
                    "or AWQ scaling (or both) calibrated on --calib-text, or auto: the best of gptq, awq and "
                    "awq+gptq by perplexity on the held-out half of --calib-text.")
-@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "8", "16", "32"]), default=None,
+@click.option("--embed-bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "16", "32"]), default=None,
               help="Width of the token embeddings and output head (default: --bits).")
 @click.option("--calib-text", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Calibration text (default: the wikitext-2 validation file).")

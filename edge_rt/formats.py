@@ -5,13 +5,16 @@ kernels in kernels_c/ read the same bytes; a format's `id` is its value in
 `enum ert_format` (kernels_c/include/edgert.h), and the C side agrees with
 `dequantize` bit for bit.
 
-Group-quantized formats (Q1, Q2, Q3, Q4, Q8), layout version FORMAT_VERSION:
+Group-quantized formats (Q1..Q6, Q8), layout version FORMAT_VERSION:
   - each row is cut into groups of `group_size` columns (a multiple of 32; the last
     group of a row may be shorter), each with a scale d and a minimum m (float16):
         w = d * c + m,   c = clip(round((w - m) / d), 0, 2^bits - 1)
   - parts: "codes" uint8[rows, cols*bits/8], "scale" and "min" float16[rows, groups]
-    (q8: in row order; q1..q4: in tile order, see below).
-  - q8 codes are stored row by row, one byte per code (the int8 dot-product kernels).
+    (q5, q6, q8: in row order; q1..q4: in tile order, see below).
+  - q5, q6, q8 (the int8 dot-product kernels) store codes row by row, a block of 32 codes
+    in bits*4 bytes: q8 one byte per code; q5, q6 16 bytes of low nibbles, byte i =
+    (c[i] & 15) | (c[i + 16] & 15) << 4, then per high bit k = 4..bits-1 a little-endian
+    32-bit mask whose bit i is bit k of c[i].
   - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
     of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
     plane k; nib(r, j, k) = sum_i (bit k of code[r, 32b + 4j + i]) << i, i < 4, is the
@@ -34,11 +37,11 @@ import numpy as np
 FORMAT_VERSION = 3  # 3: q1..q4 scales and mins in tile order
 BLOCK = 32  # columns per code block
 DEFAULT_GROUP_SIZE = 64  # columns per (scale, min) pair unless asked otherwise
-BITS = (1, 2, 3, 4, 8)
-LUT_BITS = (1, 2, 3, 4)  # bit-plane layout, table-lookup kernels
+BITS = (1, 2, 3, 4, 5, 6, 8)
+LUT_BITS = (1, 2, 3, 4)  # bit-plane layout, table-lookup kernels; the others: int8 dot products
 TILE = 32  # rows per tile of the bit-plane layout
 # the values of enum ert_format in kernels_c/include/edgert.h
-FORMAT_IDS = {"f32": 0, "f16": 1, "q1": 2, "q2": 3, "q3": 4, "q4": 5, "q8": 6}
+FORMAT_IDS = {"f32": 0, "f16": 1, "q1": 2, "q2": 3, "q3": 4, "q4": 5, "q8": 6, "q5": 7, "q6": 8}
 
 
 class F32:
@@ -73,6 +76,7 @@ class GroupQuant:
         if group_size <= 0 or group_size % BLOCK:
             raise ValueError(f"group size must be a positive multiple of {BLOCK}, got {group_size}")
         self.bits, self.group_size = bits, group_size
+        self.lut = bits in LUT_BITS  # table lookups over bit-plane tiles, or int8 dot products
         self.name = f"q{bits}"
         self.id = FORMAT_IDS[self.name]
 
@@ -109,11 +113,17 @@ class GroupQuant:
 
     def pack(self, c: np.ndarray) -> np.ndarray:
         """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in the layout above
-        (q8: the codes themselves; q1..q4: tiles of bit planes)."""
+        (q8: the codes themselves; q5, q6: blocks of nibbles and high-bit masks; q1..q4:
+        tiles of bit planes)."""
         c = np.asarray(c, dtype=np.uint8)
         rows, cols = c.shape
         if self.bits == 8:
             return np.ascontiguousarray(c)
+        if not self.lut:
+            b = c.reshape(rows, cols // BLOCK, BLOCK)
+            nib = (b[..., :16] & 15) | ((b[..., 16:] & 15) << 4)
+            high = [np.packbits((b >> k) & 1, axis=-1, bitorder="little") for k in range(4, self.bits)]
+            return np.concatenate([nib, *high], axis=-1).reshape(rows, cols * self.bits // 8)
         full = rows - rows % TILE
         out = [_pack_tiles(c[:full].reshape(full // TILE, TILE, cols), self.bits),
                _pack_tiles(c[full:].reshape(1, rows - full, cols), self.bits)]
@@ -124,6 +134,13 @@ class GroupQuant:
         rows = packed.shape[0]
         if self.bits == 8:
             return np.ascontiguousarray(packed.reshape(rows, cols))
+        if not self.lut:
+            b = packed.reshape(rows, cols // BLOCK, self.bits * 4)
+            c = np.concatenate([b[..., :16] & 15, b[..., :16] >> 4], axis=-1)
+            for k in range(4, self.bits):
+                at = 16 + 4 * (k - 4)
+                c |= np.unpackbits(b[..., at:at + 4], axis=-1, bitorder="little") << k
+            return c.reshape(rows, cols)
         flat, full = packed.reshape(-1), rows - rows % TILE
         cut = full * cols * self.bits // 8
         return np.concatenate([_unpack_tiles(flat[:cut], TILE, cols, self.bits),
@@ -131,9 +148,9 @@ class GroupQuant:
 
     def pack_groups(self, a: np.ndarray) -> np.ndarray:
         """float16 per-group values (scale or min) [rows, groups] in row order -> the
-        layout above (q8: unchanged; q1..q4: [tile][group][row of the tile]), same shape."""
+        layout above (q5, q6, q8: unchanged; q1..q4: [tile][group][row of the tile]), same shape."""
         a = np.asarray(a, dtype=np.float16)
-        if self.bits == 8:
+        if not self.lut:
             return np.ascontiguousarray(a)
         rows, ng = a.shape
         full = rows - rows % TILE
@@ -143,7 +160,7 @@ class GroupQuant:
     def unpack_groups(self, a: np.ndarray) -> np.ndarray:
         """The inverse of pack_groups: [rows, groups] in row order."""
         a = np.asarray(a)
-        if self.bits == 8:
+        if not self.lut:
             return a
         rows, ng = a.shape
         full = rows - rows % TILE
@@ -201,7 +218,7 @@ def _unpack_tiles(flat: np.ndarray, h: int, cols: int, bits: int) -> np.ndarray:
 
 
 def by_name(name: str, group_size: int = DEFAULT_GROUP_SIZE):
-    """'f32', 'f16', 'q2', 'q3', 'q4', 'q8' -> a format object."""
+    """'f32', 'f16', 'q1' .. 'q6', 'q8' -> a format object."""
     if name == "f32":
         return F32()
     if name == "f16":
@@ -297,8 +314,8 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     """The numpy twin of the C kernels: y[n, rows] = x[n, cols] . W^T with the same
     integer arithmetic, accumulated in float64 (the C kernels sum in float32).
       f32/f16: float weights.
-      q8 (int8 dot products): int8 activations (quantize_activations), per block
-        da * (d * sum(s*qa) + (m + 128*d) * sum(qa)), s = c - 128.
+      q5, q6, q8 (int8 dot products): int8 activations (quantize_activations), per block
+        da * (d * sum(s*qa) + (m + o*d) * sum(qa)), s = c - o, o = 2^(bits-1).
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
         y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
@@ -313,12 +330,13 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     gidx = (np.arange(nblk) * BLOCK) // fmt.group_size
     d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
     m = fmt.unpack_groups(parts["min"]).astype(np.float64)[:, gidx]
-    if fmt.bits == 8:
-        s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - 128
+    if not fmt.lut:
+        o = 1 << (fmt.bits - 1)
+        s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - o
         qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
         dot = np.einsum("rbi,nbi->nrb", s, qa.astype(np.int64))  # exact integers
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
-        y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + 128 * d)[None] * sq[:, None, :])
+        y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + o * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
     t, ls, lq = lut_tables(x, fmt.group_size, lut_block_mult(fmt.bits))  # [n, J, 16], [n, ngroups], [n, nblk]
     quad = c.reshape(rows, nblk, 8, 4)

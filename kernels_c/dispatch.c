@@ -94,7 +94,7 @@ static const int ISA_FALLBACK[ISA_N] = {-1, ISA_REF, ISA_REF, ISA_NEON};
  * q1..q4: table lookups (no dot products: neon-dotprod CPUs use the neon kernels).
  * q4 too: on AVX2 (Zen 3, 1 thread) its LUT GEMV measured 1.16-1.26x the int8 kernel
  * of layout 1 on SmolLM2 and 4096x4096 shapes, and level with it on DRAM-bound ones.
- * q8: int8 dot products. */
+ * q5, q6, q8: int8 dot products (q5, q6 unpack their blocks to bytes first). */
 static const struct {
     const char *name;
     ert_kernel k[ISA_N];
@@ -106,6 +106,8 @@ static const struct {
     [ERT_Q3] = {"q3", {K_REF(q3), K_AVX2(q3), K_NEON(q3), K_NONE}},
     [ERT_Q4] = {"q4", {K_REF(q4), K_AVX2(q4), K_NEON(q4), K_NONE}},
     [ERT_Q8] = {"q8", {K_REF(q8), K_AVX2(q8), K_NEON(q8), K_NEON_DP(q8)}},
+    [ERT_Q5] = {"q5", {K_REF(q5), K_AVX2(q5), K_NEON(q5), K_NEON_DP(q5)}},
+    [ERT_Q6] = {"q6", {K_REF(q6), K_AVX2(q6), K_NEON(q6), K_NEON_DP(q6)}},
 };
 
 /* activation quantizers and table builders (bit-exact with each other) */
@@ -368,7 +370,7 @@ static void int8_tokens(const ert_weight *w, const float *x, ert_act *a, int j0,
         }
 }
 
-/* q8: int8 activations per 32-block and the sums the int8 kernels use */
+/* q5, q6, q8: int8 activations per 32-block and the sums the int8 kernels use */
 static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
     size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
@@ -397,7 +399,7 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
 }
 
 /* weights whose products can share one prepared input: the same kind of activations
- * (tables for q1..q4, with or without block multipliers; int8 for q8; the floats
+ * (tables for q1..q4, with or without block multipliers; int8 for q5, q6, q8; the floats
  * themselves) over the same groups */
 static int same_input(const ert_weight *a, const ert_weight *b) {
     const int ba = ert_format_bits(a->format), bb = ert_format_bits(b->format);

@@ -7,8 +7,8 @@
  *   the activations, scale ls per group (formats.lut_tables); per group
  *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
  *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
- *   q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
- *   s = c - 128; y += da * (d*sum(s*q) + (m + 128*d) * sum(q))
+ *   q5, q6, q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
+ *   s = c - o, o = 2^(bits-1); y += da * (d*sum(s*q) + (m + o*d) * sum(q))
  */
 #define ERT_BUILDING
 #include "edgert.h"
@@ -19,12 +19,21 @@
 
 /* ---- code unpacking ------------------------------------------------------------- */
 
-/* the 32 codes of block b of row r: q8 one byte per code, q1..q4 from the bit planes
- * of the tile layout (formats.py) */
+/* the 32 codes of block b of row r: q8 one byte per code; q5, q6 from 16 bytes of low
+ * nibbles and a 32-bit mask per high bit; q1..q4 from the bit planes of the tile layout
+ * (formats.py) */
 static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[ERT_BLOCK]) {
     const uint8_t *data = (const uint8_t *)w->data;
-    if (bits == 8) {
-        memcpy(c, data + (size_t)r * w->cols + (size_t)b * ERT_BLOCK, ERT_BLOCK);
+    if (bits > 4) {
+        const uint8_t *p = data + (size_t)r * w->cols * bits / 8 + (size_t)b * bits * 4;
+        if (bits == 8) {
+            memcpy(c, p, ERT_BLOCK);
+            return;
+        }
+        for (int i = 0; i < 16; i++) c[i] = p[i] & 15, c[i + 16] = p[i] >> 4;
+        for (int k = 4; k < bits; k++)
+            for (int i = 0; i < ERT_BLOCK; i++) /* plane k's mask: bytes 16 + 4(k - 4) = 4k.. */
+                c[i] |= (uint8_t)(((p[4 * k + i / 8] >> (i % 8)) & 1) << k);
         return;
     }
     memset(c, 0, ERT_BLOCK);
@@ -148,7 +157,7 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 #define CHUNK 64 /* blocks unpacked at a time (2048 columns) */
 
-/* q8: integer dot products of int8 activations and s = c - 128 */
+/* q5, q6, q8: integer dot products of int8 activations and s = c - 2^(bits-1) */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
     const int nblk = a->nblk, off = 1 << (bits - 1);
     int8_t s[CHUNK * ERT_BLOCK];
@@ -230,7 +239,7 @@ static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, in
 
 #define GROUP_KERNELS(name, bits)                                                                  \
     void ert_##name##_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { \
-        if (bits == 8)                                                                             \
+        if (bits > 4)                                                                              \
             group_matmul(w, a, r0, r1, y, bits);                                                   \
         else                                                                                       \
             ert_lut_matmul_ref(w, a, r0, r1, y, bits);                                             \
@@ -243,4 +252,6 @@ GROUP_KERNELS(q1, 1)
 GROUP_KERNELS(q2, 2)
 GROUP_KERNELS(q3, 3)
 GROUP_KERNELS(q4, 4)
+GROUP_KERNELS(q5, 5)
+GROUP_KERNELS(q6, 6)
 GROUP_KERNELS(q8, 8)

@@ -20,7 +20,7 @@ from edge_rt import formats
 from edge_rt import kernels as K
 
 REPO = Path(__file__).resolve().parents[1]
-GROUP_BITS = [1, 2, 3, 4, 8]
+GROUP_BITS = [1, 2, 3, 4, 5, 6, 8]
 # (rows, cols): one row, the minimum width, odd row counts (not multiples of the 32-row
 # tile: a last tile of 5, 3, 1, 2 rows), whole tiles, and cols=192 / 96 which leave a
 # ragged last group for g=128 / g=64
@@ -138,8 +138,8 @@ def test_matmul_batch_invariant(isa):
 
 
 def test_matmul_integer_parts_exact():
-    """With power-of-two scales and activations whose int8 form is exact (q8: amax = 127
-    in every block, so q == x; q1..q4: integer x with a 4-column |sum| of 127 in every
+    """With power-of-two scales and activations whose int8 form is exact (q5, q6, q8: amax =
+    127 in every block, so q == x; q1..q4: integer x with a 4-column |sum| of 127 in every
     block, so the tables are the exact sums and ls == 1), everything is exact in float32:
     the kernels must agree with the reference to the last bit (catches any off-by-one in
     the codes, the layout or the tables)."""
@@ -152,7 +152,7 @@ def test_matmul_integer_parts_exact():
             ng = fmt.groups(cols)
             parts["scale"] = np.full((rows, ng), 2.0**-6, np.float16)
             parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
-            if bits == 8:
+            if not fmt.lut:
                 x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
                 x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
             else:
@@ -212,7 +212,8 @@ def test_matmul_many_equals_one_at_a_time(fmts):
 def test_pack_layout(bits):
     """pack/unpack (and pack_groups/unpack_groups) are inverse for any row count and keep
     the shape; q1..q4 put row r's plane-k nibble of sub-group j, and its group g's scale,
-    where the kernels read them (ert_lut_offset, ert_group_offset)."""
+    where the kernels read them (ert_lut_offset, ert_group_offset); q5, q6 a block's low
+    nibbles and high-bit masks where the kernels unpack them."""
     rng = np.random.default_rng(bits)
     fmt = formats.GroupQuant(bits, 64)
     for rows in (1, 5, 31, 32, 33, 64, 77):
@@ -225,9 +226,20 @@ def test_pack_layout(bits):
         assert pd.shape == d.shape and pd.dtype == np.float16 and np.array_equal(fmt.unpack_groups(pd), d)
         for r, g in [(0, 0), (rows - 1, 2), (rows // 2, 1)]:
             t0 = r - r % formats.TILE
-            at = r * 3 + g if bits == 8 else t0 * 3 + g * min(formats.TILE, rows - t0) + r - t0
+            at = r * 3 + g if not fmt.lut else t0 * 3 + g * min(formats.TILE, rows - t0) + r - t0
             assert pd.reshape(-1)[at] == d[r, g], (rows, r, g)
-    if bits == 8:
+    if not fmt.lut:
+        c = rng.integers(0, 1 << bits, (3, 64)).astype(np.uint8)
+        p = fmt.pack(c)
+        for r, b, i in [(0, 0, 0), (2, 1, 5), (1, 1, 15)]:  # block b of row r: bits*4 bytes
+            blk, code = p[r, b * bits * 4:(b + 1) * bits * 4], c[r, 32 * b:32 * b + 32]
+            if bits == 8:
+                assert blk[i] == code[i] and blk[i + 16] == code[i + 16]
+                continue
+            assert blk[i] == (code[i] & 15) | (code[i + 16] & 15) << 4
+            for k in range(4, bits):
+                for j in (i, i + 16):
+                    assert (blk[4 * k + j // 8] >> j % 8) & 1 == (code[j] >> k) & 1
         return
     rows, cols = 45, 64  # a full tile and a tile of 13 rows
     c = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
@@ -528,7 +540,8 @@ def test_arm_neon_dotprod_qemu(arm_build):
     assert "features: neon dotprod" in r.stdout
     for name in ("q1", "q2", "q3", "q4"):  # table lookups: no dot products to use
         assert f"kernel: {name}:neon\n" in r.stdout, r.stdout
-    assert "kernel: q8:neon-dotprod" in r.stdout, r.stdout
+    for name in ("q5", "q6", "q8"):  # int8 dot products
+        assert f"kernel: {name}:neon-dotprod" in r.stdout, r.stdout
     assert "kernel: f32:neon" in r.stdout and "kernel: f16:neon" in r.stdout
     assert "checked: neon\n" in r.stdout and "checked: neon-dotprod" in r.stdout and "PASSED" in r.stdout
     # layer.c's NEON helpers chosen and checked against the portable ones for both kernel sets
@@ -539,7 +552,7 @@ def test_arm_neon_without_dotprod_qemu(arm_build):
     r = _qemu(arm_build, "cortex-a72")  # ARMv8.0: sdot would be SIGILL
     assert r.returncode == 0, r.stdout + r.stderr
     assert "dotprod" not in r.stdout.split("\n")[0]
-    for name in ("q1", "q2", "q3", "q4", "q8"):
+    for name in ("q1", "q2", "q3", "q4", "q5", "q6", "q8"):
         assert f"kernel: {name}:neon\n" in r.stdout, r.stdout
     assert "checked: neon\n" in r.stdout and "neon-dotprod" not in r.stdout and "PASSED" in r.stdout
     assert "layer: neon\n" in r.stdout and "checked layer: neon " in r.stdout

@@ -133,16 +133,17 @@ def test_width_allocation_is_the_best_within_the_spare_bytes():
     rng = np.random.default_rng(0)
     for _ in range(20):
         n = 4
-        errors = [dict(zip(WIDTHS, np.sort(rng.random(4))[::-1] * rng.random() * 10)) for _ in range(n)]
-        costs = [dict(zip(WIDTHS, np.r_[0, np.sort(rng.integers(1, 300, 3))])) for _ in range(n)]
+        nw = len(WIDTHS)
+        errors = [dict(zip(WIDTHS, np.sort(rng.random(nw))[::-1] * rng.random() * 10)) for _ in range(n)]
+        costs = [dict(zip(WIDTHS, np.r_[0, np.sort(rng.integers(1, 300, nw - 1))])) for _ in range(n)]
         spare = int(rng.integers(0, 700))
         best = min((sum(e[b] for e, b in zip(errors, c)), c) for c in itertools.product(WIDTHS, repeat=n)
                    if sum(k[b] for k, b in zip(costs, c)) <= spare)
         got = allocate(errors, costs, spare)
         assert sum(k[b] for k, b in zip(costs, got)) <= spare
         assert sum(e[b] for e, b in zip(errors, got)) == pytest.approx(best[0], rel=1e-12)
-    head = {2: 100.0, 3: 60.0, 4: 40.0, 8: 0.0}, {2: 0, 3: 21, 4: 42, 8: 126}
-    small = {2: 10.0, 3: 5.0, 4: 3.0, 8: 0.0}, {2: 0, 3: 2, 4: 4, 8: 10}
+    head = {2: 100.0, 3: 60.0, 4: 40.0, 5: 39.0, 6: 38.0, 8: 0.0}, {2: 0, 3: 21, 4: 42, 5: 63, 6: 84, 8: 126}
+    small = {2: 10.0, 3: 5.0, 4: 3.0, 5: 2.0, 6: 1.0, 8: 0.0}, {2: 0, 3: 2, 4: 4, 5: 6, 6: 8, 8: 10}
     got = allocate([head[0]] + [small[0]] * 4, [head[1]] + [small[1]] * 4, 130)
     assert got[0] == 8, got  # greedily: the small ones to 8 bits first (40 bytes), then the head to 4 only
 
@@ -280,7 +281,7 @@ def test_mix_chooser_never_worse_than_uniform_4_bits_by_its_measure(smollm2_gguf
     from edge_rt.converters.quantize import quantizer
     src = open_source(smollm2_gguf)
     names = [n for n in src.shapes if n.startswith(("blk.28.", "blk.29.")) and len(src.shapes[n]) == 2]
-    costs = sensitivity.measure(src, names, (2, 3, 4), 64, quantizer("clip"), windows=1, ctx=64, scored=16,
+    costs = sensitivity.measure(src, names, mixed.WIDTHS[:-1], 64, quantizer("clip"), windows=1, ctx=64, scored=16,
                                 progress=False)
     for n, c in costs.items():
         assert 0 < c[4] < c[3] < c[2], (n, c)

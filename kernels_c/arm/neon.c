@@ -1,8 +1,8 @@
 /* AArch64 NEON kernels. This file is compiled twice (see CMakeLists.txt):
  *   ERT_NEON_DOTPROD=0 (armv8-a):            ert_*_neon: everything; q1..q4 by table
- *                                            lookups (vqtbl1q_s8), q8 by int8 dots with
- *                                            vmull_s8 / vmlal_high_s8 / vpadalq_s16
- *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):  ert_q8_matmul_neon_dotprod: vdotq_s32
+ *                                            lookups (vqtbl1q_s8), q5, q6, q8 by int8 dots
+ *                                            with vmull_s8 / vmlal_high_s8 / vpadalq_s16
+ *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):  ert_q{5,6,8}_matmul_neon_dotprod: vdotq_s32
  *                                            (the table lookups do not use dot products)
  * dispatch.c picks the dotprod build only when getauxval(AT_HWCAP) has HWCAP_ASIMDDP.
  * Same arithmetic as ref.c / avx2.c (formats.matmul_reference).
@@ -28,9 +28,10 @@
 #define SFX(name) CAT(name, _neon)
 #endif
 
-/* ---- q8: int8 dot products ------------------------------------------------------------------
- * y[j][r] = sum over blocks b of float(s_b . q_b) * (d_g(b) * da_b) + sum_g (m_g + 128 d_g) gsum_g
- * (s = c - 128 of row r's codes, q / da / gsum the activation row's), computed for a micro-tile
+/* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
+ * y[j][r] = sum over blocks b of float(s_b . q_b) * (d_g(b) * da_b) + sum_g (m_g + o d_g) gsum_g
+ * (s = c - o, o = 2^(bits-1), of row r's codes, unpacked to bytes for q5, q6; q / da / gsum
+ * the activation row's), computed for a micro-tile
  * of RM (<= 2) rows x NR (<= 4) activation rows at a time: each weight block is loaded and
  * offset once for the NR tokens, each activation block once for the RM rows. Per (row, token)
  * the arithmetic is the same whatever RM and NR (a token alone, as in decode, or in a prefill
@@ -43,12 +44,36 @@ typedef struct {
     int8x16_t lo, hi;
 } signed32;
 
-/* s = c - 128 of a block's 32 codes */
-INLINE signed32 load_signed(const uint8_t *p) {
-    const uint8x16_t off = vdupq_n_u8(128);
-    signed32 s;
-    s.lo = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p), off));
-    s.hi = vreinterpretq_s8_u8(vsubq_u8(vld1q_u8(p + 16), off));
+typedef struct {
+    uint8x16_t lo, hi;
+} codes32;
+
+/* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes of
+ * low nibbles (byte i: codes i and i + 16), and per high bit k the 32-bit mask at p + 4k
+ * (code i: bit i % 8 of its byte i / 8) */
+INLINE codes32 load_codes(const uint8_t *p, const int bits) {
+    codes32 c;
+    if (bits == 8) {
+        c.lo = vld1q_u8(p), c.hi = vld1q_u8(p + 16);
+        return c;
+    }
+    static const uint8_t BIT[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t v = vld1q_u8(p), bit = vld1q_u8(BIT);
+    c.lo = vandq_u8(v, vdupq_n_u8(0x0F)), c.hi = vshrq_n_u8(v, 4);
+    for (int k = 4; k < bits; k++) {
+        const uint8_t *m = p + 4 * k;
+        const uint8x16_t hk = vdupq_n_u8((uint8_t)(1 << k));
+        c.lo = vorrq_u8(c.lo, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(m[0]), vdup_n_u8(m[1])), bit), hk));
+        c.hi = vorrq_u8(c.hi, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(m[2]), vdup_n_u8(m[3])), bit), hk));
+    }
+    return c;
+}
+
+/* s = c - 2^(bits-1) of the block at p */
+INLINE signed32 load_signed(const uint8_t *p, const int bits) {
+    const uint8x16_t off = vdupq_n_u8((uint8_t)(1 << (bits - 1)));
+    const codes32 c = load_codes(p, bits);
+    signed32 s = {vreinterpretq_s8_u8(vsubq_u8(c.lo, off)), vreinterpretq_s8_u8(vsubq_u8(c.hi, off))};
     return s;
 }
 
@@ -78,10 +103,10 @@ INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
 /* acc[r][k] += float(s_r . q_k) * scl[r][k][i] for block b of the rows (at codes[r]) */
-INLINE void q8_block(const uint8_t *const *codes, const int8_t *const *q, size_t b, float (*scl)[4][CHUNK + 4], int i,
-                     float32x4_t (*acc)[4], const int RM, const int NR) {
+INLINE void int8_block(const uint8_t *const *codes, const int8_t *const *q, size_t b, float (*scl)[4][CHUNK + 4], int i,
+                       float32x4_t (*acc)[4], const int RM, const int NR, const int bits) {
     signed32 s[2];
-    for (int r = 0; r < RM; r++) s[r] = load_signed(codes[r] + b * ERT_BLOCK);
+    for (int r = 0; r < RM; r++) s[r] = load_signed(codes[r] + b * bits * 4, bits);
     for (int k = 0; k < NR; k++) {
         const signed32 qk = load_q(q[k] + b * ERT_BLOCK);
         for (int r = 0; r < RM; r++) acc[r][k] = vfmaq_n_f32(acc[r][k], vcvtq_f32_s32(block_dot(s[r], qk)), scl[r][k][i]);
@@ -89,7 +114,9 @@ INLINE void q8_block(const uint8_t *const *codes, const int8_t *const *q, size_t
 }
 
 /* Rows r0..r0+RM-1 times activation rows j0..j0+NR-1 */
-INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float *y, const int RM, const int NR) {
+INLINE void int8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float *y, const int RM, const int NR,
+                      const int bits) {
+    const float o = (float)(1 << (bits - 1));
     const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7;
     const int8_t *q[4];
     const float *da[4], *gsum[4];
@@ -102,18 +129,18 @@ INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float
     float32x4_t acc[2][4], acc2[2][4];
     float accm[2][4], dg[CHUNK], d[CHUNK + 4], scl[2][4][CHUNK + 4];
     for (int r = 0; r < RM; r++) { /* the min terms: 4 groups a vector, the last ng % 4 by fmaf */
-        codes[r] = (const uint8_t *)w->data + (size_t)(r0 + r) * w->cols;
+        codes[r] = (const uint8_t *)w->data + (size_t)(r0 + r) * w->cols * bits / 8;
         const uint16_t *sc = w->scale + (size_t)(r0 + r) * ng, *mn = w->min + (size_t)(r0 + r) * ng;
         float32x4_t vm[4];
         for (int k = 0; k < NR; k++) acc[r][k] = acc2[r][k] = vm[k] = vdupq_n_f32(0.0f);
         int g = 0;
         for (; g + 4 <= ng; g += 4) {
-            const float32x4_t mb = vfmaq_n_f32(half4(mn + g), half4(sc + g), 128.0f);
+            const float32x4_t mb = vfmaq_n_f32(half4(mn + g), half4(sc + g), o);
             for (int k = 0; k < NR; k++) vm[k] = vfmaq_f32(vm[k], mb, vld1q_f32(gsum[k] + g));
         }
         for (int k = 0; k < NR; k++) accm[r][k] = vaddvq_f32(vm[k]);
         for (; g < ng; g++) {
-            const float mb = fmaf(half1(sc[g]), 128.0f, half1(mn[g]));
+            const float mb = fmaf(half1(sc[g]), o, half1(mn[g]));
             for (int k = 0; k < NR; k++) accm[r][k] = fmaf(mb, gsum[k][g], accm[r][k]);
         }
     }
@@ -133,10 +160,10 @@ INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float
         }
         int i = 0;
         for (; i + 2 <= nb; i += 2) {
-            q8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR);
-            q8_block(codes, q, (size_t)c0 + i + 1, scl, i + 1, acc2, RM, NR);
+            int8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR, bits);
+            int8_block(codes, q, (size_t)c0 + i + 1, scl, i + 1, acc2, RM, NR, bits);
         }
-        if (i < nb) q8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR);
+        if (i < nb) int8_block(codes, q, (size_t)c0 + i, scl, i, acc, RM, NR, bits);
     }
     for (int r = 0; r < RM; r++)
         for (int k = 0; k < NR; k++)
@@ -144,15 +171,19 @@ INLINE void q8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float
 }
 
 /* rows t0..t1-1 two at a time (the last alone) */
-#define Q8_ROWS(t0, t1, j0, NR)                                                      \
+#define INT8_ROWS(t0, t1, j0, NR)                                                    \
     for (int r_ = t0; r_ < t1; r_ += 2) {                                            \
-        if (r_ + 2 <= t1) q8_tile(w, a, r_, j0, y, 2, NR);                           \
-        else q8_tile(w, a, r_, j0, y, 1, NR);                                        \
+        if (r_ + 2 <= t1) int8_tile(w, a, r_, j0, y, 2, NR, bits);                   \
+        else int8_tile(w, a, r_, j0, y, 1, NR, bits);                                \
     }
 
-void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
+INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int bits) {
+    ERT_FOR_TILES(r0, r1, a->n, INT8_ROWS)
 }
+
+void SFX(ert_q5_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { int8_matmul(w, a, r0, r1, y, 5); }
+void SFX(ert_q6_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { int8_matmul(w, a, r0, r1, y, 6); }
+void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { int8_matmul(w, a, r0, r1, y, 8); }
 
 #if !ERT_NEON_DOTPROD
 /* ---- what does not depend on dotprod: built once, in the plain NEON object ------------------- */
@@ -197,22 +228,27 @@ INLINE void store_deq(float *o, uint8x16_t c, float32x4_t d, float32x4_t m) {
     vst1q_f32(o + 12, vfmaq_f32(m, d, vcvtq_f32_u32(vmovl_high_u16(h))));
 }
 
-void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
+INLINE void int8_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, const int bits) {
     const int cols = w->cols, nblk = cols / ERT_BLOCK, gs = w->group_size;
     const int ng = (cols + gs - 1) / gs;
     for (int i = 0; i < k; i++) {
         const int64_t r = rows ? rows[i] : row0 + i;
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols;
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols * bits / 8;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
             const int g = b * ERT_BLOCK / gs;
             const float32x4_t d = vdupq_n_f32(half1(w->scale[(size_t)r * ng + g]));
             const float32x4_t m = vdupq_n_f32(half1(w->min[(size_t)r * ng + g]));
-            store_deq(o + (size_t)b * ERT_BLOCK, vld1q_u8(codes + (size_t)b * ERT_BLOCK), d, m);
-            store_deq(o + (size_t)b * ERT_BLOCK + 16, vld1q_u8(codes + (size_t)b * ERT_BLOCK + 16), d, m);
+            const codes32 c = load_codes(codes + (size_t)b * bits * 4, bits);
+            store_deq(o + (size_t)b * ERT_BLOCK, c.lo, d, m);
+            store_deq(o + (size_t)b * ERT_BLOCK + 16, c.hi, d, m);
         }
     }
 }
+
+void ert_q5_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { int8_dequant(w, rows, row0, k, out, 5); }
+void ert_q6_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { int8_dequant(w, rows, row0, k, out, 6); }
+void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { int8_dequant(w, rows, row0, k, out, 8); }
 
 /* ---- q1..q4: table lookups -------------------------------------------------------------------
  *

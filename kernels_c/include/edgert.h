@@ -35,6 +35,8 @@ enum ert_format {
     ERT_Q3 = 4,
     ERT_Q4 = 5,
     ERT_Q8 = 6,
+    ERT_Q5 = 7,
+    ERT_Q6 = 8,
     ERT_NFORMATS
 };
 
@@ -59,7 +61,7 @@ typedef struct {
     const void *data;   /* f32: float[rows][cols]; f16: uint16 (IEEE half)[rows][cols];
                            group formats: codes uint8[rows][cols*bits/8] */
     const uint16_t *scale; /* group formats: float16 [rows][ngroups], ngroups = ceil(cols/group_size);
-                              q8 in row order, q1..q4 in tile order (ert_group_offset) */
+                              q5, q6, q8 in row order, q1..q4 in tile order (ert_group_offset) */
     const uint16_t *min;   /* group formats: float16 [rows][ngroups], as scale */
 } ert_weight;
 
@@ -200,7 +202,7 @@ typedef struct {
     const float *ls;    /* [n][ngroups] table scale of each group */
     const int16_t *lq;  /* [n][nblk] block multipliers (ERT_LUT_BLOCK_MULT), else NULL */
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
-    /* q8 (int8 dot products): */
+    /* q5, q6, q8 (int8 dot products): */
     int nblk, ngroups, group_size;
     const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
     const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
@@ -248,12 +250,12 @@ static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b,
            2 * (r - t0) + (wu == 2 ? (k & 1) : (s & 1));
 }
 
-/* Index of row r's group g in the scale and min arrays (formats.pack_groups): q8 row by
- * row; q1..q4 by tiles of 32 rows (h rows in the last), group by group, the tile's rows
+/* Index of row r's group g in the scale and min arrays (formats.pack_groups): q5, q6, q8
+ * row by row; q1..q4 by tiles of 32 rows (h rows in the last), group by group, the tile's rows
  * in order. */
 static inline size_t ert_group_offset(const ert_weight *w, int bits, int r, int g) {
     const int ng = (w->cols + w->group_size - 1) / w->group_size;
-    if (bits == 8) return (size_t)r * ng + g;
+    if (bits > 4) return (size_t)r * ng + g;
     const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
     return (size_t)t0 * ng + (size_t)g * h + (r - t0);
 }
@@ -270,6 +272,8 @@ static inline int ert_format_bits(int format) {
     case ERT_Q2: return 2;
     case ERT_Q3: return 3;
     case ERT_Q4: return 4;
+    case ERT_Q5: return 5;
+    case ERT_Q6: return 6;
     case ERT_Q8: return 8;
     default: return 0;
     }
@@ -303,6 +307,8 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q2_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
     void ert_q3_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
     void ert_q4_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q5_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
+    void ert_q6_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
     void ert_q8_matmul_##isa(const ert_weight *, const ert_act *, int, int, float *);      \
     void ert_f32_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);    \
     void ert_f16_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);    \
@@ -310,6 +316,8 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q2_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q3_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q4_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q5_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
+    void ert_q6_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
     void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, int16_t *, float *);

@@ -1,7 +1,7 @@
 /* AVX2 + FMA + F16C kernels (x86-64). Compiled with -mavx2 -mfma -mf16c; only
  * called after dispatch.c has checked the CPU has them.
  *   q1..q4: table lookups over the bit-plane tiles (lut_tile below);
- *   q8: int8 dot products (q8_rows); f32/f16: FMA (float_rows).
+ *   q5, q6, q8: int8 dot products (int8_rows); f32/f16: FMA (float_rows).
  * Rows are independent, and an activation row's result does not depend on n or on
  * the thread count.
  */
@@ -269,17 +269,42 @@ LUT_KERNELS(q2, 2)
 LUT_KERNELS(q3, 3)
 LUT_KERNELS(q4, 4)
 
-/* ---- q8: int8 dot products -------------------------------------------------------------------
- *   - each 32-code block (s = c - 128 = c ^ 0x80) is dotted with up to 4 activation rows:
+/* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
+ *   - each 32-code block (s = c - o, o = 2^(bits-1); unpacked to bytes for q5, q6) is dotted
+ *     with up to 4 activation rows:
  *     exact int32 lane sums with the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512);
  *   - the lanes are converted to float and accumulated with the block scale d*da
  *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
- *   - the min term sum_g (m + 128*d) * sum_{b in g} da*qsum is added per group. */
+ *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group. */
+
+/* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
+ * of low nibbles (byte i: codes i and i + 16), and per high bit k the 32-bit mask at p + 4k
+ * spread to the bytes (byte i tests bit i % 8 of the mask's byte i / 8) */
+INLINE __m256i block_codes(const uint8_t *p, const int bits) {
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), nib = _mm_set1_epi8(0x0F);
+    __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                            3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL); /* byte i: 1 << (i % 8) */
+    for (int k = 4; k < bits; k++) {
+        int32_t m;
+        memcpy(&m, p + 4 * k, sizeof m);
+        const __m256i t = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(m), spread), bit);
+        c = _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(t, bit), _mm256_set1_epi8((char)(1 << k))));
+    }
+    return c;
+}
+
+/* s = c - 2^(bits-1) of the block at p, as int8 (q8: c ^ 0x80) */
+INLINE __m256i block_s(const uint8_t *p, const int bits) {
+    return _mm256_sub_epi8(block_codes(p, bits), _mm256_set1_epi8((char)(1 << (bits - 1))));
+}
 
 /* 8 int32 partial sums of the block dot s.q; lane i holds columns 4i..4i+3 */
-INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q) {
+INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q, const int bits) {
     const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
-    const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)codes), _mm256_set1_epi8((char)0x80));
+    const __m256i s = block_s(codes, bits);
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
 }
 
@@ -311,11 +336,11 @@ INLINE __m256 block_d8(const ert_weight *w, const ert_act *a, int r, int b0, int
     return _mm256_permutevar8x32_ps(load8_half(w->scale + (size_t)r * ng + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
 }
 
-/* row r's m + 128*d of groups g0..g0+7 (zero past the last group) */
-INLINE __m256 group_mb8(const ert_weight *w, int ng, int r, int g0, int safe) {
+/* row r's m + o*d of groups g0..g0+7 (zero past the last group), o = 2^(bits-1) */
+INLINE __m256 group_mb8(const ert_weight *w, int ng, int r, int g0, int safe, const int bits) {
     const int cnt = ng - g0 < 8 ? ng - g0 : 8;
     const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
-    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps(128.0f), load8_half(mn + g0, cnt, safe));
+    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps((float)(1 << (bits - 1))), load8_half(mn + g0, cnt, safe));
     return cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb;
 }
 
@@ -332,15 +357,16 @@ INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *
  * Even blocks go to acc, odd ones to acc2 (two independent FMA chains), whatever NR:
  * an activation row gets the same result whatever the batch it is in. */
 INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb, float (*scl)[CHUNK], __m256 *acc,
-                       __m256 *acc2, const int NR) {
-    const uint8_t *cp = codes + (size_t)c0 * ERT_BLOCK;
+                       __m256 *acc2, const int NR, const int bits) {
+    const size_t bb = (size_t)bits * 4; /* bytes per block */
+    const uint8_t *cp = codes + (size_t)c0 * bb;
     int i = 0;
     for (; i + 2 <= nb; i += 2) {
         const size_t b = (size_t)c0 + i;
-        _mm_prefetch((const char *)cp + (size_t)i * ERT_BLOCK + PREFETCH_CODES, _MM_HINT_T0);
+        _mm_prefetch((const char *)cp + (size_t)i * bb + PREFETCH_CODES, _MM_HINT_T0);
         for (int k = 0; k < NR; k++) {
-            __m256i pa = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
-            __m256i pb = block_dot(cp + (size_t)(i + 1) * ERT_BLOCK, ar->q[k] + (b + 1) * ERT_BLOCK);
+            __m256i pa = block_dot(cp + (size_t)i * bb, ar->q[k] + b * ERT_BLOCK, bits);
+            __m256i pb = block_dot(cp + (size_t)(i + 1) * bb, ar->q[k] + (b + 1) * ERT_BLOCK, bits);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_broadcast_ss(scl[k] + i), acc[k]);
             acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_broadcast_ss(scl[k] + i + 1), acc2[k]);
         }
@@ -348,18 +374,19 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
     if (i < nb) {
         const size_t b = (size_t)c0 + i;
         for (int k = 0; k < NR; k++) {
-            __m256i p = block_dot(cp + (size_t)i * ERT_BLOCK, ar->q[k] + b * ERT_BLOCK);
+            __m256i p = block_dot(cp + (size_t)i * bb, ar->q[k] + b * ERT_BLOCK, bits);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[k] + i), acc[k]);
         }
     }
 }
 
-/* acc[k] += the min term of row r: sum_g (m + 128*d) * gsum[k][g], 8 groups per
+/* acc[k] += the min term of row r: sum_g (m + o*d) * gsum[k][g], 8 groups per
  * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
-INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR) {
+INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR,
+                      const int bits) {
     const int ng = a->ngroups, safe = scales_safe(w, ng, r);
     for (int g0 = 0; g0 < ng; g0 += 8) {
-        const __m256 mb = group_mb8(w, ng, r, g0, safe);
+        const __m256 mb = group_mb8(w, ng, r, g0, safe, bits);
         for (int k = 0; k < NR; k++) acc[k] = _mm256_fmadd_ps(mb, _mm256_loadu_ps(ar->gsum[k] + g0), acc[k]);
     }
 }
@@ -367,9 +394,10 @@ INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar,
 /* Rows r0..r1-1 times activation rows j0..j0+NR-1 (NR <= 4): y = block part + min part.
  * When a row fits one chunk, the block scales of row r+1 are prepared before the blocks
  * of row r are summed (double buffer: the stores are long done when read back). */
-INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR) {
+INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR,
+                      const int bits) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
-    const size_t rowbytes = (size_t)w->cols;
+    const size_t rowbytes = (size_t)w->cols * bits / 8;
     act_rows ar;
     for (int k = 0; k < NR; k++) {
         ar.q[k] = a->q + (size_t)(j0 + k) * a->cols;
@@ -383,47 +411,47 @@ INLINE void q8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j
         const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
         __m256 acc[4], acc2[4];
         for (int k = 0; k < NR; k++) acc[k] = acc2[k] = _mm256_setzero_ps();
-        min_terms(w, a, &ar, r, acc2, NR);
+        min_terms(w, a, &ar, r, acc2, NR, bits);
         if (one_chunk) {
             if (r + 1 < r1) block_scales(w, a, &ar, r + 1, 0, nblk, scl[(r + 1 - r0) & 1], NR);
-            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR);
+            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR, bits);
         } else {
             for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
                 const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
                 block_scales(w, a, &ar, r, c0, nb, scl[0], NR);
-                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR);
+                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR, bits);
             }
         }
         for (int k = 0; k < NR; k++) y[(size_t)(j0 + k) * w->rows + r] = hsum(_mm256_add_ps(acc[k], acc2[k]));
     }
 }
 
-#define Q8_ROWS(t0, t1, j0, NR) q8_rows(w, a, t0, t1, j0, y, NR)
+#define INT8_ROWS(t0, t1, j0, NR) int8_rows(w, a, t0, t1, j0, y, NR, bits)
 
-/* ---- q8 prefill: int16 madd micro-tiles -------------------------------------------------------
- * The same arithmetic as q8_rows (a token's result is bit-identical alone or in a batch): per
+/* ---- q5, q6, q8 prefill: int16 madd micro-tiles ---------------------------------------------
+ * The same arithmetic as int8_rows (a token's result is bit-identical alone or in a batch): per
  * (row, token) the min term then the odd blocks into one accumulator, the even blocks into
  * another, float(block dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
- * activations of a token group and the codes of 4 rows (s = c - 128) are widened once to int16
+ * activations of a token group and the codes of 4 rows (s = c - o) are widened once to int16
  * (widen_block), so a block dot is 2 madd (instead of sign, maddubs and madd per token), and
  * the rows' scales are converted once per 4 rows and token group. */
 
-#define Q8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: q8_rows */
+#define INT8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: int8_rows */
 /* tokens per group: ~96 KB of int16 activations (with 4 rows, under malloc's mmap threshold) */
-#define Q8_TOKENS(cols) ((49152 / (cols)) < 64 ? ((49152 / (cols)) > 1 ? 49152 / (cols) : 1) : 64)
+#define INT8_TOKENS(cols) ((49152 / (cols)) < 64 ? ((49152 / (cols)) > 1 ? 49152 / (cols) : 1) : 64)
 
-/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + 128*d (zero past ng) */
+/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + o*d (zero past ng) */
 typedef struct {
-    float d[4][Q8_MAXBLK + 8] __attribute__((aligned(32)));
-    float mb[4][Q8_MAXBLK + 16] __attribute__((aligned(32))); /* rows not 4 KB apart */
-} q8_rowscales;
+    float d[4][INT8_MAXBLK + 8] __attribute__((aligned(32)));
+    float mb[4][INT8_MAXBLK + 16] __attribute__((aligned(32))); /* rows not 4 KB apart */
+} int8_rowscales;
 
 /* as block_scales and min_terms: 8 blocks (groups) per vector */
-INLINE void q8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, q8_rowscales *rs) {
+INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, int8_rowscales *rs, const int bits) {
     const int ng = a->ngroups;
     for (int r = 0; r < rm; r++) {
         const int safe = scales_safe(w, ng, r0 + r);
-        for (int g0 = 0; g0 < ng; g0 += 8) _mm256_store_ps(rs->mb[r] + g0, group_mb8(w, ng, r0 + r, g0, safe));
+        for (int g0 = 0; g0 < ng; g0 += 8) _mm256_store_ps(rs->mb[r] + g0, group_mb8(w, ng, r0 + r, g0, safe, bits));
         for (int b0 = 0; b0 < a->nblk; b0 += 8) _mm256_store_ps(rs->d[r] + b0, block_d8(w, a, r0 + r, b0, safe));
     }
 }
@@ -440,7 +468,7 @@ INLINE void widen_block(__m256i v, int16_t *out) {
 }
 
 /* acc[r] += float(dot of the rows' and the token's widened block at `at`) * scl[r][i] */
-INLINE void q8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
+INLINE void int8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
                           const int RM) {
     const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
     for (int r = 0; r < RM; r++) {
@@ -452,7 +480,7 @@ INLINE void q8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t 
 
 /* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened s, q16 the token's
  * widened q, rs the rows' scales */
-INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *rs, int r0, int j, float *y,
+INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscales *rs, int r0, int j, float *y,
                     const int16_t *const *w16, const int16_t *q16, const int RM) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
     const float *da = a->da + (size_t)j * nblk;
@@ -469,23 +497,23 @@ INLINE void q8_wide(const ert_weight *w, const ert_act *a, const q8_rowscales *r
             for (int r = 0; r < RM; r++)
                 _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
         for (int i = 0; i < nb; i += 2) { /* (CHUNK is even: block c0 + i is even) */
-            q8_wide_block(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM);
-            if (i + 1 < nb) q8_wide_block(w16, q16, (size_t)(c0 + i + 1) * ERT_BLOCK, scl, i + 1, acc2, RM);
+            int8_wide_block(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM);
+            if (i + 1 < nb) int8_wide_block(w16, q16, (size_t)(c0 + i + 1) * ERT_BLOCK, scl, i + 1, acc2, RM);
         }
     }
     for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
 }
 
-/* Decode (n < 4): q8_rows. Prefill: per group of up to Q8_TOKENS tokens (widened once), per 4
+/* Decode (n < 4): int8_rows. Prefill: per group of up to INT8_TOKENS tokens (widened once), per 4
  * rows (widened, their scales converted), every token of the group; last rows one by one. */
-void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {
-    const int cols = w->cols, jb = Q8_TOKENS(cols);
-    int16_t *buf = a->n >= 4 && a->nblk <= Q8_MAXBLK ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
+INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int bits) {
+    const int cols = w->cols, jb = INT8_TOKENS(cols);
+    int16_t *buf = a->n >= 4 && a->nblk <= INT8_MAXBLK ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
     if (!buf) { /* the same results */
-        ERT_FOR_TILES(r0, r1, a->n, Q8_ROWS)
+        ERT_FOR_TILES(r0, r1, a->n, INT8_ROWS)
         return;
     }
-    q8_rowscales rs_, *rs = &rs_; /* (q8_prepare_rows writes what is read) */
+    int8_rowscales rs_, *rs = &rs_; /* (int8_prepare_rows writes what is read) */
     int16_t *w16[4];
     for (int r = 0; r < 4; r++) w16[r] = buf + ((size_t)jb + r) * cols;
     for (int j0 = 0; j0 < a->n; j0 += jb) {
@@ -496,18 +524,18 @@ void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, f
                             buf + (size_t)(j - j0) * cols + (size_t)b * ERT_BLOCK);
         for (int r = r0; r < r1;) {
             const int rm = r + 4 <= r1 ? 4 : 1;
-            q8_prepare_rows(w, a, r, rm, rs);
-            for (int i = 0; i < rm; i++)
-                for (int b = 0; b < a->nblk; b++) {
-                    const __m256i c = _mm256_loadu_si256((const __m256i *)((const uint8_t *)w->data + (size_t)(r + i) * cols + (size_t)b * ERT_BLOCK));
-                    widen_block(_mm256_xor_si256(c, _mm256_set1_epi8((char)0x80)), w16[i] + (size_t)b * ERT_BLOCK);
-                }
+            int8_prepare_rows(w, a, r, rm, rs, bits);
+            for (int i = 0; i < rm; i++) {
+                const uint8_t *codes = (const uint8_t *)w->data + (size_t)(r + i) * cols * bits / 8;
+                for (int b = 0; b < a->nblk; b++)
+                    widen_block(block_s(codes + (size_t)b * bits * 4, bits), w16[i] + (size_t)b * ERT_BLOCK);
+            }
             for (int j = j0; j < j1; j++) {
                 const int16_t *q16 = buf + (size_t)(j - j0) * cols;
                 if (rm == 4)
-                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
+                    int8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
                 else
-                    q8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 1);
+                    int8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 1);
             }
             r += rm;
         }
@@ -516,24 +544,38 @@ void ert_q8_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, f
 }
 
 /* dequantization (bit-exact: d*c is exact, so fma(d, c, m) = d*c + m) */
-void ert_q8_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) {
+INLINE void int8_dequant(const ert_weight *w, const int64_t *rows, int row0, int k, float *out, const int bits) {
     const int cols = w->cols, nblk = cols / ERT_BLOCK, gs = w->group_size;
     const int ng = (cols + gs - 1) / gs;
     for (int i = 0; i < k; i++) {
         const int64_t r = rows ? rows[i] : row0 + i;
-        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols;
+        const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * cols * bits / 8;
         float *o = out + (size_t)i * cols;
         for (int b = 0; b < nblk; b++) {
             const int g = b * ERT_BLOCK / gs;
             const __m256 d = _mm256_set1_ps(half1(w->scale[(size_t)r * ng + g]));
             const __m256 m = _mm256_set1_ps(half1(w->min[(size_t)r * ng + g]));
+            const __m256i c = block_codes(codes + (size_t)b * bits * 4, bits);
+            const __m128i h[2] = {_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)};
             for (int t = 0; t < ERT_BLOCK; t += 8) {
-                const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + (size_t)b * ERT_BLOCK + t)));
-                _mm256_storeu_ps(o + (size_t)b * ERT_BLOCK + t, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(c), m));
+                const __m256i c8 = _mm256_cvtepu8_epi32(t % 16 ? _mm_srli_si128(h[t / 16], 8) : h[t / 16]);
+                _mm256_storeu_ps(o + (size_t)b * ERT_BLOCK + t, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(c8), m));
             }
         }
     }
 }
+
+#define INT8_KERNELS(name, bits)                                                                          \
+    void ert_##name##_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {       \
+        int8_matmul(w, a, r0, r1, y, bits);                                                               \
+    }                                                                                                     \
+    void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
+        int8_dequant(w, rows, row0, k, out, bits);                                                        \
+    }
+
+INT8_KERNELS(q5, 5)
+INT8_KERNELS(q6, 6)
+INT8_KERNELS(q8, 8)
 
 /* ---- f32 / f16 ------------------------------------------------------------------------------ */
 

@@ -48,6 +48,8 @@ static int bits_of(int fmt) {
     case ERT_Q2: return 2;
     case ERT_Q3: return 3;
     case ERT_Q4: return 4;
+    case ERT_Q5: return 5;
+    case ERT_Q6: return 6;
     default: return 8;
     }
 }
