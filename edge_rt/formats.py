@@ -41,7 +41,7 @@ BITS = (1, 2, 3, 4, 5, 6, 8)
 LUT_BITS = (1, 2, 3, 4)  # bit-plane layout, table-lookup kernels; the others: int8 dot products
 TILE = 32  # rows per tile of the bit-plane layout
 # the values of enum ert_format in kernels_c/include/edgert.h
-FORMAT_IDS = {"f32": 0, "f16": 1, "q1": 2, "q2": 3, "q3": 4, "q4": 5, "q8": 6, "q5": 7, "q6": 8}
+FORMAT_IDS = {"f32": 0, "f16": 1, "q1": 2, "q2": 3, "q3": 4, "q4": 5, "q5": 7, "q6": 8, "q8": 6}  # by width
 
 
 class F32:

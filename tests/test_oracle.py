@@ -29,7 +29,7 @@ N = 64
 PROMPT = "The history of the Roman Empire begins"
 
 
-@pytest.mark.parametrize("name,bits", [("smollm2-135m", 8)])
+@pytest.mark.parametrize("name,bits", [("smollm2-135m", 8), ("smollm2-135m", 6)])  # q6: int8 dots on unpacked codes
 def test_greedy_tokens_equal_the_numpy_oracle(converted, name, bits):
     model = converted(name, bits)
     r = subprocess.run([sys.executable, "-m", "edge_rt.cli", "run", str(model), "-p", PROMPT, "-n", str(N),
