@@ -403,8 +403,8 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
  * themselves) over the same groups */
 static int same_input(const ert_weight *a, const ert_weight *b) {
     const int ba = ert_format_bits(a->format), bb = ert_format_bits(b->format);
-    const int ka = ba && ba <= 4 ? 1 + ERT_LUT_BLOCK_MULT(ba) : ba ? 3 : 0;
-    const int kb = bb && bb <= 4 ? 1 + ERT_LUT_BLOCK_MULT(bb) : bb ? 3 : 0;
+    const int ka = ert_lut_bits(ba) ? 1 + ERT_LUT_BLOCK_MULT(ba) : ba ? 3 : 0;
+    const int kb = ert_lut_bits(bb) ? 1 + ERT_LUT_BLOCK_MULT(bb) : bb ? 3 : 0;
     return ka == kb && a->cols == b->cols && (!ka || a->group_size == b->group_size);
 }
 
@@ -435,7 +435,7 @@ int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, int n, f
     void *scratch = NULL;
     const int bits = ert_format_bits(w[0]->format);
     int rc = ERT_OK;
-    if (bits && bits <= 4) {
+    if (ert_lut_bits(bits)) {
         rc = prepare_lut(w[0], x, n, &a, &scratch, threads);
     } else if (bits) {
         rc = prepare_int8(w[0], x, n, &a, &scratch, threads);

@@ -24,7 +24,7 @@
  * (formats.py) */
 static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[ERT_BLOCK]) {
     const uint8_t *data = (const uint8_t *)w->data;
-    if (bits > 4) {
+    if (!ert_lut_bits(bits)) {
         const uint8_t *p = data + (size_t)r * w->cols * bits / 8 + (size_t)b * bits * 4;
         if (bits == 8) {
             memcpy(c, p, ERT_BLOCK);
@@ -239,7 +239,7 @@ static void group_dequant(const ert_weight *w, const int64_t *rows, int row0, in
 
 #define GROUP_KERNELS(name, bits)                                                                  \
     void ert_##name##_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) { \
-        if (bits > 4)                                                                              \
+        if (!ert_lut_bits(bits))                                                                   \
             group_matmul(w, a, r0, r1, y, bits);                                                   \
         else                                                                                       \
             ert_lut_matmul_ref(w, a, r0, r1, y, bits);                                             \

@@ -236,6 +236,10 @@ static inline float ert_lut_amax(const float *xb) {
     return amax;
 }
 
+/* Whether a group format of this width is in the bit-plane tiles of the table-lookup kernels
+ * (q1..q4, formats.LUT_BITS), not in the row layout of the int8 dot products (q5, q6, q8). */
+static inline int ert_lut_bits(int bits) { return bits >= 1 && bits <= 4; }
+
 /* Rows r0..r1-1 of a q1..q4 weight by table lookups, scalar (also the SIMD kernels'
  * path for the last tile when it has fewer than ERT_TILE rows). */
 void ert_lut_matmul_ref(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits);
@@ -255,7 +259,7 @@ static inline size_t ert_lut_offset(const ert_weight *w, int bits, int r, int b,
  * in order. */
 static inline size_t ert_group_offset(const ert_weight *w, int bits, int r, int g) {
     const int ng = (w->cols + w->group_size - 1) / w->group_size;
-    if (bits > 4) return (size_t)r * ng + g;
+    if (!ert_lut_bits(bits)) return (size_t)r * ng + g;
     const int t0 = r - r % ERT_TILE, h = w->rows - t0 < ERT_TILE ? w->rows - t0 : ERT_TILE;
     return (size_t)t0 * ng + (size_t)g * h + (r - t0);
 }
