@@ -310,12 +310,18 @@ def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray)
     return (2.0 * ((1 << fmt.bits) - 1) * (s * lq / 32768.0) + s / 4) @ d.T
 
 
+def int8_offset(bits: int) -> int:
+    """o of the int8 kernels' s = c - o (ert_int8_offset in edgert.h): q8's codes 0..255 are
+    shifted into int8 by 128; q5, q6 codes (< 64) are int8 as they are."""
+    return 128 if bits == 8 else 0
+
+
 def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray) -> np.ndarray:
     """The numpy twin of the C kernels: y[n, rows] = x[n, cols] . W^T with the same
     integer arithmetic, accumulated in float64 (the C kernels sum in float32).
       f32/f16: float weights.
       q5, q6, q8 (int8 dot products): int8 activations (quantize_activations), per block
-        da * (d * sum(s*qa) + (m + o*d) * sum(qa)), s = c - o, o = 2^(bits-1).
+        da * (d * sum(s*qa) + (m + o*d) * sum(qa)), s = c - o, o = int8_offset(bits).
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
         y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
@@ -331,7 +337,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
     m = fmt.unpack_groups(parts["min"]).astype(np.float64)[:, gidx]
     if not fmt.lut:
-        o = 1 << (fmt.bits - 1)
+        o = int8_offset(fmt.bits)
         s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - o
         qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
         dot = np.einsum("rbi,nbi->nrb", s, qa.astype(np.int64))  # exact integers

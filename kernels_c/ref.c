@@ -8,7 +8,7 @@
  *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
  *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
  *   q5, q6, q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
- *   s = c - o, o = 2^(bits-1); y += da * (d*sum(s*q) + (m + o*d) * sum(q))
+ *   s = c - o, o = ert_int8_offset(bits); y += da * (d*sum(s*q) + (m + o*d) * sum(q))
  */
 #define ERT_BUILDING
 #include "edgert.h"
@@ -157,9 +157,9 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 #define CHUNK 64 /* blocks unpacked at a time (2048 columns) */
 
-/* q5, q6, q8: integer dot products of int8 activations and s = c - 2^(bits-1) */
+/* q5, q6, q8: integer dot products of int8 activations and s = c - o (ert_int8_offset) */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
-    const int nblk = a->nblk, off = 1 << (bits - 1);
+    const int nblk = a->nblk, off = ert_int8_offset(bits);
     int8_t s[CHUNK * ERT_BLOCK];
     for (int r = r0; r < r1; r++) {
         for (int j = 0; j < a->n; j++) y[(size_t)j * w->rows + r] = 0.0f;

@@ -30,7 +30,7 @@
 
 /* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
  * y[j][r] = sum over blocks b of float(s_b . q_b) * (d_g(b) * da_b) + sum_g (m_g + o d_g) gsum_g
- * (s = c - o, o = 2^(bits-1), of row r's codes, unpacked to bytes for q5, q6; q / da / gsum
+ * (s = c - o, o = ert_int8_offset(bits), of row r's codes, unpacked to bytes for q5, q6; q / da / gsum
  * the activation row's), computed for a micro-tile
  * of RM (<= 2) rows x NR (<= 4) activation rows at a time: each weight block is loaded and
  * offset once for the NR tokens, each activation block once for the RM rows. Per (row, token)
@@ -69,9 +69,9 @@ INLINE codes32 load_codes(const uint8_t *p, const int bits) {
     return c;
 }
 
-/* s = c - 2^(bits-1) of the block at p */
+/* s = c - o of the block at p (q5, q6: o = 0, s = c) */
 INLINE signed32 load_signed(const uint8_t *p, const int bits) {
-    const uint8x16_t off = vdupq_n_u8((uint8_t)(1 << (bits - 1)));
+    const uint8x16_t off = vdupq_n_u8((uint8_t)ert_int8_offset(bits));
     const codes32 c = load_codes(p, bits);
     signed32 s = {vreinterpretq_s8_u8(vsubq_u8(c.lo, off)), vreinterpretq_s8_u8(vsubq_u8(c.hi, off))};
     return s;
@@ -116,7 +116,7 @@ INLINE void int8_block(const uint8_t *const *codes, const int8_t *const *q, size
 /* Rows r0..r0+RM-1 times activation rows j0..j0+NR-1 */
 INLINE void int8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, float *y, const int RM, const int NR,
                       const int bits) {
-    const float o = (float)(1 << (bits - 1));
+    const float o = (float)ert_int8_offset(bits);
     const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7;
     const int8_t *q[4];
     const float *da[4], *gsum[4];

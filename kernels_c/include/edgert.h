@@ -269,7 +269,7 @@ typedef struct {
     ert_dequant_fn dequant;
 } ert_kernel;
 
-/* bits per code of a group format (0 for f32/f16); 2^(bits-1) offsets the codes */
+/* bits per code of a group format (0 for f32/f16) */
 static inline int ert_format_bits(int format) {
     switch (format) {
     case ERT_Q1: return 1;
@@ -282,6 +282,11 @@ static inline int ert_format_bits(int format) {
     default: return 0;
     }
 }
+
+/* The int8 kernels (q5, q6, q8) dot s = c - o with int8 activations: q8's codes 0..255 are
+ * shifted into int8 by o = 128; q5, q6 codes (< 64) are int8 as they are (o = 0), and being
+ * non-negative they go straight into an unsigned x signed multiply (AVX2 maddubs). */
+static inline int ert_int8_offset(int bits) { return bits == 8 ? 128 : 0; }
 
 /* IEEE half -> float, exact (subnormals, inf, NaN payload). */
 static inline float ert_half_to_float(uint16_t h) {

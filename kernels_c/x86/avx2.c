@@ -270,12 +270,12 @@ LUT_KERNELS(q3, 3)
 LUT_KERNELS(q4, 4)
 
 /* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
- *   - each 32-code block (s = c - o, o = 2^(bits-1); unpacked to bytes for q5, q6) is dotted
- *     with up to 4 activation rows:
- *     exact int32 lane sums with the sign trick maddubs(|s|, sign(q, s)) (pairs <= 32512);
+ *   - each 32-code block (unpacked to bytes for q5, q6) is dotted with up to 4 activation
+ *     rows, exact int32 lane sums (pairs <= 32512): q5, q6 codes (< 64) go straight into
+ *     maddubs(c, q); q8's as s = c - 128 with the sign trick maddubs(|s|, sign(q, s));
  *   - the lanes are converted to float and accumulated with the block scale d*da
  *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
- *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group. */
+ *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group (o = ert_int8_offset). */
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
  * of low nibbles (byte i: codes i and i + 16), and per high bit k the 32-bit mask at p + 4k
@@ -296,14 +296,15 @@ INLINE __m256i block_codes(const uint8_t *p, const int bits) {
     return c;
 }
 
-/* s = c - 2^(bits-1) of the block at p, as int8 (q8: c ^ 0x80) */
+/* s = c - o of the block at p, as int8 (q8: c ^ 0x80; q5, q6: c) */
 INLINE __m256i block_s(const uint8_t *p, const int bits) {
-    return _mm256_sub_epi8(block_codes(p, bits), _mm256_set1_epi8((char)(1 << (bits - 1))));
+    return _mm256_sub_epi8(block_codes(p, bits), _mm256_set1_epi8((char)ert_int8_offset(bits)));
 }
 
 /* 8 int32 partial sums of the block dot s.q; lane i holds columns 4i..4i+3 */
 INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q, const int bits) {
     const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
+    if (ert_int8_offset(bits) == 0) return _mm256_madd_epi16(_mm256_maddubs_epi16(block_codes(codes, bits), qv), ones);
     const __m256i s = block_s(codes, bits);
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
 }
@@ -336,11 +337,11 @@ INLINE __m256 block_d8(const ert_weight *w, const ert_act *a, int r, int b0, int
     return _mm256_permutevar8x32_ps(load8_half(w->scale + (size_t)r * ng + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
 }
 
-/* row r's m + o*d of groups g0..g0+7 (zero past the last group), o = 2^(bits-1) */
+/* row r's m + o*d of groups g0..g0+7 (zero past the last group), o = ert_int8_offset */
 INLINE __m256 group_mb8(const ert_weight *w, int ng, int r, int g0, int safe, const int bits) {
     const int cnt = ng - g0 < 8 ? ng - g0 : 8;
     const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
-    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps((float)(1 << (bits - 1))), load8_half(mn + g0, cnt, safe));
+    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps((float)ert_int8_offset(bits)), load8_half(mn + g0, cnt, safe));
     return cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb;
 }
 
