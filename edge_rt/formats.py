@@ -13,8 +13,11 @@ Group-quantized formats (Q1..Q6, Q8), layout version FORMAT_VERSION:
     (q5, q6, q8: in row order; q1..q4: in tile order, see below).
   - q5, q6, q8 (the int8 dot-product kernels) store codes row by row, a block of 32 codes
     in bits*4 bytes: q8 one byte per code; q5, q6 16 bytes of low nibbles, byte i =
-    (c[i] & 15) | (c[i + 16] & 15) << 4, then per high bit k = 4..bits-1 a little-endian
-    32-bit mask whose bit i is bit k of c[i].
+    (c[i] & 15) | (c[i + 16] & 15) << 4, then the high fields h[i] = c[i] >> 4 (hb =
+    bits - 4 bits each) in 4*hb bytes: byte j holds h[j + 4*hb*q] at bit hb*q, q < 8/hb
+    (q5: byte j has h of codes j, j+4, ..., j+28 at bits 0..7; q6: h of codes j, j+8,
+    j+16, j+24 at bits 0, 2, 4, 6). A kernel broadcasts them to every 32-bit (q5) or
+    64-bit (q6) lane, shifts lane q right by hb*q and masks: one shift for all 32 codes.
   - q1..q4 codes are in the LUT kernels' tile order (ISA independent): rows in tiles
     of TILE=32 (the last tile has rows % 32 rows, h = its height). A code's bit k is in
     plane k; nib(r, j, k) = sum_i (bit k of code[r, 32b + 4j + i]) << i, i < 4, is the
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FORMAT_VERSION = 3  # 3: q1..q4 scales and mins in tile order
+FORMAT_VERSION = 4  # 3: q1..q4 scales and mins in tile order; 4: q5, q6 high fields packed per lane
 BLOCK = 32  # columns per code block
 DEFAULT_GROUP_SIZE = 64  # columns per (scale, min) pair unless asked otherwise
 BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -113,7 +116,7 @@ class GroupQuant:
 
     def pack(self, c: np.ndarray) -> np.ndarray:
         """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in the layout above
-        (q8: the codes themselves; q5, q6: blocks of nibbles and high-bit masks; q1..q4:
+        (q8: the codes themselves; q5, q6: blocks of nibbles and high fields; q1..q4:
         tiles of bit planes)."""
         c = np.asarray(c, dtype=np.uint8)
         rows, cols = c.shape
@@ -122,8 +125,9 @@ class GroupQuant:
         if not self.lut:
             b = c.reshape(rows, cols // BLOCK, BLOCK)
             nib = (b[..., :16] & 15) | ((b[..., 16:] & 15) << 4)
-            high = [np.packbits((b >> k) & 1, axis=-1, bitorder="little") for k in range(4, self.bits)]
-            return np.concatenate([nib, *high], axis=-1).reshape(rows, cols * self.bits // 8)
+            hb, h = self.bits - 4, (b >> 4).reshape(rows, cols // BLOCK, -1, 4 * (self.bits - 4))  # [.., q, j]
+            high = np.bitwise_or.reduce(h << (hb * np.arange(8 // hb, dtype=np.uint8))[:, None], axis=-2)
+            return np.concatenate([nib, high], axis=-1).reshape(rows, cols * self.bits // 8)
         full = rows - rows % TILE
         out = [_pack_tiles(c[:full].reshape(full // TILE, TILE, cols), self.bits),
                _pack_tiles(c[full:].reshape(1, rows - full, cols), self.bits)]
@@ -137,10 +141,9 @@ class GroupQuant:
         if not self.lut:
             b = packed.reshape(rows, cols // BLOCK, self.bits * 4)
             c = np.concatenate([b[..., :16] & 15, b[..., :16] >> 4], axis=-1)
-            for k in range(4, self.bits):
-                at = 16 + 4 * (k - 4)
-                c |= np.unpackbits(b[..., at:at + 4], axis=-1, bitorder="little") << k
-            return c.reshape(rows, cols)
+            hb = self.bits - 4
+            h = (b[..., None, 16:] >> (hb * np.arange(8 // hb, dtype=np.uint8))[:, None]) & ((1 << hb) - 1)  # [.., q, j]
+            return (c | h.reshape(c.shape) << 4).reshape(rows, cols)
         flat, full = packed.reshape(-1), rows - rows % TILE
         cut = full * cols * self.bits // 8
         return np.concatenate([_unpack_tiles(flat[:cut], TILE, cols, self.bits),

@@ -20,7 +20,7 @@
 /* ---- code unpacking ------------------------------------------------------------- */
 
 /* the 32 codes of block b of row r: q8 one byte per code; q5, q6 from 16 bytes of low
- * nibbles and a 32-bit mask per high bit; q1..q4 from the bit planes of the tile layout
+ * nibbles and the packed high fields; q1..q4 from the bit planes of the tile layout
  * (formats.py) */
 static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[ERT_BLOCK]) {
     const uint8_t *data = (const uint8_t *)w->data;
@@ -30,10 +30,9 @@ static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[
             memcpy(c, p, ERT_BLOCK);
             return;
         }
+        const int hb = bits - 4, span = 4 * hb; /* code i's high field: byte 16 + i % span, at bit hb * (i / span) */
         for (int i = 0; i < 16; i++) c[i] = p[i] & 15, c[i + 16] = p[i] >> 4;
-        for (int k = 4; k < bits; k++)
-            for (int i = 0; i < ERT_BLOCK; i++) /* plane k's mask: bytes 16 + 4(k - 4) = 4k.. */
-                c[i] |= (uint8_t)(((p[4 * k + i / 8] >> (i % 8)) & 1) << k);
+        for (int i = 0; i < ERT_BLOCK; i++) c[i] |= (uint8_t)(((p[16 + i % span] >> (hb * (i / span))) & ((1 << hb) - 1)) << 4);
         return;
     }
     memset(c, 0, ERT_BLOCK);

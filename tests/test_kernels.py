@@ -213,7 +213,7 @@ def test_pack_layout(bits):
     """pack/unpack (and pack_groups/unpack_groups) are inverse for any row count and keep
     the shape; q1..q4 put row r's plane-k nibble of sub-group j, and its group g's scale,
     where the kernels read them (ert_lut_offset, ert_group_offset); q5, q6 a block's low
-    nibbles and high-bit masks where the kernels unpack them."""
+    nibbles and high fields where the kernels unpack them."""
     rng = np.random.default_rng(bits)
     fmt = formats.GroupQuant(bits, 64)
     for rows in (1, 5, 31, 32, 33, 64, 77):
@@ -237,9 +237,9 @@ def test_pack_layout(bits):
                 assert blk[i] == code[i] and blk[i + 16] == code[i + 16]
                 continue
             assert blk[i] == (code[i] & 15) | (code[i + 16] & 15) << 4
-            for k in range(4, bits):
-                for j in (i, i + 16):
-                    assert (blk[4 * k + j // 8] >> j % 8) & 1 == (code[j] >> k) & 1
+            hb = bits - 4  # code j's high field: byte 16 + j % 4hb, at bit hb * (j // 4hb)
+            for j in (i, i + 16):
+                assert (blk[16 + j % (4 * hb)] >> hb * (j // (4 * hb))) & ((1 << hb) - 1) == code[j] >> 4
         return
     rows, cols = 45, 64  # a full tile and a tile of 13 rows
     c = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
@@ -355,16 +355,16 @@ def test_real_weights(smollm2_gguf, bits):
 
 
 def test_old_layout_refused(tmp_path, smollm2_gguf, monkeypatch):
-    """A file of layout version 2 (q1..q4 scales and mins row by row, before they went
-    into the tiles) is refused with a message saying to convert again."""
+    """A file of layout version 3 (q5, q6 high bits as one 32-bit mask per bit, before they
+    were packed per lane) is refused with a message saying to convert again."""
     from tiny import write_tiny
     from edge_rt import api
     from edge_rt.errors import EdgeRtError
-    monkeypatch.setattr(formats, "FORMAT_VERSION", 2)
-    old = write_tiny("llama", smollm2_gguf, tmp_path / "v2.gguf", bits=4)
+    monkeypatch.setattr(formats, "FORMAT_VERSION", 3)
+    old = write_tiny("llama", smollm2_gguf, tmp_path / "v3.gguf", bits=6)
     monkeypatch.undo()
-    assert formats.FORMAT_VERSION == 3
-    with pytest.raises(EdgeRtError, match="layout version 2.*version 3: convert the source model again"):
+    assert formats.FORMAT_VERSION == 4
+    with pytest.raises(EdgeRtError, match="layout version 3.*version 4: convert the source model again"):
         api.Model(old)
 
 

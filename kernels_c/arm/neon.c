@@ -49,23 +49,27 @@ typedef struct {
 } codes32;
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes of
- * low nibbles (byte i: codes i and i + 16), and per high bit k the 32-bit mask at p + 4k
- * (code i: bit i % 8 of its byte i / 8) */
+ * low nibbles (byte i: codes i and i + 16), then the high fields (hb = bits - 4 bits a code)
+ * in 4*hb bytes, repeated over the vector (every 4 bytes for q5, 8 for q6) and shifted per
+ * byte so that code i's field lands at bit 0: right by hb * (i / (4*hb)) */
 INLINE codes32 load_codes(const uint8_t *p, const int bits) {
     codes32 c;
     if (bits == 8) {
         c.lo = vld1q_u8(p), c.hi = vld1q_u8(p + 16);
         return c;
     }
-    static const uint8_t BIT[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-    const uint8x16_t v = vld1q_u8(p), bit = vld1q_u8(BIT);
-    c.lo = vandq_u8(v, vdupq_n_u8(0x0F)), c.hi = vshrq_n_u8(v, 4);
-    for (int k = 4; k < bits; k++) {
-        const uint8_t *m = p + 4 * k;
-        const uint8x16_t hk = vdupq_n_u8((uint8_t)(1 << k));
-        c.lo = vorrq_u8(c.lo, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(m[0]), vdup_n_u8(m[1])), bit), hk));
-        c.hi = vorrq_u8(c.hi, vandq_u8(vtstq_u8(vcombine_u8(vdup_n_u8(m[2]), vdup_n_u8(m[3])), bit), hk));
-    }
+    static const int8_t SHIFT5[32] = {0,  0,  0,  0,  -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3,
+                                      -4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7};
+    static const int8_t SHIFT6[32] = {0,  0,  0,  0,  0,  0,  0,  0,  -2, -2, -2, -2, -2, -2, -2, -2,
+                                      -4, -4, -4, -4, -4, -4, -4, -4, -6, -6, -6, -6, -6, -6, -6, -6};
+    const int hb = bits - 4;
+    const int8_t *sh = hb == 1 ? SHIFT5 : SHIFT6;
+    uint64_t m = 0;
+    memcpy(&m, p + 16, (size_t)(4 * hb));
+    const uint8x16_t v = vld1q_u8(p), nib = vdupq_n_u8(0x0F), fm = vdupq_n_u8((uint8_t)((1 << hb) - 1));
+    const uint8x16_t h = hb == 1 ? vreinterpretq_u8_u32(vdupq_n_u32((uint32_t)m)) : vreinterpretq_u8_u64(vdupq_n_u64(m));
+    c.lo = vorrq_u8(vandq_u8(v, nib), vshlq_n_u8(vandq_u8(vshlq_u8(h, vld1q_s8(sh)), fm), 4));
+    c.hi = vorrq_u8(vshrq_n_u8(v, 4), vshlq_n_u8(vandq_u8(vshlq_u8(h, vld1q_s8(sh + 16)), fm), 4));
     return c;
 }
 

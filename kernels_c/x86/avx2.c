@@ -278,22 +278,19 @@ LUT_KERNELS(q4, 4)
  *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group (o = ert_int8_offset). */
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
- * of low nibbles (byte i: codes i and i + 16), and per high bit k the 32-bit mask at p + 4k
- * spread to the bytes (byte i tests bit i % 8 of the mask's byte i / 8) */
+ * of low nibbles (byte i: codes i and i + 16), then the high fields (hb = bits - 4 bits a
+ * code) in 4*hb bytes, broadcast to every 32-bit (q5) or 64-bit (q6) lane: lane q shifted
+ * right by hb*q has the fields of its own codes at bit 0 of their bytes */
 INLINE __m256i block_codes(const uint8_t *p, const int bits) {
     if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const int hb = bits - 4;
     const __m128i v = _mm_loadu_si128((const __m128i *)p), nib = _mm_set1_epi8(0x0F);
-    __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
-                                            3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL); /* byte i: 1 << (i % 8) */
-    for (int k = 4; k < bits; k++) {
-        int32_t m;
-        memcpy(&m, p + 4 * k, sizeof m);
-        const __m256i t = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(m), spread), bit);
-        c = _mm256_or_si256(c, _mm256_and_si256(_mm256_cmpeq_epi8(t, bit), _mm256_set1_epi8((char)(1 << k))));
-    }
-    return c;
+    const __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+    uint64_t m = 0;
+    memcpy(&m, p + 16, (size_t)(4 * hb));
+    const __m256i h = hb == 1 ? _mm256_srlv_epi32(_mm256_set1_epi32((int)m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+                              : _mm256_srlv_epi64(_mm256_set1_epi64x((long long)m), _mm256_setr_epi64x(0, 2, 4, 6));
+    return _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)((1 << hb) - 1))), 4));
 }
 
 /* s = c - o of the block at p, as int8 (q8: c ^ 0x80; q5, q6: c) */
