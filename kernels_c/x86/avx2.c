@@ -278,14 +278,15 @@ LUT_KERNELS(q4, 4)
  *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group (o = ert_int8_offset). */
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
- * of low nibbles (byte i: codes i and i + 16), then the high fields (hb = bits - 4 bits a
- * code) in 4*hb bytes, broadcast to every 32-bit (q5) or 64-bit (q6) lane: lane q shifted
- * right by hb*q has the fields of its own codes at bit 0 of their bytes */
+ * of low nibbles (byte i: codes i and i + 16) in both halves, the upper half shifted right
+ * by 4; then the high fields (hb = bits - 4 bits a code) in 4*hb bytes, broadcast to every
+ * 32-bit (q5) or 64-bit (q6) lane: lane q shifted right by hb*q has the fields of its own
+ * codes at bit 0 of their bytes (bits shifted in from the next byte are masked off) */
 INLINE __m256i block_codes(const uint8_t *p, const int bits) {
     if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
     const int hb = bits - 4;
-    const __m128i v = _mm_loadu_si128((const __m128i *)p), nib = _mm_set1_epi8(0x0F);
-    const __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i c = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
     uint64_t m = 0;
     memcpy(&m, p + 16, (size_t)(4 * hb));
     const __m256i h = hb == 1 ? _mm256_srlv_epi32(_mm256_set1_epi32((int)m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
