@@ -70,7 +70,7 @@ def test_llama_cpp_output_carries_checksums(tiny_models, tmp_path):
 
 
 def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, tmp_path):
-    """20 converts killed: the even ones at uniformly random moments of their run, the odd
+    """10 converts killed: the even ones at uniformly random moments of their run, the odd
     ones as soon as their temporary file appears (so some die while writing, however the
     machine's load stretches the run); then one more that finishes and removes the
     temporary files the killed ones left."""
@@ -82,7 +82,7 @@ def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, t
     out.unlink()
     rng = np.random.default_rng(20)
     outcomes = []
-    for trial in range(20):
+    for trial in range(10):
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=ENV)
         delay = float(rng.uniform(0.2, 1.0)) * full
@@ -100,7 +100,7 @@ def test_sigkill_during_convert_leaves_no_file_or_a_verifying_one(tiny_models, t
         if out.exists():  # renamed into place before the kill: whole
             assert problems(GGUFFile(out)) == [], f"trial {trial}: killed after {delay:.2f} s"
             out.unlink()
-    assert sum(outcomes) >= 10, f"most converts finished before the kill: {outcomes}"
+    assert sum(outcomes) >= 5, f"most converts finished before the kill: {outcomes}"
     assert list(tmp_path.glob(".*.part")), "no temporary file was left by any killed convert: the kills came too early"
     subprocess.run(args, check=True, capture_output=True, env=ENV, timeout=120)
     assert [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
