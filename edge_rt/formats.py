@@ -125,7 +125,8 @@ class GroupQuant:
         if not self.lut:
             b = c.reshape(rows, cols // BLOCK, BLOCK)
             nib = (b[..., :16] & 15) | ((b[..., 16:] & 15) << 4)
-            hb, h = self.bits - 4, (b >> 4).reshape(rows, cols // BLOCK, -1, 4 * (self.bits - 4))  # [.., q, j]
+            hb = self.bits - 4
+            h = (b >> 4).reshape(rows, cols // BLOCK, 8 // hb, 4 * hb)  # [.., q, j]: code 4hb*q + j
             high = np.bitwise_or.reduce(h << (hb * np.arange(8 // hb, dtype=np.uint8))[:, None], axis=-2)
             return np.concatenate([nib, high], axis=-1).reshape(rows, cols * self.bits // 8)
         full = rows - rows % TILE
