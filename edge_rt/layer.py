@@ -55,7 +55,7 @@ class CLayers:
         self.lib.ert_layer_forward.restype = ci
         self.lib.ert_layers_forward.argtypes = [vp, ci, vp, ci, ci, ci, vp, vp, vp, ci]
         self.lib.ert_layers_forward.restype = ci
-        self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, vp]
+        self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, ci, vp]
         self.lib.ert_layer_kv_shift.restype = ci
         self.scratch, self._scratch_n = None, 0  # the scratch, and the most tokens a step may have with it
         self._kv = None, []  # the KV cache and its per-layer addresses
@@ -107,7 +107,8 @@ class CLayers:
         row = np.empty(spec.kv_dim(), np.float32)
         t0 = time.perf_counter()
         for i, (k, v) in enumerate(self._cache(kv)):
-            rc = self.lib.ert_layer_kv_shift(ctypes.addressof(self.layers[i]), k, v, keep, discard, used, row.ctypes.data)
+            rc = self.lib.ert_layer_kv_shift(ctypes.addressof(self.layers[i]), k, v, self.ctx, keep, discard, used,
+                                             row.ctypes.data)
             if rc:
                 kernels._check(rc, f"ert_layer_kv_shift (layer {i})")
         self.seconds += time.perf_counter() - t0

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <string.h>
 
 /* ---- vector helpers ----------------------------------------------------------------
@@ -88,7 +89,7 @@ static void kv_from_f32(int type, const float *x, int n, void *row) {
 
 /* The attention of one token for R query heads that share a key/value head (R <= 4):
  *   scores(type, q, R, K, stride, L, hd, scale, s, ss):  s[r ss + j] = scale * q[r hd ..] . K[j]   (j < L)
- *   softmax(s, L):                                       s = exp(s - max s) / sum (in place)
+ *   expsum(s, L, &m):                                    m = max s, s = exp(s - m) (in place); returns sum s
  *   mix(type, out, R, p, ps, V, stride, L, hd):          out[r hd ..] = sum_j p[r ps + j] V[j]
  * K[j] = K + j * stride bytes, a row of hd values of the cache's type; the R query (and
  * output) rows follow each other. Each key and value row is read (and converted) once for
@@ -125,11 +126,12 @@ static void mix_c(int type, float *out, int R, const float *p, size_t ps, const 
     }
 }
 
-static void softmax_c(float *s, int L) {
+static float expsum_c(float *s, int L, float *max) {
     float mx = -INFINITY, sum = 0.0f;
     for (int j = 0; j < L; j++) mx = s[j] > mx ? s[j] : mx;
     for (int j = 0; j < L; j++) sum += s[j] = expf(s[j] - mx);
-    for (int j = 0; j < L; j++) s[j] /= sum;
+    *max = mx;
+    return sum;
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -305,7 +307,7 @@ SIMD_INLINE vec8 load_q8_0(const block_q8_0 *row, int c) {
 #ifdef SIMD_ISA
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
-#define ISA(name) CAT(name, SIMD_ISA) /* softmax -> softmax_avx2, softmax_neon */
+#define ISA(name) CAT(name, SIMD_ISA) /* expsum -> expsum_avx2, expsum_neon */
 #define STR_(a) #a
 #define STR(a) STR_(a)
 #define UNROLL _Pragma("GCC unroll 4")
@@ -329,7 +331,7 @@ SIMD_INLINE vec8 v_exp(vec8 x) {
     return v_mul(y, v_exp2i(n));
 }
 
-SIMD static void ISA(softmax)(float *s, int L) {
+SIMD static float ISA(expsum)(float *s, int L, float *max) {
     int j = 0;
     vec8 vm = v_set1(-INFINITY);
     for (; j + 8 <= L; j += 8) vm = v_max(vm, v_load(s + j));
@@ -344,14 +346,8 @@ SIMD static void ISA(softmax)(float *s, int L) {
     }
     float sum = v_hsum(vs);
     for (; j < L; j++) sum += s[j] = expf(s[j] - mx);
-    const vec8 vsum = v_set1(sum);
-    for (j = 0; j + 8 <= L; j += 8) v_store(s + j, v_div(v_load(s + j), vsum));
-    if (j < L) { /* the tail through v_div too: GCC makes a loop of s[j] /= sum a vdivps ymm */
-        float t[8] = {0};
-        memcpy(t, s + j, sizeof(float) * (L - j));
-        v_store(t, v_div(v_load(t), vsum));
-        memcpy(s + j, t, sizeof(float) * (L - j));
-    }
+    *max = mx;
+    return sum;
 }
 
 /* act(x) = x sigmoid(k): SiLU k = x; GELU (tanh form) k = 2 sqrt(2/pi) (x + 0.044715 x^3),
@@ -466,34 +462,37 @@ static struct {
     const char *isa;  /* "ref", or the ISA of the SIMD twins */
     scores_fn scores; /* for head_dim a multiple of 8 */
     mix_fn mix;
-    void (*softmax)(float *, int);
+    float (*expsum)(float *, int, float *);
     void (*glu)(float *, const float *, int, int);
-} V = {"ref", scores_c, mix_c, softmax_c, glu_c};
+} V = {"ref", scores_c, mix_c, expsum_c, glu_c};
 
 void ert_layer_select(int simd) { /* dispatch.c, at load and by ert_force_isa */
-    V.isa = "ref", V.scores = scores_c, V.mix = mix_c, V.softmax = softmax_c, V.glu = glu_c;
+    V.isa = "ref", V.scores = scores_c, V.mix = mix_c, V.expsum = expsum_c, V.glu = glu_c;
 #ifdef SIMD_ISA
     if (simd && simd_usable())
-        V.isa = STR(SIMD_ISA), V.scores = ISA(scores), V.mix = ISA(mix), V.softmax = ISA(softmax), V.glu = ISA(glu);
+        V.isa = STR(SIMD_ISA), V.scores = ISA(scores), V.mix = ISA(mix), V.expsum = ISA(expsum), V.glu = ISA(glu);
 #endif
 }
 
 const char *ert_layer_isa(void) { return V.isa; }
 
-/* row j of a cache (this layer's: [ctx][n_kv_heads * head_dim]), from feature f on (q8_0: f
- * at a block's start) */
-static void *kv_row(const ert_layer *l, const void *cache, int j, int f) {
-    return (char *)cache + kv_bytes(l->kv_type, (size_t)j * l->n_kv_heads * l->head_dim + f);
+/* a cache (this layer's: [n_kv_heads][ctx][head_dim], each head's positions one after the
+ * other, so attention reads a head's keys and values as one run): head h's row j */
+static void *kv_row(const ert_layer *l, const void *cache, int ctx, int h, int j) {
+    return (char *)cache + kv_bytes(l->kv_type, ((size_t)h * ctx + j) * l->head_dim);
 }
 
-static void kv_load(const ert_layer *l, const void *cache, int j, float *x) {
-    const int dkv = l->n_kv_heads * l->head_dim;
-    const float *row = kv_to_f32(l->kv_type, kv_row(l, cache, j, 0), dkv, x);
-    if (row != x) memcpy(x, row, sizeof(float) * dkv);
+/* x[n_kv_heads * head_dim] <-> position j of every head */
+static void kv_load(const ert_layer *l, const void *cache, int ctx, int j, float *x) {
+    const int hd = l->head_dim;
+    for (int h = 0; h < l->n_kv_heads; h++) {
+        const float *row = kv_to_f32(l->kv_type, kv_row(l, cache, ctx, h, j), hd, x + h * hd);
+        if (row != x + h * hd) memcpy(x + h * hd, row, sizeof(float) * hd);
+    }
 }
 
-static void kv_store(const ert_layer *l, void *cache, int j, const float *x) {
-    kv_from_f32(l->kv_type, x, l->n_kv_heads * l->head_dim, kv_row(l, cache, j, 0));
+static void kv_store(const ert_layer *l, void *cache, int ctx, int j, const float *x) {
+    for (int h = 0; h < l->n_kv_heads; h++) kv_from_f32(l->kv_type, x + h * l->head_dim, l->head_dim, kv_row(l, cache, ctx, h, j));
 }
 
 /* ERT_OK, or why the layer's cache type cannot be used */
@@ -551,8 +550,11 @@ typedef struct {
     const ert_layer *l;
     int n, pos0;
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *scores;
-    void *kc, *vc; /* this layer's cache [ctx][n_kv_heads][head_dim] of its kv_type */
-    int scores_stride, parts; /* parts: of the heads of a key/value head, one attention item each */
+    void *kc, *vc; /* this layer's cache [n_kv_heads][ctx][head_dim] of its kv_type */
+    int ctx, parts;   /* parts: of the heads of a key/value head, at most 4 heads each */
+    int chunked;      /* attention items: a token's part (0) or a chunk of it (1) */
+    float *chunks;    /* chunked: NCHUNK records of each token's part */
+    atomic_int *done; /* chunked: the chunks of each token's part done */
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
     const float *angles;           /* rope_angles of the n tokens, or NULL: each token computes its own */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
@@ -589,30 +591,78 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
         float own[l->rope_dim + 2];
         if (!s->angles) rope_angles(l, s->pos0 + i, 1, own);
         rope(l, s->angles ? s->angles + (size_t)i * l->rope_dim : own, q, l->n_heads, k, l->n_kv_heads);
-        kv_store(l, s->kc, s->pos0 + i, k);
-        kv_store(l, s->vc, s->pos0 + i, v);
+        kv_store(l, s->kc, s->ctx, s->pos0 + i, k);
+        kv_store(l, s->vc, s->ctx, s->pos0 + i, v);
     }
 }
 
-/* One item is a token and a part of the heads sharing a key/value head (all of them when there
- * are enough items for the threads): its keys and values are read once for the part. */
+/* ---- attention, in chunks of positions ----------------------------------------------
+ * A token attends over L positions in chunks (as flash-decoding does): for each of R heads
+ * (those of a part), a chunk's scores s give m = max s, l = sum e^(s - m) and o = sum
+ * e^(s - m) V (not yet divided), its record; the records are folded in order, (M, S, O) =
+ * (m, l, o) of the first, then M' = max(M, m), S = S e^(M - M') + l e^(m - M'), O likewise,
+ * and the output is O / S. The chunks depend only on L (at most NCHUNK of at most CHUNK
+ * positions, longer ones past NCHUNK * CHUNK), so a token's attention is the same arithmetic
+ * whether one thread runs its chunks in turn (enough tokens and heads to share out) or the
+ * threads take one chunk each (decode), at any thread count. */
+enum { CHUNK = 32, NCHUNK = 16 };
+
+static int n_chunks(int L) { return L <= NCHUNK * CHUNK ? (L + CHUNK - 1) / CHUNK : NCHUNK; }
+static int chunk_start(int L, int c) { return (int)((int64_t)L * c / n_chunks(L)); }
+static int chunk_max(int ctx) { return ctx <= NCHUNK * CHUNK ? CHUNK : (ctx + NCHUNK - 1) / NCHUNK; } /* positions */
+static size_t record_floats(int hd) { return 8 + 4 * (size_t)hd; } /* m[4], l[4], o[4][hd] */
+
+/* the record of positions [a, b) for R heads (their queries q; keys k and values v from the
+ * token's first position on, rows stride bytes apart); sc: 4 rows of ss scores */
+static void attend_chunk(const ert_layer *l, const float *q, int R, const char *k, const char *v, size_t stride, int a,
+                         int b, float *sc, size_t ss, float *rec) {
+    const int hd = l->head_dim, type = l->kv_type;
+    const scores_fn scores = hd % 8 == 0 ? V.scores : scores_c;
+    const mix_fn mix = hd % 8 == 0 ? V.mix : mix_c;
+    scores(type, q, R, k + a * stride, stride, b - a, hd, l->attn_scale, sc, ss);
+    for (int r = 0; r < R; r++) rec[4 + r] = V.expsum(sc + r * ss, b - a, rec + r);
+    mix(type, rec + 8, R, sc, ss, v + a * stride, stride, b - a, hd);
+}
+
+/* out[R][hd] = the nc records folded in order, O / S */
+static void fold(int R, int hd, const float *rec, int nc, float *out) {
+    const size_t rf = record_floats(hd);
+    for (int r = 0; r < R; r++) {
+        float M = rec[r], S = rec[4 + r], *O = out + (size_t)r * hd;
+        memcpy(O, rec + 8 + (size_t)r * hd, sizeof(float) * hd);
+        for (int c = 1; c < nc; c++) {
+            const float *rc = rec + c * rf, *o = rc + 8 + (size_t)r * hd;
+            const float m = fmaxf(M, rc[r]), a = expf(M - m), b = expf(rc[r] - m);
+            S = S * a + rc[4 + r] * b;
+            for (int i = 0; i < hd; i++) O[i] = O[i] * a + o[i] * b;
+            M = m;
+        }
+        const float inv = 1.0f / S;
+        for (int i = 0; i < hd; i++) O[i] *= inv;
+    }
+}
+
+/* An item is a token and a part of the heads sharing a key/value head (each key and value row
+ * is read once for the part), all its chunks, or one of them when there are fewer parts than
+ * two per thread; the last chunk done folds them. */
 static void attention_task(void *ctx, int ith, int nth) {
     step *s = ctx;
     const ert_layer *l = s->l;
-    const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts;
-    const int type = l->kv_type;
-    const size_t stride = kv_bytes(type, (size_t)KV * hd); /* bytes from a position's row to the next */
-    const scores_fn scores = hd % 8 == 0 ? V.scores : scores_c;
-    const mix_fn mix = hd % 8 == 0 ? V.mix : mix_c;
-    float *sc = s->scores + (size_t)ith * 4 * s->scores_stride; /* four rows of scores */
-    for (int t; (t = take(s)) < s->n * KV * P;) {
-        const int i = t / (KV * P), g = t / P % KV, part = t % P, p = s->pos0 + i;
-        const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 (see parts) */
+    const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts, per = s->chunked ? NCHUNK : 1;
+    const size_t stride = kv_bytes(l->kv_type, hd), ss = chunk_max(s->ctx), rf = record_floats(hd);
+    float *sc = s->scores + (size_t)ith * (4 * ss + NCHUNK * rf), *own = sc + 4 * ss; /* 4 rows of scores, records */
+    for (int t; (t = take(s)) < s->n * KV * P * per;) {
+        const int u = t / per, i = u / (KV * P), g = u / P % KV, part = u % P, p = s->pos0 + i;
+        const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 */
         const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0, L = p - first + 1;
+        const int nc = n_chunks(L), c0 = t % per, c1 = s->chunked ? c0 + 1 : nc;
+        if (c0 >= nc) continue;
         const size_t at = ((size_t)i * H + h0) * hd;
-        scores(type, s->q + at, R, kv_row(l, s->kc, first, g * hd), stride, L, hd, l->attn_scale, sc, s->scores_stride);
-        for (int r = 0; r < R; r++) V.softmax(sc + (size_t)r * s->scores_stride, L);
-        mix(type, s->att + at, R, sc, s->scores_stride, kv_row(l, s->vc, first, g * hd), stride, L, hd);
+        const char *k = kv_row(l, s->kc, s->ctx, g, first), *v = kv_row(l, s->vc, s->ctx, g, first);
+        float *rec = s->chunked ? s->chunks + (size_t)u * NCHUNK * rf : own;
+        for (int c = c0; c < c1; c++)
+            attend_chunk(l, s->q + at, R, k, v, stride, chunk_start(L, c), chunk_start(L, c + 1), sc, ss, rec + c * rf);
+        if (!s->chunked || atomic_fetch_add(&s->done[u], 1) == nc - 1) fold(R, hd, rec, nc, s->att + at);
     }
 }
 
@@ -639,11 +689,24 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
 
 /* ---- the layer --------------------------------------------------------------------- */
 
+/* the parts of a key/value head's query heads (at most 4 heads each), and of n tokens' parts, how
+ * many attention items take a chunk each: all of them when they are fewer than two per thread, else 0 */
+static int parts(const ert_layer *l) { return (l->n_heads / l->n_kv_heads + 3) / 4; }
+static int chunked_parts(const ert_layer *l, int n, int threads) {
+    const int items = n * l->n_kv_heads * parts(l);
+    return items < 2 * threads ? items : 0;
+}
+
 size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) {
     threads = ert_clamp_threads(threads);
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
-    /* h, q, attention, k, v, o, gate, up; four rows of scores per thread */
-    return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) + (size_t)threads * 4 * ctx);
+    const int per_token = l->n_kv_heads * parts(l), most = (2 * threads - 1) / per_token; /* tokens, when chunked */
+    const size_t rf = record_floats(l->head_dim), chunked = (size_t)(n < most ? n : most) * per_token;
+    /* h, q, attention, k, v, o, gate, up; per thread, four rows of scores and a part's records; the
+     * records of the parts of a call of up to n tokens that takes chunks, and their counts */
+    return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) +
+                            (size_t)threads * (4 * (size_t)chunk_max(ctx) + NCHUNK * rf) + chunked * NCHUNK * rf) +
+           sizeof(atomic_int) * chunked;
 }
 
 static int check_layer(const ert_layer *l, int n, int pos0, int ctx, const void *k_cache, const void *v_cache) {
@@ -660,7 +723,10 @@ static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx,
                          float *scratch, int threads, const float *angles) {
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
     float *p = scratch;
-    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .scores_stride = ctx, .angles = angles};
+    const size_t rf = record_floats(l->head_dim);
+    const int chunked = chunked_parts(l, n, threads);
+    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .ctx = ctx, .angles = angles,
+              .parts = parts(l), .chunked = chunked > 0};
     s.h = p, p += n * d;
     s.q = p, p += n * dq;
     s.att = p, p += n * dq;
@@ -669,13 +735,11 @@ static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx,
     s.o = p, p += n * d;
     s.gate = p, p += n * (size_t)l->d_ff;
     s.up = p, p += n * (size_t)l->d_ff;
-    s.scores = p;
+    s.scores = p, p += (size_t)threads * (4 * (size_t)chunk_max(ctx) + NCHUNK * rf);
+    s.chunks = p, p += (size_t)chunked * NCHUNK * rf;
+    s.done = (atomic_int *)p;
+    for (int u = 0; u < chunked; u++) atomic_init(&s.done[u], 0);
     const int per_token = n < threads ? n : threads; /* work taken a token at a time */
-    /* attention items: a token and a part of a key/value head's G query heads, at most 4 heads
-     * a part, and the fewest parts that share the items evenly among the threads or give each two */
-    const int G = l->n_heads / l->n_kv_heads, items = n * l->n_kv_heads;
-    for (s.parts = (G + 3) / 4; s.parts < G; s.parts++)
-        if (items * s.parts >= 2 * threads || items * s.parts % threads == 0) break;
     int rc;
 #define MATMUL(w, in, out) \
     if ((rc = ert_matmul(&l->w, in, n, out, threads)) != ERT_OK) return rc
@@ -745,17 +809,20 @@ int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int p
     return rc;
 }
 
-int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used, float *row) {
-    if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used) return ERT_EINVAL;
+int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int ctx, int keep, int discard, int used,
+                       float *row) {
+    if (!l || !k_cache || !v_cache || !row || keep < 0 || discard < 0 || keep + discard > used || used > ctx)
+        return ERT_EINVAL;
     if (kv_check(l) != ERT_OK) return kv_check(l);
     float angles[l->rope_dim + 2];
     rope_angles(l, -discard, 1, angles);
     for (int j = keep + discard; j < used; j++) {
-        kv_load(l, k_cache, j, row);
+        kv_load(l, k_cache, ctx, j, row);
         rope(l, angles, row, l->n_kv_heads, NULL, 0); /* RoPE turns by an angle linear in the position */
-        kv_store(l, k_cache, j - discard, row);
+        kv_store(l, k_cache, ctx, j - discard, row);
     }
-    memmove(kv_row(l, v_cache, keep, 0), kv_row(l, v_cache, keep + discard, 0),
-            kv_bytes(l->kv_type, (size_t)(used - keep - discard) * l->n_kv_heads * l->head_dim));
+    for (int h = 0; h < l->n_kv_heads; h++)
+        memmove(kv_row(l, v_cache, ctx, h, keep), kv_row(l, v_cache, ctx, h, keep + discard),
+                kv_bytes(l->kv_type, (size_t)(used - keep - discard) * l->head_dim));
     return ERT_OK;
 }

@@ -73,9 +73,10 @@ def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:
 class KVCache:
     """Keys and values of every layer for positions 0..ctx-1: float16 (as llama.cpp
     keeps them by default; rounded to nearest even), float32, or q8_0 (llama.cpp's
-    8-bit blocks of 32 values along a head: head sizes that are a multiple of 32).
-    encode / decode turn float32 keys or values [..., head_dim] into stored elements
-    and back."""
+    8-bit blocks of 32 values along a head: head sizes that are a multiple of 32), as
+    k, v[layer, kv head, position, element] (a head's positions one after the other, as
+    the C attention reads them). encode / decode turn float32 keys or values
+    [..., head_dim] into stored elements and back."""
 
     DTYPES = {"f16": np.float16, "f32": np.float32, "q8_0": Q8_0}
     PER_ELEMENT = {"f16": 1, "f32": 1, "q8_0": 32}  # values an element holds
@@ -84,7 +85,7 @@ class KVCache:
         per = self.PER_ELEMENT[dtype]
         if spec.head_dim % per:
             raise ValueError(f"a {dtype} KV cache needs a head size that is a multiple of {per}, not {spec.head_dim}")
-        shape = (spec.n_layers, ctx, spec.n_kv_heads, spec.head_dim // per)
+        shape = (spec.n_layers, spec.n_kv_heads, ctx, spec.head_dim // per)
         self.dtype, self.ctx = dtype, ctx
         self.k, self.v = np.empty(shape, self.DTYPES[dtype]), np.empty(shape, self.DTYPES[dtype])
         self.k.view(np.uint8).fill(0)  # written now, so the whole cache is resident from the start
@@ -147,10 +148,10 @@ def layer(spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.nd
     base, scale = rope_base_scale(spec, i)
     cos, sin = rope_tables(pos, base, spec.rope_dim, scale, factors)
     q, k = rope(q, cos, sin, spec.rope_style), rope(k, cos, sin, spec.rope_style)
-    kv.k[i, pos0:pos0 + n], kv.v[i, pos0:pos0 + n] = kv.encode(k), kv.encode(v)
+    kv.k[i, :, pos0:pos0 + n], kv.v[i, :, pos0:pos0 + n] = kv.encode(k).swapaxes(0, 1), kv.encode(v).swapaxes(0, 1)
     window = spec.sliding_window if spec.is_local(i) else 0
     first = max(0, pos0 - window + 1) if window else 0
-    keys, values = kv.decode(kv.k[i, first:pos0 + n]), kv.decode(kv.v[i, first:pos0 + n])
+    keys, values = (kv.decode(c[i, :, first:pos0 + n]).swapaxes(0, 1) for c in (kv.k, kv.v))
     a = attention(q, keys, values, pos, first, window,
                   spec.attn_scale or 1.0 / np.sqrt(hd))
     a = W.linear(p + "attn_output.weight", a)
@@ -175,9 +176,9 @@ def kv_shift(spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> 
     for i in range(spec.n_layers):
         base, scale = rope_base_scale(spec, i)
         cos, sin = rope_tables(np.array([-discard]), base, spec.rope_dim, scale, factors)
-        k = kv.decode(kv.k[i, keep + discard:used])
-        kv.k[i, keep:used - discard] = kv.encode(rope(k, cos, sin, spec.rope_style))
-        kv.v[i, keep:used - discard] = kv.v[i, keep + discard:used]
+        k = kv.decode(kv.k[i, :, keep + discard:used])
+        kv.k[i, :, keep:used - discard] = kv.encode(rope(k, cos, sin, spec.rope_style))
+        kv.v[i, :, keep:used - discard] = kv.v[i, :, keep + discard:used]
 
 
 def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer=layer, run_rest=None) -> np.ndarray:

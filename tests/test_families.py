@@ -107,6 +107,26 @@ def test_decoding_token_by_token_equals_one_batch(tiny, arch):
     assert np.abs(steps - batch).max() < 1e-4 * np.abs(batch).max()
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_attention_is_one_arithmetic_however_it_is_shared_out(tiny, arch, kv_type):
+    """A token attends over its positions in chunks folded in order (layer.c): one item a
+    token and head group (a batch, and decode at 1 thread) or one a chunk (decode at 2
+    threads: the tiny model's 2 head groups are fewer than 2 a thread). The hidden states
+    are the same bits either way, past 512 positions too (16 chunks of more than 32)."""
+    g = GGUFFile(tiny(arch, 8))
+    spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")
+    toks, ctx, last = np.random.default_rng(3).integers(100, 40000, 600), 640, 24
+    runs = []
+    for threads, batch in ((2, len(toks)), (2, len(toks) - last), (1, len(toks) - last)):
+        W = Weights(g, threads=threads)
+        kv, run = KVCache(spec, ctx, kv_type), CLayers(spec, W, threads, ctx, kv_type).run
+        h = [forward(spec, W, toks[:batch], 0, kv, run)]
+        h += [forward(spec, W, toks[i:i + 1], i, kv, run) for i in range(batch, len(toks))]
+        runs.append(np.concatenate(h)[-last:])
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
+
+
 @pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_kv_shift_in_c_equals_the_numpy_twin(tiny, arch, kv_type):
@@ -123,16 +143,16 @@ def test_kv_shift_in_c_equals_the_numpy_twin(tiny, arch, kv_type):
     layers.kv_shift(spec, W, kv, 4, 17, N_TOKENS)
     kv_shift(spec, W, twin, 4, 17, N_TOKENS)
     used = N_TOKENS - 17
-    assert np.array_equal(kv.v[:, :used], twin.v[:, :used])
-    k, t = kv.decode(kv.k[:, :used]), twin.decode(twin.k[:, :used])
+    assert np.array_equal(kv.v[:, :, :used], twin.v[:, :, :used])
+    k, t = kv.decode(kv.k[:, :, :used]), twin.decode(twin.k[:, :, :used])
     ulp = {"f32": 1e-6, "f16": 1e-3, "q8_0": 1 / 127}[kv_type]  # one float32 / float16 rounding, one q8_0 step
     assert np.abs(k - t).max() <= ulp * np.abs(t).max()
-    assert np.array_equal(kv.k[:, :4], twin.k[:, :4])  # the sinks stay
+    assert np.array_equal(kv.k[:, :, :4], twin.k[:, :, :4])  # the sinks stay
     # layer 0's keys depend only on the token and its position: the shifted cache holds
     # what a fresh run of the kept tokens writes there
     fresh = KVCache(spec, 64, kv_type)
     forward(spec, W, np.concatenate([toks[:4], toks[4 + 17:]]), 0, fresh, CLayers(spec, W, 2, 64, kv_type).run)
-    f0, k0 = fresh.decode(fresh.k[0, :used]), kv.decode(kv.k[0, :used])
+    f0, k0 = fresh.decode(fresh.k[0, :, :used]), kv.decode(kv.k[0, :, :used])
     assert np.abs(f0 - k0).max() <= 10 * ulp * np.abs(f0).max()
 
 

@@ -74,9 +74,9 @@ def test_the_c_layer_writes_the_twins_blocks(tiny_llama):
         forward(spec, W, toks[i:i + 1], i, q8, run)
     n = len(toks)
     for ours, floats in ((q8.k, f32.k), (q8.v, f32.v)):
-        assert np.array_equal(ours[0, :n].view(np.uint8), quantize_q8_0(floats[0, :n]).view(np.uint8))
+        assert np.array_equal(ours[0, :, :n].view(np.uint8), quantize_q8_0(floats[0, :, :n]).view(np.uint8))
         # later layers read the quantized cache: close to the float32 run, not equal
-        rel = np.abs(q8.decode(ours[-1, :n]) - floats[-1, :n]).max() / np.abs(floats[-1, :n]).max()
+        rel = np.abs(q8.decode(ours[-1, :, :n]) - floats[-1, :, :n]).max() / np.abs(floats[-1, :, :n]).max()
         assert 0 < rel < 0.05, rel
 
 

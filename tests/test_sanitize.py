@@ -1,5 +1,6 @@
 """The C library under AddressSanitizer + UndefinedBehaviorSanitizer (CMake option
-ERT_SANITIZE, halting on the first report): the kernel tests and one short generation
+ERT_SANITIZE, halting on the first report): the kernel tests, the attention split every
+way (chunks past 512 positions), and one short generation
 of the real SmolLM2 at 4 bits, in a Python process with the ASan runtime preloaded. And
 a valgrind memcheck of a short run of the tiny fuzz-seed model: zero errors (reports
 whose innermost frame is in the interpreter or ld.so are suppressed: valgrind-python.supp)."""
@@ -47,6 +48,7 @@ def _clean(r: subprocess.CompletedProcess) -> str:
 
 def test_kernel_tests_under_asan_ubsan(asan_env):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests/test_kernels.py"),
+                        str(REPO / "tests/test_families.py") + "::test_attention_is_one_arithmetic_however_it_is_shared_out",
                         "-k", "not arm"], capture_output=True, text=True, env=asan_env, cwd=REPO, timeout=900)
     out = _clean(r)
     assert r.returncode in (0, 1) and " passed" in out, out[-3000:]  # 1: tests failed, not a crash or a sanitizer

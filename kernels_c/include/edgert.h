@@ -106,7 +106,7 @@ typedef struct {
 ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads);
 
 /* Runs n tokens at positions pos0.. through the layer: x[n][d_model] is updated in
- * place; their keys and values are written to k_cache, v_cache ([ctx][n_kv_heads]
+ * place; their keys and values are written to k_cache, v_cache ([n_kv_heads][ctx]
  * [head_dim] of the layer's kv_type, this layer's) at pos0.., and attention reads
  * positions up to each token's own. Returns ERT_OK or < 0. */
 ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, void *k_cache, void *v_cache,
@@ -119,13 +119,13 @@ ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int
 ERT_API int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int pos0, int ctx,
                                void *const *k_caches, void *const *v_caches, float *scratch, int threads);
 
-/* Drops cache positions keep .. keep+discard-1 of this layer's cache (filled up to
- * `used`): later positions move down by `discard`, their keys turned back by
+/* Drops cache positions keep .. keep+discard-1 of this layer's cache (of ctx positions,
+ * filled up to `used`): later positions move down by `discard`, their keys turned back by
  * `discard` positions of RoPE, so they read as if written there (the sink-and-window
  * policy of a full context; q8_0 keys are dequantized, turned and quantized again, values
  * move as they are). row: scratch of n_kv_heads*head_dim floats. */
-ERT_API int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int keep, int discard, int used,
-                               float *row);
+ERT_API int ert_layer_kv_shift(const ert_layer *l, void *k_cache, void *v_cache, int ctx, int keep, int discard,
+                               int used, float *row);
 
 /* out[i][cols] = W[row0 + i] dequantized, i < nrows; bit-exact with formats.py. */
 ERT_API int ert_dequantize_rows(const ert_weight *w, int row0, int nrows, float *out);
