@@ -552,9 +552,9 @@ typedef struct {
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *scores;
     void *kc, *vc; /* this layer's cache [n_kv_heads][ctx][head_dim] of its kv_type */
     int ctx, parts;   /* parts: of the heads of a key/value head, at most 4 heads each */
-    int chunked;      /* attention items: a token's part (0) or a chunk of it (1) */
-    float *chunks;    /* chunked: NCHUNK records of each token's part */
-    atomic_int *done; /* chunked: the chunks of each token's part done */
+    int spans;        /* attention items: a token's part (0), or a run of its chunks, `spans` runs a part */
+    float *chunks;    /* spans: NCHUNK records of each token's part */
+    atomic_int *done; /* spans: the chunks of each token's part done */
     const float *norm, *post_norm; /* of the half (attention or FFN) being run */
     const float *angles;           /* rope_angles of the n tokens, or NULL: each token computes its own */
     atomic_int next;               /* the next item to take (pool.c: work is taken, not split) */
@@ -643,26 +643,27 @@ static void fold(int R, int hd, const float *rec, int nc, float *out) {
 }
 
 /* An item is a token and a part of the heads sharing a key/value head (each key and value row
- * is read once for the part), all its chunks, or one of them when there are fewer parts than
- * two per thread; the last chunk done folds them. */
+ * is read once for the part), all its chunks, or a run of consecutive ones when there are fewer
+ * parts than two per thread (one run of memory a thread: its reads stay one stream); the item
+ * that completes the part's chunks folds them. */
 static void attention_task(void *ctx, int ith, int nth) {
     step *s = ctx;
     const ert_layer *l = s->l;
-    const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts, per = s->chunked ? NCHUNK : 1;
+    const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts, per = s->spans ? s->spans : 1;
     const size_t stride = kv_bytes(l->kv_type, hd), ss = chunk_max(s->ctx), rf = record_floats(hd);
     float *sc = s->scores + (size_t)ith * (4 * ss + NCHUNK * rf), *own = sc + 4 * ss; /* 4 rows of scores, records */
     for (int t; (t = take(s)) < s->n * KV * P * per;) {
         const int u = t / per, i = u / (KV * P), g = u / P % KV, part = u % P, p = s->pos0 + i;
         const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 */
         const int first = l->window && p - l->window + 1 > 0 ? p - l->window + 1 : 0, L = p - first + 1;
-        const int nc = n_chunks(L), c0 = t % per, c1 = s->chunked ? c0 + 1 : nc;
-        if (c0 >= nc) continue;
+        const int nc = n_chunks(L), c0 = t % per * nc / per, c1 = (t % per + 1) * nc / per;
+        if (c0 == c1) continue;
         const size_t at = ((size_t)i * H + h0) * hd;
         const char *k = kv_row(l, s->kc, s->ctx, g, first), *v = kv_row(l, s->vc, s->ctx, g, first);
-        float *rec = s->chunked ? s->chunks + (size_t)u * NCHUNK * rf : own;
+        float *rec = s->spans ? s->chunks + (size_t)u * NCHUNK * rf : own;
         for (int c = c0; c < c1; c++)
             attend_chunk(l, s->q + at, R, k, v, stride, chunk_start(L, c), chunk_start(L, c + 1), sc, ss, rec + c * rf);
-        if (!s->chunked || atomic_fetch_add(&s->done[u], 1) == nc - 1) fold(R, hd, rec, nc, s->att + at);
+        if (!s->spans || atomic_fetch_add(&s->done[u], c1 - c0) + c1 - c0 == nc) fold(R, hd, rec, nc, s->att + at);
     }
 }
 
@@ -689,12 +690,20 @@ static void glu_task(void *ctx, int ith, int nth) { /* gate = act(gate) * up, a 
 
 /* ---- the layer --------------------------------------------------------------------- */
 
-/* the parts of a key/value head's query heads (at most 4 heads each), and of n tokens' parts, how
- * many attention items take a chunk each: all of them when they are fewer than two per thread, else 0 */
+/* the parts of a key/value head's query heads (at most 4 heads each); of n tokens' parts, how
+ * many attention items cut into runs of chunks: all of them when they are fewer than two per
+ * thread, else 0; and into how many runs each: two items a thread or more, a multiple of the
+ * threads where one is at most NCHUNK runs */
 static int parts(const ert_layer *l) { return (l->n_heads / l->n_kv_heads + 3) / 4; }
 static int chunked_parts(const ert_layer *l, int n, int threads) {
     const int items = n * l->n_kv_heads * parts(l);
     return items < 2 * threads ? items : 0;
+}
+static int spans(int items, int threads) {
+    const int least = (2 * threads + items - 1) / items;
+    for (int s = least; s <= NCHUNK; s++)
+        if (items * s % threads == 0) return s;
+    return least < NCHUNK ? least : NCHUNK;
 }
 
 size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) {
@@ -726,7 +735,7 @@ static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx,
     const size_t rf = record_floats(l->head_dim);
     const int chunked = chunked_parts(l, n, threads);
     step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .ctx = ctx, .angles = angles,
-              .parts = parts(l), .chunked = chunked > 0};
+              .parts = parts(l), .spans = chunked ? spans(chunked, threads) : 0};
     s.h = p, p += n * d;
     s.q = p, p += n * dq;
     s.att = p, p += n * dq;
