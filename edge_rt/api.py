@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import enforce, formats, memory, metrics
+from . import enforce, formats, kernels, memory, metrics
 from .errors import EdgeRtError
 from .flash import Layout, StreamedWeights
 from .gguf_file import GGUFFile
@@ -219,7 +219,8 @@ class Model:
         positions keep_from.. (the others are dropped as soon as a step is done)."""
         kept = []
         for i in range(0, len(tokens), N_BATCH):
-            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv, self.layers.run, self.layers.run_rest)
+            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv,
+                        self.layers.run, self.layers.run_rest, kernels.rmsnorm)
             if i + len(h) > keep_from:
                 kept.append(h[max(keep_from - i, 0):])
         return np.concatenate(kept)
@@ -265,7 +266,8 @@ class Model:
                 if pos == self.ctx:  # full (sink-window only)
                     pos -= self._drop_older_half(SINK_TOKENS, pos)
                     kv_shifts += 1
-                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv, self.layers.run, self.layers.run_rest)
+                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv,
+                            self.layers.run, self.layers.run_rest, kernels.rmsnorm)
                 t = time.perf_counter()
                 z = logits(self.weights, h[-1:])[0]
                 in_c += time.perf_counter() - t
@@ -327,7 +329,8 @@ class Model:
                 toks = ids[i:min(i + chunk, len(ids) - 1)]
                 if pos + len(toks) > self.ctx:
                     pos, shifts = pos - self._drop_older_half(keep, pos), shifts + 1
-                h = forward(self.spec, self.weights, toks, pos, self.kv, self.layers.run, self.layers.run_rest)
+                h = forward(self.spec, self.weights, toks, pos, self.kv,
+                            self.layers.run, self.layers.run_rest, kernels.rmsnorm)
                 pos += len(toks)
                 scored = np.arange(i, i + len(toks)) >= score_from
                 nll += self._nll(h[scored], ids[i + 1:i + 1 + len(toks)][scored])

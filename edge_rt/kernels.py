@@ -98,6 +98,8 @@ def _load():
     lib.ert_force_isa.restype = ci
     lib.ert_weight_nbytes.argtypes = [vp]
     lib.ert_weight_nbytes.restype = ctypes.c_size_t
+    lib.ert_rmsnorm.argtypes = [vp, ci, ci, vp, ctypes.c_float, vp]
+    lib.ert_rmsnorm.restype = ci
     lib.ert_max_threads.argtypes = []
     lib.ert_max_threads.restype = ci
     _lib = lib
@@ -278,6 +280,10 @@ def dequantize_rows(w: Weight, rows) -> np.ndarray:
             return out
         rows = np.arange(start, stop, step)
     idx = np.asarray(rows)
+    if idx.size == 1 and idx.dtype.kind in "iu" and -w.rows <= idx.flat[0] < w.rows:  # one token: a slice, fewer calls
+        i = int(idx.flat[0]) % w.rows
+        out = dequantize_rows(w, slice(i, i + 1))
+        return out[0] if idx.ndim == 0 else out
     if idx.dtype.kind not in "iu":
         raise TypeError(f"row indices must be integers, got {idx.dtype}")
     scalar = idx.ndim == 0
@@ -289,6 +295,23 @@ def dequantize_rows(w: Weight, rows) -> np.ndarray:
     if idx.size:
         _check(lib.ert_dequantize_gather(w._ref, _ptr(idx), idx.size, _ptr(out)), "ert_dequantize_gather")
     return out[0] if scalar else out
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """transformer.rmsnorm in C (the layer's: the sum of squares in double): rows of x
+    (float32 [n, d] or [d]) times 1 / sqrt(mean(x^2) + eps), times w [d]. The runtime's
+    final norm: a decode step's numpy calls after the layers run with cold caches (each
+    several times its warm cost), this one call costs a few of them."""
+    lib = _lib or _load()
+    if type(x) is not np.ndarray or x.dtype != _F32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if w.dtype != _F32 or w.shape != (d,) or not w.flags.c_contiguous:
+        raise ValueError(f"rmsnorm: w must be float32 [{d}], got {w.dtype} {w.shape}")
+    out = np.empty_like(x)
+    if x.size:
+        _check(lib.ert_rmsnorm(_ptr(x), x.size // d, d, _addr(w), eps, _ptr(out)), "ert_rmsnorm")
+    return out
 
 
 def kernel_name(format_id: int) -> str:

@@ -48,12 +48,13 @@ class CLayers:
         self._keep = []  # the float32 vectors the structs point at
         factors = self._vec(W.vec("rope_freqs.weight")) if W.has("rope_freqs.weight") else None  # shared by all layers
         self.layers = [self._struct(spec, W, i, factors) for i in range(spec.n_layers)]
+        self._out_norm, self._eps = self._vec(W.vec("output_norm.weight")), spec.norm_eps  # run_rest's final norm
         vp, ci = ctypes.c_void_p, ctypes.c_int
         self.lib.ert_layer_scratch_bytes.argtypes = [vp, ci, ci, ci]
         self.lib.ert_layer_scratch_bytes.restype = ctypes.c_size_t
         self.lib.ert_layer_forward.argtypes = [vp, vp, ci, ci, ci, vp, vp, vp, ci]
         self.lib.ert_layer_forward.restype = ci
-        self.lib.ert_layers_forward.argtypes = [vp, ci, vp, ci, ci, ci, vp, vp, vp, ci]
+        self.lib.ert_layers_forward.argtypes = [vp, ci, vp, ci, ci, ci, vp, vp, vp, ci, vp, ctypes.c_float]
         self.lib.ert_layers_forward.restype = ci
         self.lib.ert_layer_kv_shift.argtypes = [vp, vp, vp, ci, ci, ci, ci, vp]
         self.lib.ert_layer_kv_shift.restype = ci
@@ -127,17 +128,18 @@ class CLayers:
         if i < W.streamed:  # W.begin_layer(i) has just read it into the stream pool (flash.py): new addresses
             self._bind(self.layers[i], W, i)
         t0 = time.perf_counter()
-        rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), x.ctypes.data, x.shape[0], pos0, self.ctx, k, v,
-                                        self.scratch.ctypes.data, self.threads)
+        rc = self.lib.ert_layer_forward(ctypes.addressof(self.layers[i]), kernels._ptr(x), x.shape[0], pos0, self.ctx, k, v,
+                                        kernels._ptr(self.scratch), self.threads)
         self.seconds += time.perf_counter() - t0
         if rc:
             kernels._check(rc, f"ert_layer_forward (layer {i})")
         return x
 
     def run_rest(self, spec: Spec, W, i: int, x: np.ndarray, pos0: int, kv: KVCache) -> np.ndarray:
-        """Layers i.. (resident: W.streamed <= i) in one C call: transformer.forward's
-        run_rest. A call from Python per layer cost ~5 us each, ~4% of a SmolLM2 token
-        at 2 threads (BENCHMARKS.md, issue 3)."""
+        """Layers i.. (resident: W.streamed <= i) and the final norm in one C call:
+        transformer.forward's run_rest. A call from Python per layer cost ~5 us each, ~4% of
+        a SmolLM2 token at 2 threads; the final norm in numpy after it, ~50 us, its caches
+        cold (BENCHMARKS.md, issue 3)."""
         x = self._prepare(x)
         caches = self._cache(kv)
         if i not in self._rest:
@@ -146,8 +148,8 @@ class CLayers:
                              (vp * nl)(*[k for k, _ in caches[i:]]), (vp * nl)(*[v for _, v in caches[i:]]))
         layers, ks, vs = self._rest[i]
         t0 = time.perf_counter()
-        rc = self.lib.ert_layers_forward(layers, len(layers), x.ctypes.data, x.shape[0], pos0, self.ctx, ks, vs,
-                                         self.scratch.ctypes.data, self.threads)
+        rc = self.lib.ert_layers_forward(layers, len(layers), kernels._ptr(x), x.shape[0], pos0, self.ctx, ks, vs,
+                                         kernels._ptr(self.scratch), self.threads, self._out_norm, self._eps)
         self.seconds += time.perf_counter() - t0
         if rc:
             kernels._check(rc, f"ert_layers_forward (layers {i}..)")

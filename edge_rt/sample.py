@@ -20,7 +20,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature <= 0:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         k = min(self.top_k, logits.size) if self.top_k > 0 else logits.size
         top = np.argpartition(logits, -k)[-k:]
         top = top[np.argsort(logits[top])[::-1]]  # best first

@@ -508,6 +508,12 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
+int ert_rmsnorm(const float *x, int n, int d, const float *w, float eps, float *out) {
+    if (!x || !w || !out || n < 0 || d <= 0) return ERT_EINVAL;
+    for (int i = 0; i < n; i++) rmsnorm(out + (size_t)i * d, x + (size_t)i * d, w, d, eps);
+    return ERT_OK;
+}
+
 /* the cosines and sines of RoPE's angles at positions pos0..pos0+n-1: cs[j][i] = (cos, sin)
  * of (pos0 + j) / rope_scale * rope_base^(-2i/rope_dim) / rope_factors[i], i < rope_dim/2 */
 static void rope_angles(const ert_layer *l, int pos0, int n, float *cs) {
@@ -783,8 +789,8 @@ int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx, vo
 }
 
 int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int pos0, int ctx, void *const *k_caches,
-                       void *const *v_caches, float *scratch, int threads) {
-    if (!l || nl < 0 || !x || !k_caches || !v_caches || !scratch) return ERT_EINVAL;
+                       void *const *v_caches, float *scratch, int threads, const float *out_norm, float out_eps) {
+    if (!l || nl < 0 || !x || !k_caches || !v_caches || !scratch || (out_norm && nl == 0)) return ERT_EINVAL;
     for (int i = 0; i < nl; i++) {
         int rc = check_layer(l[i], n, pos0, ctx, k_caches[i], v_caches[i]);
         if (rc) return rc;
@@ -815,6 +821,7 @@ int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int p
         rc = layer_forward(l[i], x, n, pos0, ctx, k_caches[i], v_caches[i], scratch, threads, angles[k]);
     }
     for (int k = 0; k < KINDS; k++) free(angles[k]);
+    if (rc == ERT_OK && out_norm) ert_rmsnorm(x, n, l[nl - 1]->d_model, out_norm, out_eps, x);
     return rc;
 }
 

@@ -181,20 +181,23 @@ def kv_shift(spec: Spec, W, kv: KVCache, keep: int, discard: int, used: int) -> 
         kv.v[i, :, keep:used - discard] = kv.v[i, :, keep + discard:used]
 
 
-def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer=layer, run_rest=None) -> np.ndarray:
+def forward(spec: Spec, W, tokens: np.ndarray, pos0: int, kv: KVCache, run_layer=layer, run_rest=None,
+            norm=rmsnorm) -> np.ndarray:
     """Run tokens (at positions pos0, pos0+1, ...) through the model, filling the KV
     cache; returns the final-normed hidden states [n, d_model]. run_layer is `layer`
     above, or the runtime's one C call per layer (edge_rt/layer.py); run_rest(spec, W, i,
-    x, pos0, kv), if given, runs layers i.. at once from the first that is not streamed
-    (the runtime's one C call for all resident layers)."""
-    x = W.embed(tokens) * np.float32(spec.embed_scale)
+    x, pos0, kv), if given, runs layers i.. and the final norm at once from the first layer
+    that is not streamed (the runtime's one C call for all resident layers); norm is the
+    final norm's rmsnorm otherwise (the runtime's: kernels.rmsnorm, the same C)."""
+    x = W.embed(tokens)
+    if spec.embed_scale != 1.0:
+        x = x * np.float32(spec.embed_scale)
     for i in range(spec.n_layers):
         W.begin_layer(i)  # layer i's matrices now point at resident bytes (edge_rt/flash.py streams them)
         if run_rest is not None and i >= W.streamed:
-            x = run_rest(spec, W, i, x, pos0, kv)
-            break
+            return run_rest(spec, W, i, x, pos0, kv)
         x = run_layer(spec, W, i, x, pos0, kv)
-    return rmsnorm(x, W.vec("output_norm.weight"), spec.norm_eps)
+    return norm(x, W.vec("output_norm.weight"), spec.norm_eps)
 
 
 def output_name(W) -> str:

@@ -424,6 +424,22 @@ def test_group_quant_degenerate_groups():
 
 # --------------------------------------------------------------------------- dispatch, binding
 
+def test_rmsnorm_in_c_matches_numpy():
+    """kernels.rmsnorm (the layer's RMS norm, the runtime's final norm) against the numpy
+    oracle's: rows of odd and even lengths, one row, none; a w of the wrong shape refused."""
+    from edge_rt.models.transformer import rmsnorm
+    rng = np.random.default_rng(5)
+    for n, d in ((1, 576), (7, 640), (3, 37), (0, 16)):
+        x = (rng.standard_normal((n, d)) * 3).astype(np.float32)
+        w = rng.standard_normal(d).astype(np.float32)
+        got, want = K.rmsnorm(x, w, 1e-6), rmsnorm(x, w, 1e-6)
+        assert got.shape == want.shape and np.allclose(got, want, rtol=2e-6, atol=1e-7), (n, d)
+        if n:
+            assert np.array_equal(K.rmsnorm(x[0], w, 1e-6), got[0])
+    with pytest.raises(ValueError):
+        K.rmsnorm(np.ones((2, 8), np.float32), np.ones(7, np.float32), 1e-6)
+
+
 def test_kernel_names_and_features():
     feats = K.cpu_features().split()
     for name, fid in formats.FORMAT_IDS.items():

@@ -101,6 +101,10 @@ typedef struct {
     ert_weight wq, wk, wv, wo, gate, up, down;
 } ert_layer;
 
+/* The layer's RMS norm of n rows of d values: out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w
+ * (the sum of squares in double). Returns ERT_OK or < 0. */
+ERT_API int ert_rmsnorm(const float *x, int n, int d, const float *w, float eps, float *out);
+
 /* Scratch a call of ert_layer_forward needs (float aligned), for n tokens and a KV
  * cache of ctx positions. */
 ERT_API size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads);
@@ -115,9 +119,11 @@ ERT_API int ert_layer_forward(const ert_layer *l, float *x, int n, int pos0, int
 /* ert_layer_forward of layers l[0..nl-1] in turn over the same x (a model's layers in one
  * call), layer i with the caches k_caches[i], v_caches[i]; the scratch is the largest of the
  * layers' ert_layer_scratch_bytes. RoPE's angles are computed once for the layers that
- * share them (the same values as layer by layer). Returns ERT_OK or < 0. */
+ * share them (the same values as layer by layer). out_norm (NULL: none; nl >= 1): x is then
+ * ert_rmsnorm'ed by it in place (the model's output norm, in the same call). Returns ERT_OK or < 0. */
 ERT_API int ert_layers_forward(const ert_layer *const *l, int nl, float *x, int n, int pos0, int ctx,
-                               void *const *k_caches, void *const *v_caches, float *scratch, int threads);
+                               void *const *k_caches, void *const *v_caches, float *scratch, int threads,
+                               const float *out_norm, float out_eps);
 
 /* Drops cache positions keep .. keep+discard-1 of this layer's cache (of ctx positions,
  * filled up to `used`): later positions move down by `discard`, their keys turned back by
