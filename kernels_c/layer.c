@@ -610,7 +610,7 @@ static void qk_task(void *ctx, int ith, int nth) { /* biases, q/k norms, RoPE; k
  * and the output is O / S. The chunks depend only on L (at most NCHUNK of at most CHUNK
  * positions, longer ones past NCHUNK * CHUNK), so a token's attention is the same arithmetic
  * whether one thread runs its chunks in turn (enough tokens and heads to share out) or the
- * threads take one chunk each (decode), at any thread count. */
+ * threads take runs of them (decode), at any thread count. */
 enum { CHUNK = 32, NCHUNK = 16 };
 
 static int n_chunks(int L) { return L <= NCHUNK * CHUNK ? (L + CHUNK - 1) / CHUNK : NCHUNK; }
