@@ -306,8 +306,10 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     if type(x) is not np.ndarray or x.dtype != _F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     d = x.shape[-1]
-    if w.dtype != _F32 or w.shape != (d,) or not w.flags.c_contiguous:
-        raise ValueError(f"rmsnorm: w must be float32 [{d}], got {w.dtype} {w.shape}")
+    if w.shape != (d,):
+        raise ValueError(f"rmsnorm: w has shape {w.shape}, expected [{d}]")
+    if w.dtype != _F32 or not w.flags.c_contiguous:  # a float16 norm vector
+        w = np.ascontiguousarray(w, dtype=np.float32)
     out = np.empty_like(x)
     if x.size:
         _check(lib.ert_rmsnorm(_ptr(x), x.size // d, d, _addr(w), eps, _ptr(out)), "ert_rmsnorm")

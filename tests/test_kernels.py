@@ -426,7 +426,8 @@ def test_group_quant_degenerate_groups():
 
 def test_rmsnorm_in_c_matches_numpy():
     """kernels.rmsnorm (the layer's RMS norm, the runtime's final norm) against the numpy
-    oracle's: rows of odd and even lengths, one row, none; a w of the wrong shape refused."""
+    oracle's: rows of odd and even lengths, one row, none; a float16 w (a model's F16 norm)
+    as its float32 values; a w of the wrong shape refused."""
     from edge_rt.models.transformer import rmsnorm
     rng = np.random.default_rng(5)
     for n, d in ((1, 576), (7, 640), (3, 37), (0, 16)):
@@ -436,6 +437,8 @@ def test_rmsnorm_in_c_matches_numpy():
         assert got.shape == want.shape and np.allclose(got, want, rtol=2e-6, atol=1e-7), (n, d)
         if n:
             assert np.array_equal(K.rmsnorm(x[0], w, 1e-6), got[0])
+            w16 = w.astype(np.float16)
+            assert np.array_equal(K.rmsnorm(x, w16, 1e-6), K.rmsnorm(x, w16.astype(np.float32), 1e-6))
     with pytest.raises(ValueError):
         K.rmsnorm(np.ones((2, 8), np.float32), np.ones(7, np.float32), 1e-6)
 
