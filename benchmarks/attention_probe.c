@@ -39,8 +39,6 @@ int main(int argc, char **argv) {
     float q[H * HD], att[H * HD], *scratch = malloc(ert_layer_scratch_bytes(&l, 1, CTX, threads));
     for (int i = 0; i < H * HD; i++) q[i] = uniform();
     ert_layer_select(1);
-    const size_t rf = record_floats(HD);
-    const int chunked = chunked_parts(&l, 1, threads);
     double best = 1e9;
     volatile long sink = 0;
     for (int rep = 0; rep < 30; rep++) {
@@ -48,11 +46,8 @@ int main(int argc, char **argv) {
         for (int i = 0; i < LAYERS; i++) {
             for (size_t j = i * evict / LAYERS / 8; j < (i + 1) * evict / LAYERS / 8; j += 8) sink += other[j];
             const double t0 = now();
-            step s = {.l = &l, .n = 1, .pos0 = depth - 1, .q = q, .att = att, .kc = kc[i], .vc = vc[i], .ctx = CTX,
-                      .parts = parts(&l), .spans = chunked ? spans(chunked, threads) : 0, .scores = scratch};
-            s.chunks = s.scores + (size_t)threads * (4 * (size_t)chunk_max(CTX) + NCHUNK * rf);
-            s.done = (atomic_int *)(s.chunks + (size_t)chunked * NCHUNK * rf);
-            for (int u = 0; u < chunked; u++) atomic_init(&s.done[u], 0);
+            step s = {.l = &l, .n = 1, .pos0 = depth - 1, .q = q, .att = att, .kc = kc[i], .vc = vc[i], .ctx = CTX};
+            attention_setup(&s, scratch, threads);
             run(&s, attention_task, threads);
             t += now() - t0;
         }

@@ -617,6 +617,10 @@ static int n_chunks(int L) { return L <= NCHUNK * CHUNK ? (L + CHUNK - 1) / CHUN
 static int chunk_start(int L, int c) { return (int)((int64_t)L * c / n_chunks(L)); }
 static int chunk_max(int ctx) { return ctx <= NCHUNK * CHUNK ? CHUNK : (ctx + NCHUNK - 1) / NCHUNK; } /* positions */
 static size_t record_floats(int hd) { return 8 + 4 * (size_t)hd; } /* m[4], l[4], o[4][hd] */
+/* a thread's attention scratch: 4 rows of a chunk's scores, then a part's records */
+static size_t thread_floats(const ert_layer *l, int ctx) {
+    return 4 * (size_t)chunk_max(ctx) + NCHUNK * record_floats(l->head_dim);
+}
 
 /* the record of positions [a, b) for R heads (their queries q; keys k and values v from the
  * token's first position on, rows stride bytes apart); sc: 4 rows of ss scores */
@@ -657,7 +661,7 @@ static void attention_task(void *ctx, int ith, int nth) {
     const ert_layer *l = s->l;
     const int hd = l->head_dim, H = l->n_heads, KV = l->n_kv_heads, G = H / KV, P = s->parts, per = s->spans ? s->spans : 1;
     const size_t stride = kv_bytes(l->kv_type, hd), ss = chunk_max(s->ctx), rf = record_floats(hd);
-    float *sc = s->scores + (size_t)ith * (4 * ss + NCHUNK * rf), *own = sc + 4 * ss; /* 4 rows of scores, records */
+    float *sc = s->scores + (size_t)ith * thread_floats(l, s->ctx), *own = sc + 4 * ss;
     for (int t; (t = take(s)) < s->n * KV * P * per;) {
         const int u = t / per, i = u / (KV * P), g = u / P % KV, part = u % P, p = s->pos0 + i;
         const int h0 = g * G + part * G / P, R = g * G + (part + 1) * G / P - h0; /* R <= 4 */
@@ -712,6 +716,17 @@ static int spans(int items, int threads) {
     return least < NCHUNK ? least : NCHUNK;
 }
 
+/* s's attention items for its n tokens, and their scratch from p on: each thread's, then the
+ * records and counts of the parts cut into runs of chunks */
+static void attention_setup(step *s, float *p, int threads) {
+    const int chunked = chunked_parts(s->l, s->n, threads);
+    s->parts = parts(s->l), s->spans = chunked ? spans(chunked, threads) : 0;
+    s->scores = p, p += (size_t)threads * thread_floats(s->l, s->ctx);
+    s->chunks = p, p += (size_t)chunked * NCHUNK * record_floats(s->l->head_dim);
+    s->done = (atomic_int *)p;
+    for (int u = 0; u < chunked; u++) atomic_init(&s->done[u], 0);
+}
+
 size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) {
     threads = ert_clamp_threads(threads);
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
@@ -720,7 +735,7 @@ size_t ert_layer_scratch_bytes(const ert_layer *l, int n, int ctx, int threads) 
     /* h, q, attention, k, v, o, gate, up; per thread, four rows of scores and a part's records; the
      * records of the parts of a call of up to n tokens that takes chunks, and their counts */
     return sizeof(float) * ((size_t)n * (2 * d + 2 * dq + 2 * dkv + 2 * (size_t)l->d_ff) +
-                            (size_t)threads * (4 * (size_t)chunk_max(ctx) + NCHUNK * rf) + chunked * NCHUNK * rf) +
+                            (size_t)threads * thread_floats(l, ctx) + chunked * NCHUNK * rf) +
            sizeof(atomic_int) * chunked;
 }
 
@@ -738,10 +753,7 @@ static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx,
                          float *scratch, int threads, const float *angles) {
     const size_t d = l->d_model, dq = (size_t)l->n_heads * l->head_dim, dkv = (size_t)l->n_kv_heads * l->head_dim;
     float *p = scratch;
-    const size_t rf = record_floats(l->head_dim);
-    const int chunked = chunked_parts(l, n, threads);
-    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .ctx = ctx, .angles = angles,
-              .parts = parts(l), .spans = chunked ? spans(chunked, threads) : 0};
+    step s = {.l = l, .n = n, .pos0 = pos0, .x = x, .kc = k_cache, .vc = v_cache, .ctx = ctx, .angles = angles};
     s.h = p, p += n * d;
     s.q = p, p += n * dq;
     s.att = p, p += n * dq;
@@ -750,10 +762,7 @@ static int layer_forward(const ert_layer *l, float *x, int n, int pos0, int ctx,
     s.o = p, p += n * d;
     s.gate = p, p += n * (size_t)l->d_ff;
     s.up = p, p += n * (size_t)l->d_ff;
-    s.scores = p, p += (size_t)threads * (4 * (size_t)chunk_max(ctx) + NCHUNK * rf);
-    s.chunks = p, p += (size_t)chunked * NCHUNK * rf;
-    s.done = (atomic_int *)p;
-    for (int u = 0; u < chunked; u++) atomic_init(&s.done[u], 0);
+    attention_setup(&s, p, threads);
     const int per_token = n < threads ? n : threads; /* work taken a token at a time */
     int rc;
 #define MATMUL(w, in, out) \

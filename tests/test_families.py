@@ -111,8 +111,8 @@ def test_decoding_token_by_token_equals_one_batch(tiny, arch):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_attention_is_one_arithmetic_however_it_is_shared_out(tiny, arch, kv_type):
     """A token attends over its positions in chunks folded in order (layer.c): one item a
-    token and head group (a batch, and decode at 1 thread) or one a chunk (decode at 2
-    threads: the tiny model's 2 head groups are fewer than 2 a thread). The hidden states
+    token and head group (a batch, and decode at 1 thread) or one a run of chunks (decode at
+    2 threads: the tiny model's 2 head groups are fewer than 2 a thread). The hidden states
     are the same bits either way, past 512 positions too (16 chunks of more than 32)."""
     g = GGUFFile(tiny(arch, 8))
     spec = spec_from_meta(g.meta, len(g.meta["tokenizer.ggml.tokens"]), "tiny")

@@ -172,7 +172,7 @@ static int layer_run(const ert_layer *l, float *x, int n0, int steps, int ctx) {
     void *kc = calloc(1, cache), *vc = calloc(1, cache);
     float *scratch = malloc(ert_layer_scratch_bytes(l, n0, ctx, 2));
     int rc = ert_layer_forward(l, x, n0, 0, ctx, kc, vc, scratch, 2);
-    for (int i = 0; i < steps; i++) /* 2 threads: fewer parts than 4 take a chunk each */
+    for (int i = 0; i < steps; i++) /* 2 threads: fewer parts than 4 are cut into runs of chunks */
         rc |= ert_layer_forward(l, x + (size_t)(n0 + i) * d, 1, n0 + i, ctx, kc, vc, scratch, 2);
     free(kc), free(vc), free(scratch);
     return rc;
