@@ -300,8 +300,8 @@ def dequantize_rows(w: Weight, rows) -> np.ndarray:
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """transformer.rmsnorm in C (the layer's: the sum of squares in double): rows of x
     (float32 [n, d] or [d]) times 1 / sqrt(mean(x^2) + eps), times w [d]. The runtime's
-    final norm: a decode step's numpy calls after the layers run with cold caches (each
-    several times its warm cost), this one call costs a few of them."""
+    final norm when every layer streams; otherwise ert_layers_forward applies the same C
+    function in the resident layers' call (numpy calls right after it run on cold caches)."""
     lib = _lib or _load()
     if type(x) is not np.ndarray or x.dtype != _F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
