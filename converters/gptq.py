@@ -4,9 +4,10 @@
   weighted least-squares refit of (d, m) to the chosen codes (as llama.cpp's
   make_qkx2_quants), keeping whatever lowers sum_j h_j (w_j - d c_j - m)^2. h is the
   importance of each column (diag of the input Gram matrix when calibrated, else 1).
-- `gptq`: GPTQ (Frantar et al. 2022): columns quantized in order, each column's error
-  spread over the columns not yet quantized through the inverse Hessian's Cholesky
-  factor, in lazy blocks; a group's (d, m) are fitted when the quantizer reaches it.
+- `gptq`: GPTQ (Frantar et al. 2022): columns quantized one by one in order of
+  decreasing input energy (act-order), each column's error spread over the columns not
+  yet quantized through the inverse Hessian's Cholesky factor, in lazy blocks; every
+  group's (d, m) comes from the weighted search above, fitted before any column moves.
 
 Both return integer codes c[rows, cols] and d, m [rows, groups] float16; `encode` makes
 the format's parts from them only through the format object (fmt.pack)."""
@@ -18,7 +19,7 @@ from edge_rt import formats
 
 SHRINK = np.linspace(1.0, 0.5, 11, dtype=np.float32)  # range fractions tried per group
 DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
-BLOCK_COLS = 128  # GPTQ's lazy-update block (a multiple of every group size we use is not needed)
+BLOCK_COLS = 128  # GPTQ's lazy-update block
 
 
 def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
@@ -83,34 +84,36 @@ def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None
 
 
 def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DAMP, block: int = BLOCK_COLS):
-    """GPTQ with the format's groups: codes, d, m. H is the input Gram matrix [cols, cols]."""
+    """GPTQ with the format's groups: codes, d, m. H is the input Gram matrix [cols, cols].
+    Columns go in order of decreasing diag(H) ("act-order": the columns whose error
+    would cost most are quantized first, while most columns are left to absorb it);
+    every group's (d, m) is fitted once, before, by the weighted clip search (a group's
+    columns are scattered through that order)."""
     W = np.array(w, dtype=np.float32)
     rows, cols = W.shape
     g, qmax = fmt.group_size, (1 << fmt.bits) - 1
-    block = max(g, block // g * g)  # whole groups per block, so a group's columns are all up to date when fitted
     H = np.array(H, dtype=np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    hdiag = np.diag(H).astype(np.float32)
+    _, d_all, m_all = search(W, fmt, hdiag)
+    order = np.argsort(-hdiag, kind="stable")
+    H = H[order][:, order]
     H[np.diag_indices(cols)] += damp * np.mean(np.diag(H))
     # upper Cholesky factor of H^-1: row i holds how column i's error moves columns i..
     U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
-    hdiag = np.diag(H).astype(np.float32)
+    W = W[:, order]
+    group = order // g
+    D, M = d_all.astype(np.float32)[:, group], m_all.astype(np.float32)[:, group]
     codes = np.zeros((rows, cols), np.uint8)
-    ng = -(-cols // g)
-    d_all, m_all = np.zeros((rows, ng), np.float16), np.zeros((rows, ng), np.float16)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, E1, U1 = W[:, i1:i2].copy(), np.zeros((rows, i2 - i1), np.float32), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
-                j = col // g
-                gw = W1[:, i:i + g]
-                _, d_all[:, j], m_all[:, j] = fit_groups(gw, hdiag[col:col + gw.shape[1]], fmt.bits)
-                d, m = d_all[:, j].astype(np.float32), m_all[:, j].astype(np.float32)
+            d, m = D[:, i1 + i], M[:, i1 + i]
             c = codes_for(W1[:, i], d, m, qmax)
-            codes[:, col] = c
+            codes[:, order[i1 + i]] = c
             err = (W1[:, i] - (d * c + m)) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
