@@ -35,6 +35,7 @@ import bench_speed as bs  # noqa: E402  (model files, process runner, helpers)
 
 from edge_rt import formats  # noqa: E402
 from edge_rt.atomic import atomic_output  # noqa: E402
+from edge_rt.converters.calibrate import DEFAULT_WINDOWS  # noqa: E402
 from edge_rt.converters.quantize import METHODS  # noqa: E402
 from edge_rt.pull import pull  # noqa: E402
 
@@ -69,7 +70,7 @@ def make(path: Path, cmd: list, what: str, tmp: Path | None = None) -> None:
 
 
 def model_file(model: str, row: str, threads: int, method: str = "gptq",
-               calib_windows: int = 16, known: dict | None = None) -> tuple[Path, list, str]:
+               calib_windows: int = DEFAULT_WINDOWS, known: dict | None = None) -> tuple[Path, list, str]:
     """(path, the command that makes it, engine) for one row, made when missing. known:
     (model, row) -> file bytes of rows already measured (a mix's budget comes from there
     when both of its llama.cpp rows are, without making their files)."""
@@ -168,7 +169,8 @@ def main(argv=None):
     ap.add_argument("--text", default=str(bs.WIKITEXT_TEST))
     ap.add_argument("--method", default="gptq", choices=METHODS, help="edge-rt convert --method; default gptq "
                     "(rows made another way are labelled 'edge-rt q4 rtn' etc.)")
-    ap.add_argument("--calib-windows", type=int, default=16, help="edge-rt convert --calib-windows (default 16)")
+    ap.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS,
+                    help=f"edge-rt convert --calib-windows (default {DEFAULT_WINDOWS})")
     ap.add_argument("--save", default=None, help="write the rows (as --json) to this file after each row; "
                     "rows already in it (same model and label) are kept and not measured again")
     ap.add_argument("--plot", default="benchmarks/quality.png")

@@ -26,13 +26,14 @@ AUTO_WINDOWS = 8  # windows of held-out validation text that --method auto score
 
 def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP_SIZE,
             target: str = "edge-rt", progress: bool | None = None, method: str = "rtn",
-            embed_bits: int | None = None, calib_text=None, calib_windows: int = calibrate.DEFAULT_WINDOWS,
+            embed_bits: int | None = None, calib_text=None, calib_windows: int | None = None,
             size: int | None = None, prune: str | None = None, int8_activations: bool = False) -> Path:
     """Convert a GGUF or Hugging Face folder to `target` ("edge-rt", "llama.cpp", or "onnx":
     edge-rt's weights as an ONNX graph, converters/onnx_export.py; int8_activations: its
     4-bit products with int8 activations).
     method: how group codes are chosen (quantize.METHODS); the calibrated ones run the
-    source on calib_windows windows of calib_text (default: wikitext-2 validation).
+    source on calib_windows windows of calib_text (defaults: calibrate.DEFAULT_WINDOWS of
+    wikitext-2 validation).
     Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
     size in bytes; the file then never exceeds that budget. prune: see converters/prune.py."""
     mixed = size is not None or bits not in BITS
@@ -76,7 +77,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
     else:
         chosen = choose_formats(src.shapes, MIXED_WIDTHS[0] if mixed else bits, group_size, embed_bits)
         quantized = any(isinstance(f, GroupQuant) for f in chosen.values())
-        stats = calibrate.collect(src, calib_text, calib_windows, progress=progress) \
+        stats = calibrate.collect(src, calib_text, calib_windows or calibrate.DEFAULT_WINDOWS, progress=progress) \
             if (method in CALIBRATED and quantized) or prune else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
         meta = provenance(src, bits, group_size)

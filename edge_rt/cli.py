@@ -126,8 +126,8 @@ def pull(name):
               help="Width of the token embeddings and output head (default: --bits).")
 @click.option("--calib-text", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Calibration text (default: the wikitext-2 validation file).")
-@click.option("--calib-windows", type=click.IntRange(1), default=16, show_default=True,
-              help="Calibration windows of 512 tokens.")
+@click.option("--calib-windows", type=click.IntRange(1), default=None,
+              help="Calibration windows of 512 tokens (default: converters/calibrate.py's DEFAULT_WINDOWS, 64).")
 @click.option("--prune", default=None, help="wanda:0.5 (unstructured), 2:4, or ffn:0.25 (drop that fraction "
               "of FFN neurons: a smaller file and less compute); calibrated on --calib-text.")
 @click.option("--int8-activations", is_flag=True,
