@@ -214,13 +214,18 @@ class Model:
             self.kv = KVCache(self.spec, self.ctx, self.kv_type)
 
     # -- the forward pass under the thread limit ------------------------------------
+    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+        """The final-normed hidden states of tokens read at positions pos.. (the family's
+        forward, its layers run by the C library)."""
+        return forward(self.spec, self.weights, tokens, pos, self.kv, self.layers.run, self.layers.run_rest,
+                       kernels.rmsnorm)
+
     def _forward(self, tokens: np.ndarray, keep_from: int) -> np.ndarray:
         """Read tokens from position 0 in steps of N_BATCH; the hidden states of
         positions keep_from.. (the others are dropped as soon as a step is done)."""
         kept = []
         for i in range(0, len(tokens), N_BATCH):
-            h = forward(self.spec, self.weights, tokens[i:i + N_BATCH], i, self.kv,
-                        self.layers.run, self.layers.run_rest, kernels.rmsnorm)
+            h = self._step(tokens[i:i + N_BATCH], i)
             if i + len(h) > keep_from:
                 kept.append(h[max(keep_from - i, 0):])
         return np.concatenate(kept)
@@ -266,8 +271,7 @@ class Model:
                 if pos == self.ctx:  # full (sink-window only)
                     pos -= self._drop_older_half(SINK_TOKENS, pos)
                     kv_shifts += 1
-                h = forward(self.spec, self.weights, np.array([tok]), pos, self.kv,
-                            self.layers.run, self.layers.run_rest, kernels.rmsnorm)
+                h = self._step(np.array([tok]), pos)
                 t = time.perf_counter()
                 z = logits(self.weights, h[-1:])[0]
                 in_c += time.perf_counter() - t
@@ -329,8 +333,7 @@ class Model:
                 toks = ids[i:min(i + chunk, len(ids) - 1)]
                 if pos + len(toks) > self.ctx:
                     pos, shifts = pos - self._drop_older_half(keep, pos), shifts + 1
-                h = forward(self.spec, self.weights, toks, pos, self.kv,
-                            self.layers.run, self.layers.run_rest, kernels.rmsnorm)
+                h = self._step(toks, pos)
                 pos += len(toks)
                 scored = np.arange(i, i + len(toks)) >= score_from
                 nll += self._nll(h[scored], ids[i + 1:i + 1 + len(toks)][scored])
