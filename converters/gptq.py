@@ -104,14 +104,14 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
     # upper Cholesky factor of H^-1: row i holds how column i's error moves columns i..
     U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
     W = W[:, order]
-    group = order // g
-    D, M = d_all.astype(np.float32)[:, group], m_all.astype(np.float32)[:, group]
     codes = np.zeros((rows, cols), np.uint8)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, E1, U1 = W[:, i1:i2].copy(), np.zeros((rows, i2 - i1), np.float32), U[i1:i2, i1:i2]
+        group = order[i1:i2] // g  # the block's columns' groups, so (d, m) per column never exist for the whole matrix
+        D1, M1 = d_all[:, group].astype(np.float32), m_all[:, group].astype(np.float32)
         for i in range(i2 - i1):
-            d, m = D[:, i1 + i], M[:, i1 + i]
+            d, m = D1[:, i], M1[:, i]
             c = codes_for(W1[:, i], d, m, qmax)
             codes[:, order[i1 + i]] = c
             err = (W1[:, i] - (d * c + m)) / U1[i, i]
