@@ -57,23 +57,25 @@ def main() -> None:
         H_test = calibrate.collect(src, held_out.name, a.test_windows, progress=False).gram
     grams = {n: calibrate.collect(src, None, n, progress=False).gram for n in map(int, a.windows.split(","))}
     names = [f"blk.{layer}.{m}.weight" for layer in map(int, a.layers.split(",")) for m in MATRICES]
+    weights = {n: np.asarray(src.load(n), np.float32) for n in names}
+    damps = [float(x) for x in a.damp.split(",")]
     rows = []
     for bits in map(int, a.bits.split(",")):
         fmt = formats.GroupQuant(bits, a.group_size)
         search = [rel_error(w, gptq.dequantize(*gptq.search(w, fmt), a.group_size), H_test[n])
-                  for n in names for w in [np.asarray(src.load(n), np.float32)]]
-        rows.append({"bits": bits, "method": "clip search", "test": geomean(search)})
+                  for n, w in weights.items()]
+        width_rows = [{"bits": bits, "method": "clip search", "test": geomean(search)}]
         for windows, G in grams.items():
-            for damp in map(float, a.damp.split(",")):
+            for damp in damps:
                 test, own = [], []
-                for n in names:
-                    w = np.asarray(src.load(n), np.float32)
+                for n, w in weights.items():
                     q = gptq.dequantize(*gptq.gptq(w, G[n], fmt, damp=damp), a.group_size)
                     test.append(rel_error(w, q, H_test[n]))
                     own.append(rel_error(w, q, G[n]))
-                rows.append({"bits": bits, "method": "gptq", "windows": windows, "damp": damp,
-                             "test": geomean(test), "own": geomean(own)})
-        for r in rows[-1 - len(grams) * len(a.damp.split(",")):]:
+                width_rows.append({"bits": bits, "method": "gptq", "windows": windows, "damp": damp,
+                                   "test": geomean(test), "own": geomean(own)})
+        rows += width_rows
+        for r in width_rows:
             print(f"q{r['bits']}:{a.group_size} {r['method']:11s} windows {r.get('windows', '-'):>4} "
                   f"damp {r.get('damp', '-'):>5}  held-out {r['test']:.3e}"
                   + (f"  own calibration {r['own']:.3e}" if "own" in r else ""), file=sys.stderr)
