@@ -35,7 +35,9 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
     source on calib_windows windows of calib_text (defaults: calibrate.DEFAULT_WINDOWS of
     wikitext-2 validation).
     Mixed precision: bits not one of BITS (an average, 8 x file bytes / parameters) or a
-    size in bytes; the file then never exceeds that budget. prune: see converters/prune.py."""
+    size in bytes; the file then never exceeds that budget, and each matrix's group size is
+    chosen too, from group_size and its doublings up to mixed.MAX_GROUP. prune: see
+    converters/prune.py."""
     mixed = size is not None or bits not in BITS
     if mixed and target != "edge-rt":
         raise EdgeRtError("mixed precision (--bits with a fraction, or --size) writes only --format edge-rt")

@@ -103,26 +103,26 @@ class Window:
         return float(np.mean(np.sum(np.exp(self.logp) * (self.logp - logq), axis=-1)))
 
 
-def measure(src: Source, names: list[str], widths, group_size: int, quantize, calib_text=None,
+def measure(src: Source, names: list[str], options, quantize, calib_text=None,
             windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, scored: int = DEFAULT_SCORED,
-            progress: bool | None = None) -> dict[str, dict[int, float]]:
-    """name -> {bits: cost} for every matrix in names and width in widths; quantize(name,
-    fmt, w) -> the format's parts (the convert's quantizer)."""
+            progress: bool | None = None) -> dict[str, dict[tuple[int, int], float]]:
+    """name -> {(bits, group size): cost} for every matrix in names and pair in options;
+    quantize(name, fmt, w) -> the format's parts (the convert's quantizer)."""
     spec = spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path)
     W = SwappedWeights(src)
     # one BLAS thread: products of 128 rows gain little from a second, and on a loaded
     # machine two threads ran a forward 3-12x slower (BENCHMARKS.md, issue 5, round 7)
-    with threadpool_limits(1), tqdm(total=len(names) * len(widths), desc="sensitivity (end to end)", unit="run",
+    with threadpool_limits(1), tqdm(total=len(names) * len(options), desc="sensitivity (end to end)", unit="run",
                                     disable=None if progress is None else not progress) as bar:
         runs = [Window(spec, W, chunk, scored) for chunk in calibration_windows(src, calib_text, windows, ctx)]
         out = {}
         for name in names:
             w = W.matrix(name)
             out[name] = {}
-            for bits in widths:
-                fmt = formats.GroupQuant(bits, group_size)
+            for opt in options:
+                fmt = formats.GroupQuant(*opt)
                 W.swap = {name: fmt.dequantize(quantize(name, fmt, w), w.shape[1])}
-                out[name][bits] = float(np.mean([r.kl(name) for r in runs]))
+                out[name][opt] = float(np.mean([r.kl(name) for r in runs]))
                 bar.update()
             W.swap = {}
     return out

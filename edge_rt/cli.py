@@ -114,7 +114,9 @@ def pull(name):
                    "8 x file bytes / parameters at most.")
 @click.option("--size", type=Size(), default=None,
               help="Mixed precision: the largest file allowed, e.g. 60MB (powers of 1024).")
-@click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="Columns per (scale, min) pair.")
+@click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True,
+              help="Columns per (scale, min) pair; a mix (--size, or --bits with a fraction) offers each "
+                   "width at this size and at each doubling of it up to 128.")
 @click.option("--format", "target", type=click.Choice(["edge-rt", "llama.cpp", "onnx"]), default="edge-rt",
               show_default=True, help="edge-rt: our group-quantized GGUF; llama.cpp: its own Q4_0/Q8_0/F16/F32 types; "
                                       "onnx: edge-rt's weights as an ONNX graph (OUT and OUT.data) for onnxruntime.")

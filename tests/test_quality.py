@@ -121,7 +121,7 @@ def test_mixed_precision_keeps_the_head_at_embed_bits(tiny_src32, tmp_path):
         if embed_bits == 8:
             assert out.stat().st_size > 0.97 * size and len(others) >= 2, others  # spent, on a mix
         else:
-            assert others == {"q8:64"}, others  # every other matrix as wide as it goes
+            assert others == {"q8:128"}, others  # every other matrix as wide as it goes (8 bits: groups of 128)
 
 
 def test_width_allocation_is_the_best_within_the_spare_bytes():
@@ -275,22 +275,28 @@ def test_end_to_end_cost_equals_a_whole_forward_with_the_matrix_swapped(smollm2_
 
 def test_mix_chooser_never_worse_than_uniform_4_bits_by_its_measure(smollm2_gguf):
     """On SmolLM2's last two layers (14 matrices, costs measured end to end with the clip
-    quantizer): every 2/3/4-bit cost is positive and narrower is costlier; at a budget of
-    uniform 4 bits' bytes plus 2% the chosen widths fit it and cost no more than uniform 4 bits."""
+    quantizer, widths offered at group sizes 64 and 128): every 2/3/4-bit cost is positive and
+    narrower is costlier; at a budget of uniform 4 bits' bytes (groups of 64) plus 2% the chosen
+    options fit it and cost no more than uniform 4 bits at either group size."""
     from edge_rt.converters import mixed, sensitivity
     from edge_rt.converters.quantize import quantizer
     src = open_source(smollm2_gguf)
     names = [n for n in src.shapes if n.startswith(("blk.28.", "blk.29.")) and len(src.shapes[n]) == 2]
-    costs = sensitivity.measure(src, names, mixed.WIDTHS[:-1], 64, quantizer("clip"), windows=1, ctx=64, scored=16,
+    opts = mixed.options(mixed.group_sizes(64))
+    assert opts[0] == (2, 128) and opts[-1] == (8, 128) and (4, 64) in opts
+    costs = sensitivity.measure(src, names, opts[:-1], quantizer("clip"), windows=1, ctx=64, scored=16,
                                 progress=False)
     for n, c in costs.items():
-        assert 0 < c[4] < c[3] < c[2], (n, c)
-    costs = {n: c | {8: 0.0} for n, c in costs.items()}
-    sizes = {n: {b: mixed.matrix_bytes(src.shapes[n], b, 64) for b in mixed.WIDTHS} for n in names}
-    uniform = sum(sizes[n][4] - sizes[n][2] for n in names)
+        for g in (64, 128):
+            assert 0 < c[4, g] < c[3, g] < c[2, g], (n, c)
+    costs = {n: c | {opts[-1]: 0.0} for n, c in costs.items()}
+    sizes = {n: {o: mixed.matrix_bytes(src.shapes[n], *o) for o in opts} for n in names}
+    narrowest = {n: sizes[n][opts[0]] for n in names}
+    uniform = sum(sizes[n][4, 64] - narrowest[n] for n in names)
     for spare in (int(uniform * 1.02), uniform, int(uniform * 0.7)):
-        bits = mixed.fit(costs, sizes, spare)
-        assert sum(sizes[n][bits[n]] - sizes[n][2] for n in names) <= spare
+        pick = mixed.fit(costs, sizes, spare)
+        assert sum(sizes[n][pick[n]] - narrowest[n] for n in names) <= spare
         if spare >= uniform * 1.02:
-            assert sum(costs[n][bits[n]] for n in names) <= sum(costs[n][4] for n in names)
-            assert len(set(bits.values())) >= 2, bits  # a real mix, not uniform 4 bits
+            for g in (64, 128):
+                assert sum(costs[n][pick[n]] for n in names) <= sum(costs[n][4, g] for n in names)
+            assert len(set(pick.values())) >= 2, pick  # a real mix, not uniform 4 bits
