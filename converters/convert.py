@@ -82,6 +82,7 @@ def convert(src_path, out_path, bits: float = 4, group_size: int = DEFAULT_GROUP
         stats = calibrate.collect(src, calib_text, calib_windows or calibrate.DEFAULT_WINDOWS, progress=progress) \
             if (method in CALIBRATED and quantized) or prune else None
         gram, count = (stats.gram, stats.count) if stats else (None, None)
+        del stats  # and with it its float32 copy of every tensor (1.1 GB for Gemma-3): only the Grams go on
         meta = provenance(src, bits, group_size)
         if prune:
             src, gram = pruning.apply(src, prune, gram, count)

@@ -20,6 +20,7 @@ from edge_rt import formats
 SHRINK = np.linspace(1.0, 0.5, 11, dtype=np.float32)  # range fractions tried per group
 DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
 BLOCK_COLS = 128  # GPTQ's lazy-update block
+SEARCH_ROWS = 8192  # rows per step of the clip search (Gemma-3's head: 262,144 rows)
 
 
 def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
@@ -72,15 +73,21 @@ def _grouped(w: np.ndarray, g: int) -> np.ndarray:
     return np.pad(w, ((0, 0), (0, ng * g - cols)), mode="edge").reshape(rows, ng, g), ng
 
 
-def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None = None):
-    """Round-to-nearest with the searched (d, m) of every group: codes, d, m."""
+def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None = None,
+           chunk: int = SEARCH_ROWS):
+    """Round-to-nearest with the searched (d, m) of every group: codes, d, m. Rows go
+    `chunk` at a time: the search holds several float32 copies of what it is given."""
     w = np.asarray(w, np.float32)
     rows, cols = w.shape
-    wg, ng = _grouped(w, fmt.group_size)
+    ng = -(-cols // fmt.group_size)
     h = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
     hg = np.pad(h, (0, ng * fmt.group_size - cols)).reshape(1, ng, fmt.group_size)
-    c, d, m = fit_groups(wg, hg, fmt.bits)
-    return c.reshape(rows, -1)[:, :cols].astype(np.uint8), d, m
+    codes, d, m = np.empty((rows, cols), np.uint8), np.empty((rows, ng), np.float16), np.empty((rows, ng), np.float16)
+    for r in range(0, rows, chunk):
+        wg, _ = _grouped(w[r:r + chunk], fmt.group_size)
+        c, d[r:r + chunk], m[r:r + chunk] = fit_groups(wg, hg, fmt.bits)
+        codes[r:r + chunk] = c.reshape(len(wg), -1)[:, :cols]
+    return codes, d, m
 
 
 def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DAMP, block: int = BLOCK_COLS):
