@@ -79,7 +79,7 @@ def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None
     `chunk` at a time: the search holds several float32 copies of what it is given."""
     w = np.asarray(w, np.float32)
     rows, cols = w.shape
-    ng = -(-cols // fmt.group_size)
+    ng = fmt.groups(cols)
     h = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
     hg = np.pad(h, (0, ng * fmt.group_size - cols)).reshape(1, ng, fmt.group_size)
     codes, d, m = np.empty((rows, cols), np.uint8), np.empty((rows, ng), np.float16), np.empty((rows, ng), np.float16)
