@@ -66,7 +66,7 @@ build() {
     sdist=$(ls "$PEER"/sdist/llama_cpp_python-"$VERSION".tar.gz 2>/dev/null || true)
     if [ -z "$sdist" ]; then
         log "downloading the llama-cpp-python==$VERSION sdist"
-        "$PY" -m pip download --no-deps --no-binary :all: --no-cache-dir -q \
+        "$PY" -m pip download --no-deps --no-binary llama-cpp-python --no-cache-dir -q \
             "llama-cpp-python==$VERSION" -d "$PEER/sdist" \
             || die "could not download the llama-cpp-python==$VERSION sdist from PyPI"
         sdist=$(ls "$PEER"/sdist/llama_cpp_python-"$VERSION".tar.gz) \
