@@ -7,7 +7,10 @@
 - `gptq`: GPTQ (Frantar et al. 2022): columns quantized one by one in order of
   decreasing input energy (act-order), each column's error spread over the columns not
   yet quantized through the inverse Hessian's Cholesky factor, in lazy blocks; every
-  group's (d, m) comes from the weighted search above, fitted before any column moves.
+  group's (d, m) comes from the weighted search above, fitted before any column moves,
+  and is refitted to the final codes (`refit`).
+- `refit`: per row, the (d, m) of all its groups at once, by least squares on the layer's
+  output error for the codes given.
 
 Both return integer codes c[rows, cols] and d, m [rows, groups] float16; `encode` makes
 the format's parts from them only through the format object (fmt.pack)."""
@@ -21,6 +24,8 @@ SHRINK = np.linspace(1.0, 0.5, 11, dtype=np.float32)  # range fractions tried pe
 DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
 BLOCK_COLS = 128  # GPTQ's lazy-update block
 SEARCH_ROWS = 8192  # rows per step of the clip search (Gemma-3's head: 262,144 rows)
+REFIT_ROWS = 256  # rows per step of the refit
+RIDGE = 1e-9  # the refit's pull towards the old (d, m), relative to its mean diagonal
 
 
 def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
@@ -95,7 +100,7 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
     Columns go in order of decreasing diag(H) ("act-order": the columns whose error
     would cost most are quantized first, while most columns are left to absorb it);
     every group's (d, m) is fitted once, before, by the weighted clip search (a group's
-    columns are scattered through that order)."""
+    columns are scattered through that order), then refitted to the codes chosen."""
     W = np.array(w, dtype=np.float32)
     rows, cols = W.shape
     g, qmax = fmt.group_size, (1 << fmt.bits) - 1
@@ -105,11 +110,10 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
     W[:, dead] = 0.0
     hdiag = np.diag(H).astype(np.float32)
     _, d_all, m_all = search(W, fmt, hdiag)
-    order = np.argsort(-hdiag, kind="stable")
-    H = H[order][:, order]
     H[np.diag_indices(cols)] += damp * np.mean(np.diag(H))
-    # upper Cholesky factor of H^-1: row i holds how column i's error moves columns i..
-    U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
+    order = np.argsort(-hdiag, kind="stable")
+    # upper Cholesky factor of H^-1 (columns in order): row i holds how column i's error moves columns i..
+    U = np.linalg.cholesky(np.linalg.inv(H[order][:, order])).T.astype(np.float32)
     W = W[:, order]
     codes = np.zeros((rows, cols), np.uint8)
     for i1 in range(0, cols, block):
@@ -125,7 +129,56 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    H[dead, :] = H[:, dead] = 0.0  # columns that never see an input do not count, nor do their weights
+    d_all, m_all = refit(w, H, codes, g, d_all, m_all)
     return codes, d_all, m_all
+
+
+def refit(w: np.ndarray, H: np.ndarray, codes: np.ndarray, g: int, d: np.ndarray, m: np.ndarray,
+          chunk: int = REFIT_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the float16 (d, m) of all its groups that minimize the output error
+    e H e^T, e = w - (d c + m) per group, for the codes c given. In the unknowns
+    theta = (d_1..d_G, m_1..m_G) that error is theta^T A theta - 2 theta^T b + w H w^T with
+        A = [[C^T H C, C^T H 1], [1^T H C, 1^T H 1]],  b = [C^T H w^T, 1^T H w^T],
+    C (cols x G) holding each group's codes in its columns and 1 the group indicator: the
+    groups couple through H, so each row is one (2G x 2G) least-squares problem. A row
+    keeps the old (d, m) where the new ones, rounded, do not lower the error."""
+    rows, cols = w.shape
+    ng = d.shape[1]
+    cp = ng * g
+    Hp = np.zeros((cp, cp), np.float32)  # padded to whole groups; the padding never counts
+    Hp[:cols, :cols] = H
+    Hg = Hp.reshape(ng, g, ng, g)
+    S = Hg.sum(axis=3)  # S[a, i, b] = sum over group b's columns j of H[(a, i), (b, j)]
+    Hb = [np.ascontiguousarray(Hg[:, :, b, :].reshape(cp, g).T) for b in range(ng)]
+    d_out, m_out = d.copy(), m.copy()
+    for r in range(0, rows, chunk):
+        wr, c = np.zeros((min(chunk, rows - r), cp), np.float32), np.zeros((min(chunk, rows - r), cp), np.float32)
+        wr[:, :cols], c[:, :cols] = w[r:r + chunk], codes[r:r + chunk]
+        c = c.reshape(len(c), ng, g)
+        HC = np.stack([c[:, b] @ Hb[b] for b in range(ng)], axis=-1).reshape(len(c), ng, g, ng)  # (H C) per row
+        Hw = (wr @ Hp).reshape(len(c), ng, g)
+        A = np.empty((len(c), 2 * ng, 2 * ng))
+        A[:, :ng, :ng] = np.einsum("rai,raib->rab", c, HC)
+        A[:, :ng, ng:] = np.einsum("rai,aib->rab", c, S)
+        A[:, ng:, :ng] = A[:, :ng, ng:].transpose(0, 2, 1)
+        A[:, ng:, ng:] = S.sum(axis=1)
+        b = np.concatenate([np.einsum("rai,rai->ra", c, Hw), Hw.sum(-1)], axis=1).astype(np.float64)
+        old = np.concatenate([d[r:r + chunk], m[r:r + chunk]], axis=1).astype(np.float64)
+        lam = RIDGE * np.maximum(np.einsum("rii->r", A) / (2 * ng), np.finfo(np.float32).tiny)[:, None]
+        diag = np.arange(2 * ng)
+        Ar = A.copy()
+        Ar[:, diag, diag] += lam  # pins the directions the codes leave free (a constant group, a dead one)
+        with np.errstate(over="ignore", invalid="ignore"):
+            new = np.linalg.solve(Ar, (b + lam * old)[..., None])[..., 0].astype(np.float16).astype(np.float64)
+
+        def error(t):  # e H e^T less its constant w H w^T
+            return np.einsum("ri,rij,rj->r", t, A, t) - 2 * np.einsum("ri,ri->r", t, b)
+
+        take = np.isfinite(new).all(axis=1)
+        take[take] = error(new[take]) < error(old[take])
+        d_out[r:r + chunk][take], m_out[r:r + chunk][take] = new[take, :ng], new[take, ng:]
+    return d_out, m_out
 
 
 def encode(fmt: formats.GroupQuant, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:

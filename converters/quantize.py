@@ -6,7 +6,8 @@ Methods (how a group-quantized tensor's codes and (d, m) are chosen):
   rtn    the format's own round-to-nearest over each group's [min, max]
   clip   a per-group search over clipped ranges with a least-squares refit (gptq.search)
   gptq   calibrated: GPTQ error compensation with each matrix's input Gram matrix,
-         groups fitted by the clip search weighted by the Gram diagonal
+         groups fitted by the clip search weighted by the Gram diagonal, then each
+         row's (d, m) refitted to its final codes on the whole Gram matrix
   awq    calibrated: activation-aware input scales (converters/awq.py), then rtn
   awq+gptq  the scales, then gptq with the scaled inputs' Gram matrices
   auto   each of AUTO in turn, keeping the file with the lowest perplexity on held-out
