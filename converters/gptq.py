@@ -153,18 +153,19 @@ def refit(w: np.ndarray, H: np.ndarray, codes: np.ndarray, g: int, d: np.ndarray
     Hb = [np.ascontiguousarray(Hg[:, :, b, :].reshape(cp, g).T) for b in range(ng)]
     d_out, m_out = d.copy(), m.copy()
     for r in range(0, rows, chunk):
-        wr, c = np.zeros((min(chunk, rows - r), cp), np.float32), np.zeros((min(chunk, rows - r), cp), np.float32)
-        wr[:, :cols], c[:, :cols] = w[r:r + chunk], codes[r:r + chunk]
-        c = c.reshape(len(c), ng, g)
-        HC = np.stack([c[:, b] @ Hb[b] for b in range(ng)], axis=-1).reshape(len(c), ng, g, ng)  # (H C) per row
-        Hw = (wr @ Hp).reshape(len(c), ng, g)
-        A = np.empty((len(c), 2 * ng, 2 * ng))
+        n = min(chunk, rows - r)
+        wr, c = np.zeros((n, cp), np.float32), np.zeros((n, cp), np.float32)
+        wr[:, :cols], c[:, :cols] = w[r:r + n], codes[r:r + n]
+        c = c.reshape(n, ng, g)
+        HC = np.stack([c[:, b] @ Hb[b] for b in range(ng)], axis=-1).reshape(n, ng, g, ng)  # (H C) per row
+        Hw = (wr @ Hp).reshape(n, ng, g)
+        A = np.empty((n, 2 * ng, 2 * ng))
         A[:, :ng, :ng] = np.einsum("rai,raib->rab", c, HC)
         A[:, :ng, ng:] = np.einsum("rai,aib->rab", c, S)
         A[:, ng:, :ng] = A[:, :ng, ng:].transpose(0, 2, 1)
         A[:, ng:, ng:] = S.sum(axis=1)
         b = np.concatenate([np.einsum("rai,rai->ra", c, Hw), Hw.sum(-1)], axis=1).astype(np.float64)
-        old = np.concatenate([d[r:r + chunk], m[r:r + chunk]], axis=1).astype(np.float64)
+        old = np.concatenate([d[r:r + n], m[r:r + n]], axis=1).astype(np.float64)
         lam = RIDGE * np.maximum(np.einsum("rii->r", A) / (2 * ng), np.finfo(np.float32).tiny)[:, None]
         diag = np.arange(2 * ng)
         Ar = A.copy()
@@ -177,7 +178,7 @@ def refit(w: np.ndarray, H: np.ndarray, codes: np.ndarray, g: int, d: np.ndarray
 
         take = np.isfinite(new).all(axis=1)
         take[take] = error(new[take]) < error(old[take])
-        d_out[r:r + chunk][take], m_out[r:r + chunk][take] = new[take, :ng], new[take, ng:]
+        d_out[r:r + n][take], m_out[r:r + n][take] = new[take, :ng], new[take, ng:]
     return d_out, m_out
 
 
