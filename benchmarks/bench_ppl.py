@@ -70,7 +70,7 @@ class ArithWeights(ReferenceWeights):
       float     x . W^T, nothing rounded (the float-arithmetic reference of issue 3)
       kernels   q8: x rounded as the int8 kernels round it (per 32 values, amax/127);
                 q1..q4: the LUT kernels' int8 tables (formats.lut_tables: per group of the
-                weights, scale amax/127 with amax the largest |sum of 4|; at 4 bits a step
+                weights, scale amax/127 with amax the largest |sum of 4|; at 2, 4 bits a step
                 per 32-column block, ls*q/32768): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
                 e = t*ls - T the rounding error of table entry p of sub-group j
                 (formats.matmul_reference, reordered: the same numbers as the C kernels

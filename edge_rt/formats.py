@@ -249,10 +249,12 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def lut_block_mult(bits: int) -> bool:
     """Whether the q`bits` kernels use block multipliers (ERT_LUT_BLOCK_MULT in
-    kernels_c/include/edgert.h): at 4 bits. A table entry's rounding error weighs 2^k in
-    plane k; with one table step per 64-column group, 4 bits cost +0.42% perplexity on
-    SmolLM2 against the float arithmetic of the same weights (issue 3's bound: 0.3%)."""
-    return bits == 4
+    kernels_c/include/edgert.h): at 2 and 4 bits. A table entry's rounding error weighs
+    2^k in plane k; with one table step per 64-column group, SmolLM2's perplexity is
+    +0.42% at 4 bits (rtn file) and +0.33% at 2 (GPTQ file) against the float arithmetic of the
+    same weights (issue 3's bound: 0.3%), +0.17% and +0.24% with multipliers. At 3 bits
+    they cost 15-25% of SmolLM2's prefill, issue 3's prefill margin there."""
+    return bits in (2, 4)
 
 
 def lut_tables(x: np.ndarray, group_size: int, block_mult: bool = False):
@@ -329,7 +331,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
         y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
-        I_g = sum_{b in g} I_b, or with block multipliers (4 bits) sum_{b in g}
+        I_g = sum_{b in g} I_b, or with block multipliers (2, 4 bits) sum_{b in g}
         (I_b * q_b + 2^14) >> 15, I_b = sum_k 2^k sum_{j in b} t[j, p_kj], exact integers
         (|I_b| <= 8*127*(2^bits-1))."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))

@@ -337,7 +337,7 @@ static void lut_tokens(const ert_weight *w, const float *x, ert_act *a, int j0, 
               (float *)s.xsum);
 }
 
-/* q1..q4: the activation tables (formats.lut_tables), block multipliers (4 bits) and group sums */
+/* q1..q4: the activation tables (formats.lut_tables), block multipliers (2, 4 bits) and group sums */
 static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), mult = ERT_LUT_BLOCK_MULT(ert_format_bits(w->format));
     size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * ng);

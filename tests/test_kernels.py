@@ -272,10 +272,10 @@ def test_lut_tables():
 
 
 def test_lut_block_multipliers():
-    """4 bits: each 32-column block of a group gets its own table step ls * q/32768 (q the
-    int16 multiplier, 32767 for the group's loudest block), the entries stay within int8,
-    and the C kernels (every ISA) agree with the numpy twin and beat one step per group."""
-    assert formats.lut_block_mult(4) and not any(formats.lut_block_mult(b) for b in (1, 2, 3))
+    """2 and 4 bits: each 32-column block of a group gets its own table step ls * q/32768
+    (q the int16 multiplier, 32767 for the group's loudest block), the entries stay within
+    int8, and the C kernels (every ISA) agree with the numpy twin and beat one step per group."""
+    assert all(formats.lut_block_mult(b) == (b in (2, 4)) for b in (1, 2, 3, 4))
     rng = np.random.default_rng(11)
     x = rand_act(rng, 3, 192)
     x[:, 32:64] *= 0.01  # a quiet block next to the outlier's (column 5)
@@ -289,17 +289,18 @@ def test_lut_block_multipliers():
     exact = x.reshape(3, 48, 4) @ sign.T
     st = np.repeat(step, 8, axis=1)[..., None]
     assert np.abs(t).max() <= 127 and np.all(np.abs(t * st - exact) <= 0.5 * st * (1 + 1e-5))
-    fmt = formats.GroupQuant(4, 64)
-    parts = fmt.quantize(rand_weight(rng, 70, 192))
-    w = K.Weight(fmt, 70, 192, parts)
-    ref = formats.matmul_reference(fmt, parts, 192, x).astype(np.float64)
-    for isa in ("auto", "ref"):
-        K.force_isa(isa)
-        for n in (1, 3):  # batch invariance: a token alone or with others
-            assert close(K.matmul(w, x[:n], threads=2), ref[:n])[0], isa
-    K.force_isa("auto")
-    exact_y = x.astype(np.float64) @ fmt.dequantize(parts, 192).T.astype(np.float64)
-    assert np.all(np.abs(ref - exact_y) <= formats.lut_error_bound(fmt, parts, 192, x) + 1e-5 * np.abs(exact_y).max())
+    for bits in (2, 4):
+        fmt = formats.GroupQuant(bits, 64)
+        parts = fmt.quantize(rand_weight(rng, 70, 192))
+        w = K.Weight(fmt, 70, 192, parts)
+        ref = formats.matmul_reference(fmt, parts, 192, x).astype(np.float64)
+        for isa in ("auto", "ref"):
+            K.force_isa(isa)
+            for n in (1, 3):  # batch invariance: a token alone or with others
+                assert close(K.matmul(w, x[:n], threads=2), ref[:n])[0], (bits, isa)
+        K.force_isa("auto")
+        exact_y = x.astype(np.float64) @ fmt.dequantize(parts, 192).T.astype(np.float64)
+        assert np.all(np.abs(ref - exact_y) <= formats.lut_error_bound(fmt, parts, 192, x) + 1e-5 * np.abs(exact_y).max())
     t1, ls1, _ = formats.lut_tables(x, 64)  # one step per group: a coarser quiet block
     quiet = x[:, 32:64].astype(np.float64).reshape(3, 8, 4) @ sign.T
     assert (np.abs(t[:, 8:16] * st[:, 8:16] - quiet).max()

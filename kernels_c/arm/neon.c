@@ -263,7 +263,7 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
  *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
  *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
  * The sums are weighted by 2^(2u) (vmlaq_n_s16); a group's blocks are summed in int16
- * (up to ERT_LUT_SPAN(bits) blocks at a time; at 4 bits each block's sums first weighed
+ * (up to ERT_LUT_SPAN(bits) blocks at a time; at 2 and 4 bits each block's sums first weighed
  * by its multiplier q, vqrdmulhq_s16), then converted and scaled by the group's
  * table scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is
  * added (the group's 32 scales and mins side by side in the file: tile order). */

@@ -124,8 +124,8 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time; at 4
- * bits each block's sums first weighed by its multiplier q, _mm256_mulhrs_epi16), then
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time; at 2
+ * and 4 bits each block's sums first weighed by its multiplier q, _mm256_mulhrs_epi16), then
  * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
  * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
