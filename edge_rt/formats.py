@@ -248,12 +248,8 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lut_block_mult(bits: int) -> bool:
-    """Whether the q`bits` kernels use block multipliers (ERT_LUT_BLOCK_MULT in
-    kernels_c/include/edgert.h): at 2 and 4 bits. A table entry's rounding error weighs
-    2^k in plane k; with one table step per 64-column group, SmolLM2's perplexity is
-    +0.42% at 4 bits (rtn file) and +0.33% at 2 (GPTQ file) against the float arithmetic of the
-    same weights (issue 3's bound: 0.3%), +0.17% and +0.24% with multipliers. At 3 bits
-    they cost 15-25% of SmolLM2's prefill, issue 3's prefill margin there."""
+    """Whether the q`bits` kernels use block multipliers: at 2 and 4 bits, as
+    ERT_LUT_BLOCK_MULT in kernels_c/include/edgert.h, which gives the measured reasons."""
     return bits in (2, 4)
 
 
