@@ -70,8 +70,8 @@ class ArithWeights(ReferenceWeights):
       float     x . W^T, nothing rounded (the float-arithmetic reference of issue 3)
       kernels   q8: x rounded as the int8 kernels round it (per 32 values, amax/127);
                 q1..q4: the LUT kernels' int8 tables (formats.lut_tables: per group of the
-                weights, scale amax/127 with amax the largest |sum of 4|; at 2, 4 bits a step
-                per 32-column block, ls*q/32768): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
+                weights, scale amax/127 with amax the largest |sum of 4|; in groups of several
+                blocks a step per 32-column block, ls*q/32768): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
                 e = t*ls - T the rounding error of table entry p of sub-group j
                 (formats.matmul_reference, reordered: the same numbers as the C kernels
                 up to float summation order)
@@ -86,14 +86,14 @@ class ArithWeights(ReferenceWeights):
         self.levels = np.float32(32767.0 if arith == "i16" else 127.0)
         self.c = Weights(g, threads=2) if arith == "c" else None
 
-    def _table_error(self, x, group_size, bits):
+    def _table_error(self, x, group_size):
         """e[n, J*16]: the tables' rounding error t*step - T for this arithmetic (the block
         multipliers' own rounding, half a unit of ls per block, left out)."""
         xs = x.reshape(len(x), -1, 4)
         sign = np.where(((np.arange(16)[:, None] >> np.arange(4)) & 1).astype(bool), 1.0, -1.0).astype(np.float32)
         T = xs @ sign.T  # [n, J, 16]
         if self.arith == "kernels":
-            t, ls, lq = formats.lut_tables(x, group_size, formats.lut_block_mult(bits))
+            t, ls, lq = formats.lut_tables(x, group_size, formats.lut_block_mult(group_size))
             J = xs.shape[1]
             step = np.repeat(ls, group_size // 4, axis=-1)[:, :J]  # [n, J]
             if lq is not None:
@@ -138,7 +138,7 @@ class ArithWeights(ReferenceWeights):
             amax = np.abs(xb).max(axis=-1, keepdims=True)
             inv = np.divide(self.levels, amax, out=np.zeros_like(amax), where=amax != 0)
             return (np.rint(xb * inv) * (amax / self.levels)).reshape(x.shape) @ self.matrix(name).T
-        y, e = x @ self.matrix(name).T, self._table_error(x, fmt.group_size, fmt.bits)
+        y, e = x @ self.matrix(name).T, self._table_error(x, fmt.group_size)
         step = max(1, (16 << 20) // (cols * 16))  # rows per spread matrix of at most 64 MiB
         for r0 in range(0, rows, step):
             y[:, r0:r0 + step] += e @ self._spread_matrix(name, fmt, parts, cols, r0, min(r0 + step, rows))

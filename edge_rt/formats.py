@@ -247,10 +247,11 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, (amax / np.float32(127.0)).astype(np.float32)
 
 
-def lut_block_mult(bits: int) -> bool:
-    """Whether the q`bits` kernels use block multipliers: at 2 and 4 bits, as
-    ERT_LUT_BLOCK_MULT in kernels_c/include/edgert.h, which gives the measured reasons."""
-    return bits in (2, 4)
+def lut_block_mult(group_size: int) -> bool:
+    """Whether the LUT kernels use block multipliers for weights in groups of group_size
+    columns: where a group holds more than one block, as ERT_LUT_BLOCK_MULT in
+    kernels_c/include/edgert.h, which gives the measured reasons."""
+    return group_size > BLOCK
 
 
 def lut_tables(x: np.ndarray, group_size: int, block_mult: bool = False):
@@ -302,7 +303,7 @@ def lut_error_bound(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray)
     with block multipliers), a 4-column dot sum_k 2^(k-1) T[p_k] by at most
     (2^bits - 1) * s/4, so a block of 32 columns by 2 * (2^bits - 1) * d * s (d of the
     block's group); block multipliers add their rounding, half a unit of ls times d/2."""
-    mult = lut_block_mult(fmt.bits)
+    mult = lut_block_mult(fmt.group_size)
     _, ls, lq = lut_tables(np.atleast_2d(x), fmt.group_size, mult)
     gidx = (np.arange(cols // BLOCK) * BLOCK) // fmt.group_size
     d = fmt.unpack_groups(parts["scale"]).astype(np.float64)[:, gidx]  # [rows, nblk]
@@ -327,7 +328,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so
         y = sum_g d * ls_g/2 * I_g + (m + d*(2^bits - 1)/2) * sum_{i in g} x_i,
-        I_g = sum_{b in g} I_b, or with block multipliers (2, 4 bits) sum_{b in g}
+        I_g = sum_{b in g} I_b, or with block multipliers (lut_block_mult) sum_{b in g}
         (I_b * q_b + 2^14) >> 15, I_b = sum_k 2^k sum_{j in b} t[j, p_kj], exact integers
         (|I_b| <= 8*127*(2^bits-1))."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
@@ -346,7 +347,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + o * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
-    t, ls, lq = lut_tables(x, fmt.group_size, lut_block_mult(fmt.bits))  # [n, J, 16], [n, ngroups], [n, nblk]
+    t, ls, lq = lut_tables(x, fmt.group_size, lut_block_mult(fmt.group_size))  # [n, J, 16], [n, ngroups], [n, nblk]
     quad = c.reshape(rows, nblk, 8, 4)
     I = np.zeros((x.shape[0], rows, nblk), dtype=np.int64)  # I_b, |I_b| <= 8*127*15
     for k in range(fmt.bits):

@@ -337,9 +337,10 @@ static void lut_tokens(const ert_weight *w, const float *x, ert_act *a, int j0, 
               (float *)s.xsum);
 }
 
-/* q1..q4: the activation tables (formats.lut_tables), block multipliers (2, 4 bits) and group sums */
+/* q1..q4: the activation tables (formats.lut_tables), block multipliers (groups of several
+ * blocks) and group sums */
 static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
-    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), mult = ERT_LUT_BLOCK_MULT(ert_format_bits(w->format));
+    const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), mult = ERT_LUT_BLOCK_MULT(w->group_size);
     size_t nl = align64((size_t)n * w->cols * 4), nls = align64(sizeof(float) * (size_t)n * ng);
     size_t nq = mult ? align64(sizeof(int16_t) * (size_t)n * nblk) : 0;
     char *p = malloc(nl + nls + nq + sizeof(float) * (size_t)n * ng);
@@ -399,12 +400,10 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
 }
 
 /* weights whose products can share one prepared input: the same kind of activations
- * (tables for q1..q4, with or without block multipliers; int8 for q5, q6, q8; the floats
- * themselves) over the same groups */
+ * (tables for q1..q4; int8 for q5, q6, q8; the floats themselves) over the same groups */
 static int same_input(const ert_weight *a, const ert_weight *b) {
     const int ba = ert_format_bits(a->format), bb = ert_format_bits(b->format);
-    const int ka = ert_lut_bits(ba) ? 1 + ERT_LUT_BLOCK_MULT(ba) : ba ? 3 : 0;
-    const int kb = ert_lut_bits(bb) ? 1 + ERT_LUT_BLOCK_MULT(bb) : bb ? 3 : 0;
+    const int ka = ert_lut_bits(ba) ? 1 : ba ? 2 : 0, kb = ert_lut_bits(bb) ? 1 : bb ? 2 : 0;
     return ka == kb && a->cols == b->cols && (!ka || a->group_size == b->group_size);
 }
 

@@ -272,10 +272,11 @@ def test_lut_tables():
 
 
 def test_lut_block_multipliers():
-    """2 and 4 bits: each 32-column block of a group gets its own table step ls * q/32768
-    (q the int16 multiplier, 32767 for the group's loudest block), the entries stay within
-    int8, and the C kernels (every ISA) agree with the numpy twin and beat one step per group."""
-    assert all(formats.lut_block_mult(b) == (b in (2, 4)) for b in (1, 2, 3, 4))
+    """Groups of several blocks: each 32-column block of a group gets its own table step
+    ls * q/32768 (q the int16 multiplier, 32767 for the group's loudest block), the entries
+    stay within int8, and the C kernels (every ISA, every width) agree with the numpy twin
+    and beat one step per group. Groups of one block have none (q would be 32767)."""
+    assert [formats.lut_block_mult(g) for g in (32, 64, 128)] == [False, True, True]
     rng = np.random.default_rng(11)
     x = rand_act(rng, 3, 192)
     x[:, 32:64] *= 0.01  # a quiet block next to the outlier's (column 5)
@@ -289,7 +290,7 @@ def test_lut_block_multipliers():
     exact = x.reshape(3, 48, 4) @ sign.T
     st = np.repeat(step, 8, axis=1)[..., None]
     assert np.abs(t).max() <= 127 and np.all(np.abs(t * st - exact) <= 0.5 * st * (1 + 1e-5))
-    for bits in (2, 4):
+    for bits in (1, 2, 3, 4):
         fmt = formats.GroupQuant(bits, 64)
         parts = fmt.quantize(rand_weight(rng, 70, 192))
         w = K.Weight(fmt, 70, 192, parts)

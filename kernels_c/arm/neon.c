@@ -263,8 +263,8 @@ void ert_q8_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int
  *   a lone last plane: a row's two sub-group pairs in adjacent bytes, each indexing its
  *     own table: one vqtbl2q_s8 over both tables (odd bytes offset by 16), vpaddlq_s8.
  * The sums are weighted by 2^(2u) (vmlaq_n_s16); a group's blocks are summed in int16
- * (up to ERT_LUT_SPAN(bits) blocks at a time; at 2 and 4 bits each block's sums first weighed
- * by its multiplier q, vqrdmulhq_s16), then converted and scaled by the group's
+ * (up to ERT_LUT_SPAN(bits) blocks at a time; in groups of several blocks each block's sums
+ * first weighed by its multiplier q, vqrdmulhq_s16), then converted and scaled by the group's
  * table scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is
  * added (the group's 32 scales and mins side by side in the file: tile order). */
 
@@ -306,7 +306,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, int16x
 }
 
 /* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1 */
-INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits,
+                     const int mult) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const float off = 0.5f * (float)((1 << bits) - 1);
@@ -328,7 +329,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
                 for (int h = 0; h < 4; h++) acc[k][h] = vdupq_n_s16(0);
             for (int b = b0; b < be; b++) {
                 const uint8_t *vb = tile + (size_t)b * bits * 4 * ERT_TILE;
-                if (!ERT_LUT_BLOCK_MULT(bits)) {
+                if (!mult) {
                     lut_block(vb, lut, b, acc, NR, bits);
                     continue;
                 }
@@ -363,10 +364,13 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
         for (int q = 0; q < 8; q++) vst1q_f32(y + (size_t)(j0 + k) * w->rows + t0 + 4 * q, yacc[k][q]);
 }
 
-#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
+/* a tile, compiled with and without block multipliers */
+#define LUT_TILE(t0, j0, NR, bits) \
+    (a->lq ? lut_tile(w, a, t0, j0, y, NR, bits, 1) : lut_tile(w, a, t0, j0, y, NR, bits, 0))
+#define LUT_ROWS1(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 4)
 #define LUT_KERNELS(name, bits)                                                                          \
     void ert_##name##_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
         ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \

@@ -191,15 +191,15 @@ void ert_layer_select(int simd);
 /* 32-column blocks whose table lookups a q1..q4 kernel may sum in int16 (one block's
  * |sum| <= 8*127*(2^bits-1)): 32, 10, 4, 2 at 1..4 bits */
 #define ERT_LUT_SPAN(bits) (32767 / (8 * 127 * ((1 << (bits)) - 1)))
-/* Block multipliers (formats.lut_tables): at 2 and 4 bits each 32-column block's tables
- * have their own step, ls * q/32768 with q <= 32767 an int16 of the block, and the kernels
- * weigh a block's int16 sum I by q with one rounding multiply, (I*q + 2^14) >> 15
- * (_mm256_mulhrs_epi16, vqrdmulhq_s16), before the group's int16 sum. With one step per
- * 64-column group the tables cost SmolLM2 +0.42% perplexity at 4 bits (rtn file) and +0.33%
- * at 2 (GPTQ file), over issue 3's 0.3%; with multipliers +0.17% and +0.24%. At 3 bits they
- * cost 15-25% of SmolLM2's prefill, the margin of issue 3's prefill target there
- * (BENCHMARKS.md, round 13), so 1 and 3 bits keep one step per group. */
-#define ERT_LUT_BLOCK_MULT(bits) ((bits) == 2 || (bits) == 4)
+/* Block multipliers (formats.lut_block_mult, formats.lut_tables): where a group holds
+ * more than one 32-column block, each block's tables have their own step, ls * q/32768
+ * with q <= 32767 an int16 of the block, and the kernels weigh a block's int16 sum I by q
+ * with one rounding multiply, (I*q + 2^14) >> 15 (_mm256_mulhrs_epi16, vqrdmulhq_s16),
+ * before the group's int16 sum (a->lq; NULL for groups of one block, whose q would be
+ * 32767). With one step per 64-column group the tables cost SmolLM2 +0.42% perplexity at 4
+ * bits (rtn file), +0.33% at 3 and at 2 (GPTQ files), over issue 3's 0.3%; with
+ * multipliers +0.17%, +0.17% and +0.24% (BENCHMARKS.md, rounds 13 and 14). */
+#define ERT_LUT_BLOCK_MULT(group_size) ((group_size) > ERT_BLOCK)
 
 /* Activations prepared once per ert_matmul call. */
 typedef struct {

@@ -124,8 +124,8 @@ void ert_lut_act_avx2(const float *x, int n, int cols, int group_size, int8_t *l
  *   a lone last plane k: a vector holds 16 rows x 2 pairs of sub-groups (a row's in
  *     adjacent bytes): looked up in both pairs' tables, maddubs with (2^k, 0) and (0, 2^k)
  *     keeps each byte's own and sums a row's two into int16.
- * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time; at 2
- * and 4 bits each block's sums first weighed by its multiplier q, _mm256_mulhrs_epi16), then
+ * A group's blocks are summed in int16 (up to ERT_LUT_SPAN(bits) blocks at a time; in groups
+ * of several blocks each block's sums first weighed by its multiplier q, _mm256_mulhrs_epi16), then
  * the sums of the 32 rows (rows in order) are converted and scaled by the group's table
  * scale ls and by d/2 (per row), and the min term (m + d*(2^bits-1)/2) * xsum is added:
  * the group's 32 scales and mins are side by side in the file (tile order), 4 F16C loads
@@ -193,7 +193,8 @@ INLINE void lut_block(const uint8_t *vb, const int8_t *const *lut, int b, __m256
 
 /* a whole tile of 32 rows, t0..t0+31, for activation rows j0..j0+NR-1; the tile's
  * scales and mins are in tile order (a group's 32 rows side by side) */
-INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits) {
+INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, float *y, const int NR, const int bits,
+                     const int mult) {
     const int nblk = a->nblk, ng = a->ngroups, bpg = w->group_size / ERT_BLOCK;
     const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * w->cols * bits / 8;
     const uint16_t *sc = w->scale + (size_t)t0 * ng, *mn = w->min + (size_t)t0 * ng;
@@ -215,7 +216,7 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
             for (int b = b0; b < be; b++) {
                 const uint8_t *vb = tile + (size_t)b * bits * 4 * ERT_TILE;
                 for (int l = 0; l < bits * 4 * ERT_TILE; l += 64) _mm_prefetch((const char *)vb + PREFETCH_CODES + l, _MM_HINT_T0);
-                if (!ERT_LUT_BLOCK_MULT(bits)) {
+                if (!mult) {
                     lut_block(vb, lut, b, acc, NR, bits);
                     continue;
                 }
@@ -259,10 +260,13 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
     void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
     }
-#define LUT_ROWS1(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) lut_tile(w, a, t0, j0, y, NR, 4)
+/* a tile, compiled with and without block multipliers */
+#define LUT_TILE(t0, j0, NR, bits) \
+    (a->lq ? lut_tile(w, a, t0, j0, y, NR, bits, 1) : lut_tile(w, a, t0, j0, y, NR, bits, 0))
+#define LUT_ROWS1(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 1)
+#define LUT_ROWS2(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 2)
+#define LUT_ROWS3(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 3)
+#define LUT_ROWS4(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 4)
 
 LUT_KERNELS(q1, 1)
 LUT_KERNELS(q2, 2)
