@@ -364,16 +364,9 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
         for (int q = 0; q < 8; q++) vst1q_f32(y + (size_t)(j0 + k) * w->rows + t0 + 4 * q, yacc[k][q]);
 }
 
-/* a tile, compiled with and without block multipliers */
-#define LUT_TILE(t0, j0, NR, bits) \
-    (a->lq ? lut_tile(w, a, t0, j0, y, NR, bits, 1) : lut_tile(w, a, t0, j0, y, NR, bits, 0))
-#define LUT_ROWS1(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 4)
 #define LUT_KERNELS(name, bits)                                                                          \
     void ert_##name##_matmul_neon(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
-        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
+        ERT_LUT_MATMUL(r0, r1, ERT_LUT_ROWS##bits, bits)                                                 \
     }                                                                                                    \
     void ert_##name##_dequant_neon(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \

@@ -33,6 +33,15 @@
         }                                                                                \
     }
 
+/* The ROWS of the q1..q4 kernels, where the file's lut_tile(w, a, t0, j0, y, NR, bits, mult)
+ * computes a whole tile: compiled with and without block multipliers, chosen by a->lq. */
+#define ERT_LUT_TILE(t0, j0, NR, bits) \
+    (a->lq ? lut_tile(w, a, t0, j0, y, NR, bits, 1) : lut_tile(w, a, t0, j0, y, NR, bits, 0))
+#define ERT_LUT_ROWS1(t0, t1, j0, NR) ERT_LUT_TILE(t0, j0, NR, 1)
+#define ERT_LUT_ROWS2(t0, t1, j0, NR) ERT_LUT_TILE(t0, j0, NR, 2)
+#define ERT_LUT_ROWS3(t0, t1, j0, NR) ERT_LUT_TILE(t0, j0, NR, 3)
+#define ERT_LUT_ROWS4(t0, t1, j0, NR) ERT_LUT_TILE(t0, j0, NR, 4)
+
 /* The q1..q4 kernels (in a function with w, a and y in scope): whole tiles by ROWS, a
  * last tile of fewer than ERT_TILE rows (rows % 32 != 0) by the scalar reference. */
 #define ERT_LUT_MATMUL(r0, r1, ROWS, bits)                                   \

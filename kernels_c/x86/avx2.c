@@ -255,18 +255,11 @@ INLINE void lut_tile(const ert_weight *w, const ert_act *a, int t0, int j0, floa
 
 #define LUT_KERNELS(name, bits)                                                                          \
     void ert_##name##_matmul_avx2(const ert_weight *w, const ert_act *a, int r0, int r1, float *y) {      \
-        ERT_LUT_MATMUL(r0, r1, LUT_ROWS##bits, bits)                                                     \
+        ERT_LUT_MATMUL(r0, r1, ERT_LUT_ROWS##bits, bits)                                                 \
     }                                                                                                    \
     void ert_##name##_dequant_avx2(const ert_weight *w, const int64_t *rows, int row0, int k, float *out) { \
         ert_##name##_dequant_ref(w, rows, row0, k, out); /* embeddings only: a row per token */          \
     }
-/* a tile, compiled with and without block multipliers */
-#define LUT_TILE(t0, j0, NR, bits) \
-    (a->lq ? lut_tile(w, a, t0, j0, y, NR, bits, 1) : lut_tile(w, a, t0, j0, y, NR, bits, 0))
-#define LUT_ROWS1(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 1)
-#define LUT_ROWS2(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 2)
-#define LUT_ROWS3(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 3)
-#define LUT_ROWS4(t0, t1, j0, NR) LUT_TILE(t0, j0, NR, 4)
 
 LUT_KERNELS(q1, 1)
 LUT_KERNELS(q2, 2)
