@@ -236,15 +236,19 @@ def for_bits(bits: int, group_size: int = DEFAULT_GROUP_SIZE):
     return {32: F32, 16: F16}.get(bits, lambda: GroupQuant(bits, group_size))()
 
 
+ACT_LEVELS = 16256  # ERT_ACT_LEVELS in kernels_c/include/edgert.h, which gives the reasons: 127 * 128
+
+
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The kernels' activation format: per 32 values, int8 q = rint(x * 127/amax) and
-    the block scale amax/127 (float32). x: float32 [..., k], k a multiple of 32."""
+    """The int8 kernels' activation format (q5, q6, q8): per 32 values, int16
+    q = rint(x * L/amax), L = ACT_LEVELS, and the block scale amax/L (float32).
+    x: float32 [..., k], k a multiple of 32."""
     x = np.asarray(x, dtype=np.float32)
     xb = x.reshape(*x.shape[:-1], -1, BLOCK)
     amax = np.abs(xb).max(axis=-1)
-    inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)
-    q = np.rint(xb * inv[..., None]).astype(np.int8)
-    return q, (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.divide(np.float32(ACT_LEVELS), amax, out=np.zeros_like(amax), where=amax != 0)
+    q = np.rint(xb * inv[..., None]).astype(np.int16)
+    return q, (amax / np.float32(ACT_LEVELS)).astype(np.float32)
 
 
 def lut_block_mult(group_size: int) -> bool:
@@ -323,7 +327,7 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     """The numpy twin of the C kernels: y[n, rows] = x[n, cols] . W^T with the same
     integer arithmetic, accumulated in float64 (the C kernels sum in float32).
       f32/f16: float weights.
-      q5, q6, q8 (int8 dot products): int8 activations (quantize_activations), per block
+      q5, q6, q8 (int8 weights): int16 activations (quantize_activations), per block
         da * (d * sum(s*qa) + (m + o*d) * sum(qa)), s = c - o, o = int8_offset(bits).
       q1..q4 (table lookups, lut_tables): with bit planes c = sum_k 2^k b_k,
         sum_i c_i x_i = sum_k 2^(k-1) T[p_k] + (2^bits - 1)/2 * sum_i x_i, so

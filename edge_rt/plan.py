@@ -86,7 +86,9 @@ def buffer_bytes(spec: Spec, n: int, layer_scratch: int, logit_rows: int, scored
     layer and a row of attention scores per thread)."""
     d, ff = spec.d_model, spec.d_ff
     stream = 4 * n * d * 4                     # embeddings, x, the final norm's temporaries
-    kernels = n * max(ff, d) * 2               # ert_matmul's int8 activations and scales
+    # ert_matmul's prepared input, under 4.5 bytes a column: q1..q4 tables (4 bytes) and their
+    # scales; q5..q8 int16 codes (2), their int8 digits on neon-dotprod (2) and scales
+    kernels = n * max(ff, d) * 9 // 2
     logits = logit_rows * spec.n_vocab * (4 + (16 if scored else 0))
     return stream + layer_scratch + kernels + logits
 

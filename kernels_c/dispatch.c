@@ -248,6 +248,7 @@ static ert_act act_rows(const ert_act *a, int j0, int nj) {
         if (a->lq) s.lq += j * a->nblk;
     }
     if (a->q) s.q += j * a->cols, s.da += j * a->nblk, s.qsum += j * a->nblk, s.gsum += j * ngp;
+    if (a->qd) s.qd += j * 2 * a->cols;
     return s;
 }
 
@@ -357,11 +358,23 @@ static int prepare_lut(const ert_weight *w, const float *x, int n, ert_act *a, v
     return ERT_OK;
 }
 
+/* the digits of activation codes: h = floor((q + 64) / 128), l = q - 128*h */
+static void act_digits(const int16_t *q, int nblk, int8_t *qd) {
+    for (int b = 0; b < nblk; b++)
+        for (int i = 0; i < ERT_BLOCK; i++) {
+            const int v = q[b * ERT_BLOCK + i], h = (v + 64) >> 7;
+            qd[64 * b + i] = (int8_t)h;
+            qd[64 * b + 32 + i] = (int8_t)(v - 128 * h);
+        }
+}
+
 static void int8_tokens(const ert_weight *w, const float *x, ert_act *a, int j0, int nj) {
     const ert_act s = act_rows(a, j0, nj);
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7, bpg = a->group_size / ERT_BLOCK;
     float *da = (float *)s.da, *gsum = (float *)s.gsum;
-    g_quant_act(x + (size_t)j0 * w->cols, nj, w->cols, (int8_t *)s.q, da, (int32_t *)s.qsum);
+    g_quant_act(x + (size_t)j0 * w->cols, nj, w->cols, (int16_t *)s.q, da, (int32_t *)s.qsum);
+    if (s.qd)
+        for (int j = 0; j < nj; j++) act_digits(s.q + (size_t)j * w->cols, nblk, (int8_t *)s.qd + (size_t)j * 2 * w->cols);
     for (int j = 0; j < nj; j++)
         for (int g = 0; g < ngp; g++) {
             int b1 = (g + 1) * bpg < nblk ? (g + 1) * bpg : nblk;
@@ -371,17 +384,21 @@ static void int8_tokens(const ert_weight *w, const float *x, ert_act *a, int j0,
         }
 }
 
-/* q5, q6, q8: int8 activations per 32-block and the sums the int8 kernels use */
+/* q5, q6, q8: int16 activations per 32-block (and their digits for neon-dotprod) and the
+ * sums the int8 kernels use */
 static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, void **scratch, int threads) {
     const int nblk = w->cols / ERT_BLOCK, ng = ngroups(w), ngp = (ng + 7) & ~7, bpg = w->group_size / ERT_BLOCK;
-    size_t nq = align64((size_t)n * w->cols), nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
+    const int digits = g_sel[w->format].isa == ISA_NEON_DOTPROD;
+    size_t nq = align64(sizeof(int16_t) * (size_t)n * w->cols), nqd = digits ? align64((size_t)n * 2 * w->cols) : 0;
+    size_t nd = align64(sizeof(float) * ((size_t)n * nblk + 8));
     size_t ns = align64(sizeof(int32_t) * (size_t)n * nblk), ngs = align64(sizeof(float) * (size_t)n * ngp);
     size_t nbg = align64(sizeof(int32_t) * ((size_t)nblk + 8));
-    char *p = malloc(nq + nd + ns + ngs + nbg); /* SIMD code loads unaligned */
+    char *p = malloc(nq + nqd + nd + ns + ngs + nbg); /* SIMD code loads unaligned */
     if (!p) return ERT_ENOMEM;
     *scratch = p;
-    int8_t *q = (int8_t *)p;
-    float *da = (float *)(p += nq);
+    int16_t *q = (int16_t *)p;
+    int8_t *qd = digits ? (int8_t *)(p + nq) : NULL;
+    float *da = (float *)(p += nq + nqd);
     int32_t *qsum = (int32_t *)(p += nd);
     float *gsum = (float *)(p += ns);
     int32_t *bgroup = (int32_t *)(p += ngs);
@@ -389,6 +406,7 @@ static int prepare_int8(const ert_weight *w, const float *x, int n, ert_act *a, 
     a->ngroups = ng;
     a->group_size = w->group_size;
     a->q = q;
+    a->qd = qd;
     a->da = da;
     a->qsum = qsum;
     a->gsum = gsum;

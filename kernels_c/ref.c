@@ -7,7 +7,8 @@
  *   the activations, scale ls per group (formats.lut_tables); per group
  *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
  *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
- *   q5, q6, q8, int8 dots: per 32-block amax = max|x|, q = rint(x * 127/amax), da = amax/127;
+ *   q5, q6, q8, integer dots: per 32-block amax = max|x|, int16 q = rint(x * L/amax),
+ *   da = amax/L (L = ERT_ACT_LEVELS);
  *   s = c - o, o = ert_int8_offset(bits); y += da * (d*sum(s*q) + (m + o*d) * sum(q))
  */
 #define ERT_BUILDING
@@ -48,25 +49,25 @@ static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[
 
 /* ---- activations ------------------------------------------------------------------ */
 
-void ert_quant_act_ref(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum) {
+void ert_quant_act_ref(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
     int nblk = cols / ERT_BLOCK;
     for (int j = 0; j < n; j++) {
         for (int b = 0; b < nblk; b++) {
             const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            int8_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
             float amax = 0.0f;
             for (int i = 0; i < ERT_BLOCK; i++) {
                 float a = fabsf(xb[i]);
                 if (a > amax) amax = a;
             }
-            float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
             int32_t s = 0;
             for (int i = 0; i < ERT_BLOCK; i++) {
                 int v = (int)rintf(xb[i] * inv);
-                qb[i] = (int8_t)v;
+                qb[i] = (int16_t)v;
                 s += v;
             }
-            da[(size_t)j * nblk + b] = amax / 127.0f;
+            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
             qsum[(size_t)j * nblk + b] = s;
         }
     }
@@ -156,7 +157,7 @@ void ert_f16_dequant_ref(const ert_weight *w, const int64_t *rows, int row0, int
 
 #define CHUNK 64 /* blocks unpacked at a time (2048 columns) */
 
-/* q5, q6, q8: integer dot products of int8 activations and s = c - o (ert_int8_offset) */
+/* q5, q6, q8: integer dot products of int16 activations and s = c - o (ert_int8_offset) */
 static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, int bits) {
     const int nblk = a->nblk, off = ert_int8_offset(bits);
     int8_t s[CHUNK * ERT_BLOCK];
@@ -170,7 +171,7 @@ static void group_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, 
                 for (int i = 0; i < ERT_BLOCK; i++) s[b * ERT_BLOCK + i] = (int8_t)(c[i] - off);
             }
             for (int j = 0; j < a->n; j++) {
-                const int8_t *q = a->q + (size_t)j * a->cols + (size_t)b0 * ERT_BLOCK;
+                const int16_t *q = a->q + (size_t)j * a->cols + (size_t)b0 * ERT_BLOCK;
                 const float *da = a->da + (size_t)j * nblk + b0;
                 const int32_t *qsum = a->qsum + (size_t)j * nblk + b0;
                 float acc = 0.0f;

@@ -138,8 +138,8 @@ def test_matmul_batch_invariant(isa):
 
 
 def test_matmul_integer_parts_exact():
-    """With power-of-two scales and activations whose int8 form is exact (q5, q6, q8: amax =
-    127 in every block, so q == x; q1..q4: integer x with a 4-column |sum| of 127 in every
+    """With power-of-two scales and activations whose integer form is exact (q5, q6, q8: amax =
+    127 in every block, so q == 128x, da == 1/128; q1..q4: integer x with a 4-column |sum| of 127 in every
     block, so the tables are the exact sums and ls == 1), everything is exact in float32:
     the kernels must agree with the reference to the last bit (catches any off-by-one in
     the codes, the layout or the tables)."""
@@ -154,7 +154,7 @@ def test_matmul_integer_parts_exact():
             parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
             if not fmt.lut:
                 x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
-                x[:, ::32] = 127.0  # amax = 127 in every block: q == x, da == 1
+                x[:, ::32] = 127.0  # amax = 127 in every block: q == 128x (ACT_LEVELS = 127*128), da == 1/128
             else:
                 x = rng.integers(-31, 32, (3, cols)).astype(np.float32)  # 4-column |sums| <= 124
                 x[:, 0::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 31.0, -32.0, 32.0, 32.0  # amax = 127

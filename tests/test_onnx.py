@@ -3,7 +3,7 @@
 The graph is checked against our forward pass on the same weights: the numpy oracle
 (models/transformer.py with the GGUF's weights dequantized, float32 KV cache) reading
 the same wikitext-2 test tokens, top-1 compared at every position. Against the oracle
-and not the C runtime: the C kernels round activations to int8 (4-bit: int8 lookup
+and not the C runtime: the C kernels round activations (4-bit: into int8 lookup
 tables), which alone moves the top token at ~2.6% of these positions (SmolLM2 4-bit,
 measured: C runtime vs oracle 97.35%, ONNX vs oracle 100.0%, ONNX vs C runtime 97.35%);
 the ONNX graph's products are float32 (accuracy_level 0)."""
@@ -88,7 +88,7 @@ def test_run_greedy_decode_equals_the_oracle(converted, exported):
 
 
 def test_eval_perplexity_close_to_ours(converted, exported, wikitext_test):
-    """Same weights, same scoring: the perplexities agree to the int8 rounding of our kernels."""
+    """Same weights, same scoring: the perplexities agree to the int8 table rounding of our kernels."""
     ours = cli("eval", converted("smollm2-135m", 4), "--text", wikitext_test, "--windows", 2, "-t", 2, "--json")
     theirs = cli("eval", exported("smollm2-135m", 4), "--text", wikitext_test, "--windows", 2, "-t", 2, "--json",
                  "--backend", "onnxruntime")

@@ -3,13 +3,14 @@ kernels' integer arithmetic) decodes greedily, token by token; the oracle (numpy
 layers, formats.matmul_reference) reads the prompt and those tokens in one batch and
 must pick the same token at (nearly) every position.
 
-Why not every position: activations are rounded to int8 before each product, so a
-last-bit float difference (numpy's exp and pairwise sums against C's) flips an int8
-rounding now and then, and the flips travel through 30 layers: the hidden states of
-the two differ by ~2% RMS at 8 bits (1e-6 at 32 bits, where nothing is rounded to
-int8). Over 64 tokens that moves a near tie: measured, 2 of 64 tokens, each where the
-oracle's own top-two margin was under 1% of its top logit. So the test allows a
-different token only at such a near tie, and only rarely."""
+Why "nearly": the C layer's float arithmetic (exp, norms, summation order) differs from
+numpy's in the last bits, and a last-bit difference can flip the rounding of an int16
+activation code; the flips travel through 30 layers. With int16 activations (8 and 6 bits
+here) the tiny models of tests/test_families.py differ by ~2e-4 RMS in their logits, and
+these 64 tokens were all equal (measured);
+with int8 activations (before) they differed by ~2% and 2 of 64 tokens moved, each at a
+near tie. So the test allows one different token, and only at a near tie (the oracle's
+top-two margin under 0.1% of its top logit)."""
 from __future__ import annotations
 
 import json
@@ -49,5 +50,5 @@ def test_greedy_tokens_equal_the_numpy_oracle(converted, name, bits):
     z = np.concatenate([W.linear(head, h[i:i + 8]) for i in range(0, N, 8)])
     oracle = z.argmax(-1)
     differ = [i for i in range(N) if oracle[i] != ours[i]]
-    near_tie = [z[i, oracle[i]] - z[i, ours[i]] < 0.015 * abs(z[i, oracle[i]]) for i in differ]
-    assert len(differ) <= 3 and all(near_tie), [(i, oracle[i], ours[i], z[i, oracle[i]] - z[i, ours[i]]) for i in differ]
+    near_tie = [z[i, oracle[i]] - z[i, ours[i]] < 0.001 * abs(z[i, oracle[i]]) for i in differ]
+    assert len(differ) <= 1 and all(near_tie), [(i, oracle[i], ours[i], z[i, oracle[i]] - z[i, ours[i]]) for i in differ]

@@ -1,8 +1,9 @@
 /* AArch64 NEON kernels. This file is compiled twice (see CMakeLists.txt):
  *   ERT_NEON_DOTPROD=0 (armv8-a):            ert_*_neon: everything; q1..q4 by table
- *                                            lookups (vqtbl1q_s8), q5, q6, q8 by int8 dots
- *                                            with vmull_s8 / vmlal_high_s8 / vpadalq_s16
- *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):  ert_q{5,6,8}_matmul_neon_dotprod: vdotq_s32
+ *                                            lookups (vqtbl1q_s8), q5, q6, q8 by int16
+ *                                            dots (vmull_s16 / vmlal_high_s16)
+ *   ERT_NEON_DOTPROD=1 (armv8.2-a+dotprod):  ert_q{5,6,8}_matmul_neon_dotprod: vdotq_s32 on
+ *                                            the activations' two int8 digits
  *                                            (the table lookups do not use dot products)
  * dispatch.c picks the dotprod build only when getauxval(AT_HWCAP) has HWCAP_ASIMDDP.
  * Same arithmetic as ref.c / avx2.c (formats.matmul_reference).
@@ -28,7 +29,7 @@
 #define SFX(name) CAT(name, _neon)
 #endif
 
-/* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
+/* ---- q5, q6, q8: int8 weights, int16 activations ---------------------------------------------
  * y[j][r] = sum over blocks b of float(s_b . q_b) * (d_g(b) * da_b) + sum_g (m_g + o d_g) gsum_g
  * (s = c - o, o = ert_int8_offset(bits), of row r's codes, unpacked to bytes for q5, q6; q / da / gsum
  * the activation row's), computed for a micro-tile
@@ -81,21 +82,54 @@ INLINE signed32 load_signed(const uint8_t *p, const int bits) {
     return s;
 }
 
-INLINE signed32 load_q(const int8_t *p) {
-    signed32 q = {vld1q_s8(p), vld1q_s8(p + 16)};
-    return q;
-}
-
-/* 4 int32 partial sums of s.q (exact) */
-INLINE int32x4_t block_dot(signed32 s, signed32 q) {
+/* The operands of a block dot: w_operand of a row's s, act_operand of a token's block b (an
+ * activation row: act_row). Each lane of block_dot is an exact sum of 8 products, below 2^24
+ * (ERT_ACT_LEVELS), so its float conversion is exact. */
 #if ERT_NEON_DOTPROD
-    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), s.lo, q.lo), s.hi, q.hi);
-#else
-    int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(s.lo), vget_low_s8(q.lo)), s.lo, q.lo);
-    int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(s.hi), vget_low_s8(q.hi)), s.hi, q.hi);
-    return vpadalq_s16(vpaddlq_s16(p0), p1);
-#endif
+/* s as it is; the activations as their digits q = 128*h + l (ert_act.qd): two vdotq_s32 each,
+ * lane i = columns 4i..4i+3 and 16+4i..16+4i+3 */
+typedef signed32 w_operand;
+typedef struct {
+    signed32 h, l;
+} a_operand;
+typedef const int8_t *act_row;
+
+INLINE act_row act_row_of(const ert_act *a, int j) { return a->qd + (size_t)j * 2 * a->cols; }
+INLINE w_operand w_operand_of(signed32 s) { return s; }
+INLINE a_operand act_operand(act_row q, size_t b) {
+    const int8_t *p = q + 64 * b;
+    const a_operand v = {{vld1q_s8(p), vld1q_s8(p + 16)}, {vld1q_s8(p + 32), vld1q_s8(p + 48)}};
+    return v;
 }
+INLINE int32x4_t block_dot(w_operand s, a_operand q) {
+    const int32x4_t h = vdotq_s32(vdotq_s32(vdupq_n_s32(0), s.lo, q.h.lo), s.hi, q.h.hi);
+    const int32x4_t l = vdotq_s32(vdotq_s32(vdupq_n_s32(0), s.lo, q.l.lo), s.hi, q.l.hi);
+    return vmlaq_n_s32(l, h, 128);
+}
+#else
+/* both widened to int16 (columns 8i..8i+7 in v[i]): lane i = columns i, 4+i, ..., 28+i */
+typedef struct {
+    int16x8_t v[4];
+} w_operand, a_operand;
+typedef const int16_t *act_row;
+
+INLINE act_row act_row_of(const ert_act *a, int j) { return a->q + (size_t)j * a->cols; }
+INLINE w_operand w_operand_of(signed32 s) {
+    const w_operand v = {{vmovl_s8(vget_low_s8(s.lo)), vmovl_high_s8(s.lo), vmovl_s8(vget_low_s8(s.hi)), vmovl_high_s8(s.hi)}};
+    return v;
+}
+INLINE a_operand act_operand(act_row q, size_t b) {
+    const int16_t *p = q + ERT_BLOCK * b;
+    const a_operand v = {{vld1q_s16(p), vld1q_s16(p + 8), vld1q_s16(p + 16), vld1q_s16(p + 24)}};
+    return v;
+}
+INLINE int32x4_t block_dot(w_operand s, a_operand q) {
+    int32x4_t acc = vmull_s16(vget_low_s16(s.v[0]), vget_low_s16(q.v[0]));
+    acc = vmlal_high_s16(acc, s.v[0], q.v[0]);
+    for (int i = 1; i < 4; i++) acc = vmlal_high_s16(vmlal_s16(acc, vget_low_s16(s.v[i]), vget_low_s16(q.v[i])), s.v[i], q.v[i]);
+    return acc;
+}
+#endif
 
 INLINE float half1(uint16_t h) {
     float16x4_t v = vreinterpret_f16_u16(vdup_n_u16(h));
@@ -107,12 +141,12 @@ INLINE float32x4_t half4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
 /* acc[r][k] += float(s_r . q_k) * scl[r][k][i] for block b of the rows (at codes[r]) */
-INLINE void int8_block(const uint8_t *const *codes, const int8_t *const *q, size_t b, float (*scl)[4][CHUNK + 4], int i,
+INLINE void int8_block(const uint8_t *const *codes, const act_row *q, size_t b, float (*scl)[4][CHUNK + 4], int i,
                        float32x4_t (*acc)[4], const int RM, const int NR, const int bits) {
-    signed32 s[2];
-    for (int r = 0; r < RM; r++) s[r] = load_signed(codes[r] + b * bits * 4, bits);
+    w_operand s[2];
+    for (int r = 0; r < RM; r++) s[r] = w_operand_of(load_signed(codes[r] + b * bits * 4, bits));
     for (int k = 0; k < NR; k++) {
-        const signed32 qk = load_q(q[k] + b * ERT_BLOCK);
+        const a_operand qk = act_operand(q[k], b);
         for (int r = 0; r < RM; r++) acc[r][k] = vfmaq_n_f32(acc[r][k], vcvtq_f32_s32(block_dot(s[r], qk)), scl[r][k][i]);
     }
 }
@@ -122,10 +156,10 @@ INLINE void int8_tile(const ert_weight *w, const ert_act *a, int r0, int j0, flo
                       const int bits) {
     const float o = (float)ert_int8_offset(bits);
     const int nblk = a->nblk, ng = a->ngroups, ngp = (ng + 7) & ~7;
-    const int8_t *q[4];
+    act_row q[4];
     const float *da[4], *gsum[4];
     for (int k = 0; k < NR; k++) {
-        q[k] = a->q + (size_t)(j0 + k) * a->cols;
+        q[k] = act_row_of(a, j0 + k);
         da[k] = a->da + (size_t)(j0 + k) * nblk;
         gsum[k] = a->gsum + (size_t)(j0 + k) * ngp;
     }
@@ -192,7 +226,7 @@ void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, f
 #if !ERT_NEON_DOTPROD
 /* ---- what does not depend on dotprod: built once, in the plain NEON object ------------------- */
 
-void ert_quant_act_neon(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum) {
+void ert_quant_act_neon(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
     const int nblk = cols / ERT_BLOCK;
     for (int j = 0; j < n; j++) {
         for (int b = 0; b < nblk; b++) {
@@ -204,20 +238,15 @@ void ert_quant_act_neon(const float *x, int n, int cols, int8_t *q, float *da, i
                                       vmaxq_f32(vmaxq_f32(vabsq_f32(v[4]), vabsq_f32(v[5])),
                                                 vmaxq_f32(vabsq_f32(v[6]), vabsq_f32(v[7]))));
             const float amax = vmaxvq_f32(m);
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
             int32x4_t i[8], s = vdupq_n_s32(0);
             for (int t = 0; t < 8; t++) {
                 i[t] = vcvtnq_s32_f32(vmulq_n_f32(v[t], inv)); /* round to nearest, ties to even */
                 s = vaddq_s32(s, i[t]);
             }
-            int16x8_t h0 = vcombine_s16(vmovn_s32(i[0]), vmovn_s32(i[1]));
-            int16x8_t h1 = vcombine_s16(vmovn_s32(i[2]), vmovn_s32(i[3]));
-            int16x8_t h2 = vcombine_s16(vmovn_s32(i[4]), vmovn_s32(i[5]));
-            int16x8_t h3 = vcombine_s16(vmovn_s32(i[6]), vmovn_s32(i[7]));
-            int8_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            vst1q_s8(qb, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
-            vst1q_s8(qb + 16, vcombine_s8(vmovn_s16(h2), vmovn_s16(h3)));
-            da[(size_t)j * nblk + b] = amax / 127.0f;
+            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+            for (int t = 0; t < 4; t++) vst1q_s16(qb + 8 * t, vcombine_s16(vmovn_s32(i[2 * t]), vmovn_s32(i[2 * t + 1])));
+            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
             qsum[(size_t)j * nblk + b] = vaddvq_s32(s);
         }
     }

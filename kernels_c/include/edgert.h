@@ -72,7 +72,7 @@ typedef struct {
 ERT_API int ert_matmul(const ert_weight *w, const float *x, int n, float *y, int threads);
 
 /* y[i] = x . w[i]^T for nw <= 3 weights of the same input (q, k, v; gate, up): the input
- * is prepared once (tables, int8) and all the products run in one parallel region when
+ * is prepared once (tables, int16 codes) and all the products run in one parallel region when
  * the weights take the same kind of input; otherwise one after the other. */
 ERT_API int ert_matmul_many(int nw, const ert_weight *const *w, const float *x, int n, float *const *y, int threads);
 
@@ -210,10 +210,12 @@ typedef struct {
     const float *ls;    /* [n][ngroups] table scale of each group */
     const int16_t *lq;  /* [n][nblk] block multipliers (ERT_LUT_BLOCK_MULT), else NULL */
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
-    /* q5, q6, q8 (int8 dot products): */
+    /* q5, q6, q8 (integer dot products of int8 weights and int16 activations): */
     int nblk, ngroups, group_size;
-    const int8_t *q;    /* [n][cols] int8: rint(x * 127/amax) per 32-block */
-    const float *da;    /* [n][nblk]  amax/127 (+ 8 readable floats past the end) */
+    const int16_t *q;   /* [n][cols] int16: rint(x * ERT_ACT_LEVELS/amax) per 32-block */
+    const int8_t *qd;   /* neon-dotprod only, else NULL: q's digits, [n][nblk][2][32] int8:
+                           per block h[32] then l[32], q = 128*h + l (dispatch.c act_digits) */
+    const float *da;    /* [n][nblk]  amax/ERT_ACT_LEVELS (+ 8 readable floats past the end) */
     const int32_t *qsum;/* [n][nblk]  sum of the block's q */
     const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
                            sum over the group's blocks of da*qsum */
@@ -226,7 +228,7 @@ typedef void (*ert_matmul_fn)(const ert_weight *w, const ert_act *a, int r0, int
 typedef void (*ert_dequant_fn)(const ert_weight *w, const int64_t *rows, int row0, int k, float *out);
 /* Quantizes x[n][cols] (cols % 32 == 0) into q, da, qsum; bit-exact with
  * formats.quantize_activations in every implementation. */
-typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum);
+typedef void (*ert_quant_act_fn)(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum);
 /* Builds lut, ls, lq (unless NULL: no block multipliers; bit-exact with formats.lut_tables
  * in every implementation) and xsum (float32, any summation order) of x[n][cols]. */
 typedef void (*ert_lut_act_fn)(const float *x, int n, int cols, int group_size, int8_t *lut, float *ls, int16_t *lq,
@@ -291,10 +293,20 @@ static inline int ert_format_bits(int format) {
     }
 }
 
-/* The int8 kernels (q5, q6, q8) dot s = c - o with int8 activations: q8's codes 0..255 are
- * shifted into int8 by o = 128; q5, q6 codes (< 64) are int8 as they are (o = 0), and being
- * non-negative they go straight into an unsigned x signed multiply (AVX2 maddubs). */
+/* The int8 kernels (q5, q6, q8) dot s = c - o with int16 activations: q8's codes 0..255 are
+ * shifted into int8 by o = 128; q5, q6 codes (< 64) are int8 as they are (o = 0). (AVX2 dots
+ * the codes c themselves, d*c.q + m*sum(q): the same sum; x86/avx2.c says why.) */
 static inline int ert_int8_offset(int bits) { return bits == 8 ? 128 : 0; }
+
+/* Levels of the int8 kernels' activations (formats.ACT_LEVELS): q = rint(x * L/amax) per 32
+ * values, |q| <= L = 127*128. With int8 activations (127 levels, as llama.cpp's q8_0) the
+ * 8-bit perplexity sat +0.16..0.42% over the float arithmetic of the same weights, its
+ * rounding flips amplified by later layers; with these 128x finer steps it is +0.001%, on
+ * Gemma-3 too (BENCHMARKS.md, round 15). L keeps two properties the kernels rely on: q splits into two
+ * int8 digits q = 128*h + l, |h| <= 127, -64 <= l < 64 (act_digits: neon-dotprod's
+ * vdotq_s32 on each), and a SIMD lane's partial sum converts to float exactly: 8 products
+ * s*q (|s| <= 128, NEON) or 4 products c*q (c <= 255, AVX2) stay below 2^24. */
+#define ERT_ACT_LEVELS 16256
 
 /* IEEE half -> float, exact (subnormals, inf, NaN payload). */
 static inline float ert_half_to_float(uint16_t h) {
@@ -336,7 +348,7 @@ static inline float ert_half_to_float(uint16_t h) {
     void ert_q5_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q6_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
     void ert_q8_dequant_##isa(const ert_weight *, const int64_t *, int, int, float *);     \
-    void ert_quant_act_##isa(const float *, int, int, int8_t *, float *, int32_t *);                \
+    void ert_quant_act_##isa(const float *, int, int, int16_t *, float *, int32_t *);                \
     void ert_lut_act_##isa(const float *, int, int, int, int8_t *, float *, int16_t *, float *);
 
 ERT_DECLARE_KERNELS(ref)

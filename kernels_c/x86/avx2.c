@@ -1,7 +1,7 @@
 /* AVX2 + FMA + F16C kernels (x86-64). Compiled with -mavx2 -mfma -mf16c; only
  * called after dispatch.c has checked the CPU has them.
  *   q1..q4: table lookups over the bit-plane tiles (lut_tile below);
- *   q5, q6, q8: int8 dot products (int8_rows); f32/f16: FMA (float_rows).
+ *   q5, q6, q8: integer dots of the codes and int16 activations (int8_rows); f32/f16: FMA (float_rows).
  * Rows are independent, and an activation row's result does not depend on n or on
  * the thread count.
  */
@@ -27,10 +27,9 @@ INLINE float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 /* ---- activations -------------------------------------------------------------------- */
 
-void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, int32_t *qsum) {
+void ert_quant_act_avx2(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
     const int nblk = cols / ERT_BLOCK;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int j = 0; j < n; j++) {
         for (int b = 0; b < nblk; b++) {
             const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
@@ -42,7 +41,7 @@ void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, i
             m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
             m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
             const float amax = _mm_cvtss_f32(m4);
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
             const __m256 vi = _mm256_set1_ps(inv);
             const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
             __m256i i0 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vi), rm));
@@ -53,10 +52,10 @@ void ert_quant_act_avx2(const float *x, int n, int cols, int8_t *q, float *da, i
             __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-            p = _mm256_permutevar8x32_epi32(p, perm);
-            _mm256_storeu_si256((__m256i *)(q + (size_t)j * cols + (size_t)b * ERT_BLOCK), p);
-            da[(size_t)j * nblk + b] = amax / 127.0f;
+            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK; /* (packs works per 128-bit lane) */
+            _mm256_storeu_si256((__m256i *)qb, _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+            _mm256_storeu_si256((__m256i *)(qb + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
             qsum[(size_t)j * nblk + b] = _mm_cvtsi128_si32(s4);
         }
     }
@@ -266,13 +265,17 @@ LUT_KERNELS(q2, 2)
 LUT_KERNELS(q3, 3)
 LUT_KERNELS(q4, 4)
 
-/* ---- q5, q6, q8: int8 dot products ----------------------------------------------------------
- *   - each 32-code block (unpacked to bytes for q5, q6) is dotted with up to 4 activation
- *     rows, exact int32 lane sums (pairs <= 32512): q5, q6 codes (< 64) go straight into
- *     maddubs(c, q); q8's as s = c - 128 with the sign trick maddubs(|s|, sign(q, s));
+/* ---- q5, q6, q8: int8 codes, int16 activations ----------------------------------------------
+ * formats.matmul_reference's sum over a group d * s.q + (m + o*d) * sum(q), s = c - o, is here
+ * d * c.q + m * sum(q), the same number: the codes c (0..255) are dotted as they are.
+ *   - each 32-code block (unpacked to bytes for q5, q6) is widened to int16 in two halves and
+ *     dotted with up to 4 activation rows by madd: lane i holds columns 2i, 2i+1, 16+2i, 17+2i,
+ *     an exact int32 sum of 4 products below 2^24 (4*255*ERT_ACT_LEVELS), so its float is exact
+ *     (measured on a 2048x2048 q8 GEMV in cache: 1.5x the speed of the same with s = c - 128,
+ *     which costs a subtraction per half block);
  *   - the lanes are converted to float and accumulated with the block scale d*da
  *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
- *   - the min term sum_g (m + o*d) * sum_{b in g} da*qsum is added per group (o = ert_int8_offset). */
+ *   - the min term sum_g m * sum_{b in g} da*qsum is added per group. */
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
  * of low nibbles (byte i: codes i and i + 16) in both halves, the upper half shifted right
@@ -291,17 +294,29 @@ INLINE __m256i block_codes(const uint8_t *p, const int bits) {
     return _mm256_or_si256(c, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)((1 << hb) - 1))), 4));
 }
 
-/* s = c - o of the block at p, as int8 (q8: c ^ 0x80; q5, q6: c) */
-INLINE __m256i block_s(const uint8_t *p, const int bits) {
-    return _mm256_sub_epi8(block_codes(p, bits), _mm256_set1_epi8((char)ert_int8_offset(bits)));
+/* the codes of the block at p widened to int16: columns 0..15 in lo, 16..31 in hi (q8's bytes
+ * zero-extended straight from memory) */
+typedef struct {
+    __m256i lo, hi;
+} wide32;
+
+INLINE wide32 block_c16(const uint8_t *p, const int bits) {
+    wide32 v;
+    if (bits == 8) {
+        v.lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+        v.hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+    } else {
+        const __m256i c = block_codes(p, bits);
+        v.lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+        v.hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1));
+    }
+    return v;
 }
 
-/* 8 int32 partial sums of the block dot s.q; lane i holds columns 4i..4i+3 */
-INLINE __m256i block_dot(const uint8_t *codes, const int8_t *q, const int bits) {
-    const __m256i qv = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
-    if (ert_int8_offset(bits) == 0) return _mm256_madd_epi16(_mm256_maddubs_epi16(block_codes(codes, bits), qv), ones);
-    const __m256i s = block_s(codes, bits);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(qv, s)), ones);
+/* 8 int32 partial sums of the block dot c.q; lane i holds columns 2i, 2i+1, 16+2i, 17+2i */
+INLINE __m256i block_dot(wide32 c, const int16_t *q) {
+    return _mm256_add_epi32(_mm256_madd_epi16(c.lo, _mm256_loadu_si256((const __m256i *)q)),
+                            _mm256_madd_epi16(c.hi, _mm256_loadu_si256((const __m256i *)(q + 16))));
 }
 
 static const int32_t LANE_IDX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -316,7 +331,7 @@ INLINE __m256 lane_mask(int cnt) {
 #define CHUNK 256 /* blocks whose scales are prepared at a time */
 
 typedef struct {
-    const int8_t *q[4];
+    const int16_t *q[4];
     const float *da[4], *gsum[4];
 } act_rows;
 
@@ -332,12 +347,11 @@ INLINE __m256 block_d8(const ert_weight *w, const ert_act *a, int r, int b0, int
     return _mm256_permutevar8x32_ps(load8_half(w->scale + (size_t)r * ng + gb, ng - gb < 8 ? ng - gb : 8, safe), idx);
 }
 
-/* row r's m + o*d of groups g0..g0+7 (zero past the last group), o = ert_int8_offset */
-INLINE __m256 group_mb8(const ert_weight *w, int ng, int r, int g0, int safe, const int bits) {
+/* row r's m of groups g0..g0+7 (zero past the last group) */
+INLINE __m256 group_m8(const ert_weight *w, int ng, int r, int g0, int safe) {
     const int cnt = ng - g0 < 8 ? ng - g0 : 8;
-    const uint16_t *sc = w->scale + (size_t)r * ng, *mn = w->min + (size_t)r * ng;
-    const __m256 mb = _mm256_fmadd_ps(load8_half(sc + g0, cnt, safe), _mm256_set1_ps((float)ert_int8_offset(bits)), load8_half(mn + g0, cnt, safe));
-    return cnt < 8 ? _mm256_and_ps(mb, lane_mask(cnt)) : mb;
+    const __m256 m = load8_half(w->min + (size_t)r * ng + g0, cnt, safe);
+    return cnt < 8 ? _mm256_and_ps(m, lane_mask(cnt)) : m;
 }
 
 INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, int c0, int nb,
@@ -360,29 +374,31 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
     for (; i + 2 <= nb; i += 2) {
         const size_t b = (size_t)c0 + i;
         _mm_prefetch((const char *)cp + (size_t)i * bb + PREFETCH_CODES, _MM_HINT_T0);
+        const wide32 sa = block_c16(cp + (size_t)i * bb, bits), sb = block_c16(cp + (size_t)(i + 1) * bb, bits);
         for (int k = 0; k < NR; k++) {
-            __m256i pa = block_dot(cp + (size_t)i * bb, ar->q[k] + b * ERT_BLOCK, bits);
-            __m256i pb = block_dot(cp + (size_t)(i + 1) * bb, ar->q[k] + (b + 1) * ERT_BLOCK, bits);
+            __m256i pa = block_dot(sa, ar->q[k] + b * ERT_BLOCK);
+            __m256i pb = block_dot(sb, ar->q[k] + (b + 1) * ERT_BLOCK);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_broadcast_ss(scl[k] + i), acc[k]);
             acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_broadcast_ss(scl[k] + i + 1), acc2[k]);
         }
     }
     if (i < nb) {
         const size_t b = (size_t)c0 + i;
+        const wide32 sa = block_c16(cp + (size_t)i * bb, bits);
         for (int k = 0; k < NR; k++) {
-            __m256i p = block_dot(cp + (size_t)i * bb, ar->q[k] + b * ERT_BLOCK, bits);
+            __m256i p = block_dot(sa, ar->q[k] + b * ERT_BLOCK);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[k] + i), acc[k]);
         }
     }
 }
 
-/* acc[k] += the min term of row r: sum_g (m + o*d) * gsum[k][g], 8 groups per
+/* acc[k] += the min term of row r: sum_g m * gsum[k][g], 8 groups per
  * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
 INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR,
                       const int bits) {
     const int ng = a->ngroups, safe = scales_safe(w, ng, r);
     for (int g0 = 0; g0 < ng; g0 += 8) {
-        const __m256 mb = group_mb8(w, ng, r, g0, safe, bits);
+        const __m256 mb = group_m8(w, ng, r, g0, safe);
         for (int k = 0; k < NR; k++) acc[k] = _mm256_fmadd_ps(mb, _mm256_loadu_ps(ar->gsum[k] + g0), acc[k]);
     }
 }
@@ -428,15 +444,15 @@ INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int
  * The same arithmetic as int8_rows (a token's result is bit-identical alone or in a batch): per
  * (row, token) the min term then the odd blocks into one accumulator, the even blocks into
  * another, float(block dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
- * activations of a token group and the codes of 4 rows (s = c - o) are widened once to int16
- * (widen_block), so a block dot is 2 madd (instead of sign, maddubs and madd per token), and
- * the rows' scales are converted once per 4 rows and token group. */
+ * codes of 4 rows are widened to int16 once per token group (widen_block), so a
+ * block dot is 2 madd and an add, and the rows' scales are converted once per 4 rows and
+ * token group. */
 
 #define INT8_MAXBLK 1024 /* blocks per row (32768 columns); longer rows: int8_rows */
-/* tokens per group: ~96 KB of int16 activations (with 4 rows, under malloc's mmap threshold) */
+/* tokens per group: ~96 KB of int16 activations, kept in cache while every row passes */
 #define INT8_TOKENS(cols) ((49152 / (cols)) < 64 ? ((49152 / (cols)) > 1 ? 49152 / (cols) : 1) : 64)
 
-/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m + o*d (zero past ng) */
+/* the rows' float scales: d[r][b] of block b (its group's), mb[r][g] = m (zero past ng) */
 typedef struct {
     float d[4][INT8_MAXBLK + 8] __attribute__((aligned(32)));
     float mb[4][INT8_MAXBLK + 16] __attribute__((aligned(32))); /* rows not 4 KB apart */
@@ -447,26 +463,21 @@ INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int
     const int ng = a->ngroups;
     for (int r = 0; r < rm; r++) {
         const int safe = scales_safe(w, ng, r0 + r);
-        for (int g0 = 0; g0 < ng; g0 += 8) _mm256_store_ps(rs->mb[r] + g0, group_mb8(w, ng, r0 + r, g0, safe, bits));
+        for (int g0 = 0; g0 < ng; g0 += 8) _mm256_store_ps(rs->mb[r] + g0, group_m8(w, ng, r0 + r, g0, safe));
         for (int b0 = 0; b0 < a->nblk; b0 += 8) _mm256_store_ps(rs->d[r] + b0, block_d8(w, a, r0 + r, b0, safe));
     }
 }
 
-/* A block of 32 int8 as int16 in two halves for madd: A holds columns 4i, 4i+1 at words 2i,
- * 2i+1, B columns 4i+2, 4i+3, so madd(A, A') + madd(B, B') has block_dot's lanes (lane i =
- * columns 4i..4i+3) and the same exact sums. */
-INLINE void widen_block(__m256i v, int16_t *out) {
-    const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3,
-                                        6, 7, 10, 11, 14, 15);
-    v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, sh), 0xD8); /* A low, A high | B low, B high */
-    _mm256_store_si256((__m256i *)out, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
-    _mm256_store_si256((__m256i *)(out + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
+/* a block of s widened (as block_dot's operands) into out[32] */
+INLINE void widen_block(wide32 v, int16_t *out) {
+    _mm256_store_si256((__m256i *)out, v.lo);
+    _mm256_store_si256((__m256i *)(out + 16), v.hi);
 }
 
-/* acc[r] += float(dot of the rows' and the token's widened block at `at`) * scl[r][i] */
+/* acc[r] += float(dot of the rows' widened block and the token's at `at`) * scl[r][i]: block_dot's lanes */
 INLINE void int8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
                           const int RM) {
-    const __m256i qa = _mm256_load_si256((const __m256i *)(q16 + at)), qb = _mm256_load_si256((const __m256i *)(q16 + at + 16));
+    const __m256i qa = _mm256_loadu_si256((const __m256i *)(q16 + at)), qb = _mm256_loadu_si256((const __m256i *)(q16 + at + 16));
     for (int r = 0; r < RM; r++) {
         const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
                                            _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
@@ -474,8 +485,8 @@ INLINE void int8_wide_block(const int16_t *const *w16, const int16_t *q16, size_
     }
 }
 
-/* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened s, q16 the token's
- * widened q, rs the rows' scales */
+/* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened codes, q16 the token's
+ * q, rs the rows' scales */
 INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscales *rs, int r0, int j, float *y,
                     const int16_t *const *w16, const int16_t *q16, const int RM) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
@@ -500,34 +511,30 @@ INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscale
     for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
 }
 
-/* Decode (n < 4): int8_rows. Prefill: per group of up to INT8_TOKENS tokens (widened once), per 4
- * rows (widened, their scales converted), every token of the group; last rows one by one. */
+/* Decode (n < 4): int8_rows. Prefill: per group of up to INT8_TOKENS tokens, per 4 rows (widened,
+ * their scales converted), every token of the group; last rows one by one. */
 INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, float *y, const int bits) {
     const int cols = w->cols, jb = INT8_TOKENS(cols);
-    int16_t *buf = a->n >= 4 && a->nblk <= INT8_MAXBLK ? aligned_alloc(32, ((size_t)jb + 4) * cols * sizeof(int16_t)) : NULL;
+    int16_t *buf = a->n >= 4 && a->nblk <= INT8_MAXBLK ? aligned_alloc(32, (size_t)4 * cols * sizeof(int16_t)) : NULL;
     if (!buf) { /* the same results */
         ERT_FOR_TILES(r0, r1, a->n, INT8_ROWS)
         return;
     }
     int8_rowscales rs_, *rs = &rs_; /* (int8_prepare_rows writes what is read) */
     int16_t *w16[4];
-    for (int r = 0; r < 4; r++) w16[r] = buf + ((size_t)jb + r) * cols;
+    for (int r = 0; r < 4; r++) w16[r] = buf + (size_t)r * cols;
     for (int j0 = 0; j0 < a->n; j0 += jb) {
         const int j1 = j0 + jb < a->n ? j0 + jb : a->n;
-        for (int j = j0; j < j1; j++)
-            for (int b = 0; b < a->nblk; b++)
-                widen_block(_mm256_loadu_si256((const __m256i *)(a->q + (size_t)j * cols + (size_t)b * ERT_BLOCK)),
-                            buf + (size_t)(j - j0) * cols + (size_t)b * ERT_BLOCK);
         for (int r = r0; r < r1;) {
             const int rm = r + 4 <= r1 ? 4 : 1;
             int8_prepare_rows(w, a, r, rm, rs, bits);
             for (int i = 0; i < rm; i++) {
                 const uint8_t *codes = (const uint8_t *)w->data + (size_t)(r + i) * cols * bits / 8;
                 for (int b = 0; b < a->nblk; b++)
-                    widen_block(block_s(codes + (size_t)b * bits * 4, bits), w16[i] + (size_t)b * ERT_BLOCK);
+                    widen_block(block_c16(codes + (size_t)b * bits * 4, bits), w16[i] + (size_t)b * ERT_BLOCK);
             }
             for (int j = j0; j < j1; j++) {
-                const int16_t *q16 = buf + (size_t)(j - j0) * cols;
+                const int16_t *q16 = a->q + (size_t)j * cols;
                 if (rm == 4)
                     int8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
                 else
