@@ -68,14 +68,15 @@ class ArithWeights(ReferenceWeights):
     """A file's weights dequantized to float32, products in numpy float32, with the
     kernels' activation rounding added back on demand:
       float     x . W^T, nothing rounded (the float-arithmetic reference of issue 3)
-      kernels   q8: x rounded as the int8 kernels round it (per 32 values, amax/127);
+      kernels   q8: x rounded as the int8 kernels round it (per 32 values, int16 codes,
+                amax/formats.ACT_LEVELS);
                 q1..q4: the LUT kernels' int8 tables (formats.lut_tables: per group of the
                 weights, scale amax/127 with amax the largest |sum of 4|; in groups of several
                 blocks a step per 32-column block, ls*q/32768): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
                 e = t*ls - T the rounding error of table entry p of sub-group j
                 (formats.matmul_reference, reordered: the same numbers as the C kernels
                 up to float summation order)
-      i16       as kernels, but int16 activations and tables (32767 levels, not 127)
+      i16       as kernels, but int16 tables (32767 levels, not 127), and 32767 levels at q8
       lut-sub4  as kernels, but one table scale per 4 columns (per sub-group)
       c         the C kernels' products themselves (kernels.matmul): the numpy layer
                 around them (norms, RoPE, attention) is then all that differs from edge-rt eval"""
@@ -83,7 +84,8 @@ class ArithWeights(ReferenceWeights):
     def __init__(self, g, arith: str = "float"):
         super().__init__(g)
         self.arith, self._spread = arith, {}
-        self.levels = np.float32(32767.0 if arith == "i16" else 127.0)
+        self.levels = np.float32(32767.0 if arith == "i16" else 127.0)  # the tables'
+        self.act_levels = np.float32(32767.0 if arith == "i16" else formats.ACT_LEVELS)  # q8's activations'
         self.c = Weights(g, threads=2) if arith == "c" else None
 
     def _table_error(self, x, group_size):
@@ -133,11 +135,11 @@ class ArithWeights(ReferenceWeights):
         if self.arith == "float" or FMT_KEY + name not in self.g.meta:
             return x @ self.matrix(name).T
         fmt, parts, rows, cols = tensor_format(self.g, name)
-        if fmt.bits == 8:  # as formats.quantize_activations, with self.levels
+        if fmt.bits == 8:  # as formats.quantize_activations, with self.act_levels
             xb = x.reshape(len(x), -1, formats.BLOCK)
             amax = np.abs(xb).max(axis=-1, keepdims=True)
-            inv = np.divide(self.levels, amax, out=np.zeros_like(amax), where=amax != 0)
-            return (np.rint(xb * inv) * (amax / self.levels)).reshape(x.shape) @ self.matrix(name).T
+            inv = np.divide(self.act_levels, amax, out=np.zeros_like(amax), where=amax != 0)
+            return (np.rint(xb * inv) * (amax / self.act_levels)).reshape(x.shape) @ self.matrix(name).T
         y, e = x @ self.matrix(name).T, self._table_error(x, fmt.group_size)
         step = max(1, (16 << 20) // (cols * 16))  # rows per spread matrix of at most 64 MiB
         for r0 in range(0, rows, step):
