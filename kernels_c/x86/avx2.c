@@ -271,8 +271,8 @@ LUT_KERNELS(q4, 4)
  *   - each 32-code block (unpacked to bytes for q5, q6) is widened to int16 in two halves and
  *     dotted with up to 4 activation rows by madd: lane i holds columns 2i, 2i+1, 16+2i, 17+2i,
  *     an exact int32 sum of 4 products below 2^24 (4*255*ERT_ACT_LEVELS), so its float is exact
- *     (measured on a 2048x2048 q8 GEMV in cache: 1.5x the speed of the same with s = c - 128,
- *     which costs a subtraction per half block);
+ *     (a 2048x2048 q8 GEMV in cache, best of 60: 164-172 us, against 243-248 us with s = c - 128
+ *     sign-extended from a register; BENCHMARKS.md, round 15);
  *   - the lanes are converted to float and accumulated with the block scale d*da
  *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
  *   - the min term sum_g m * sum_{b in g} da*qsum is added per group. */
@@ -394,8 +394,7 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
 
 /* acc[k] += the min term of row r: sum_g m * gsum[k][g], 8 groups per
  * vector (gsum is zero padded to a multiple of 8; lanes past the last group masked) */
-INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR,
-                      const int bits) {
+INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar, int r, __m256 *acc, const int NR) {
     const int ng = a->ngroups, safe = scales_safe(w, ng, r);
     for (int g0 = 0; g0 < ng; g0 += 8) {
         const __m256 mb = group_m8(w, ng, r, g0, safe);
@@ -423,7 +422,7 @@ INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int
         const uint8_t *codes = (const uint8_t *)w->data + (size_t)r * rowbytes;
         __m256 acc[4], acc2[4];
         for (int k = 0; k < NR; k++) acc[k] = acc2[k] = _mm256_setzero_ps();
-        min_terms(w, a, &ar, r, acc2, NR, bits);
+        min_terms(w, a, &ar, r, acc2, NR);
         if (one_chunk) {
             if (r + 1 < r1) block_scales(w, a, &ar, r + 1, 0, nblk, scl[(r + 1 - r0) & 1], NR);
             dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR, bits);
@@ -459,7 +458,7 @@ typedef struct {
 } int8_rowscales;
 
 /* as block_scales and min_terms: 8 blocks (groups) per vector */
-INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, int8_rowscales *rs, const int bits) {
+INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int rm, int8_rowscales *rs) {
     const int ng = a->ngroups;
     for (int r = 0; r < rm; r++) {
         const int safe = scales_safe(w, ng, r0 + r);
@@ -468,7 +467,7 @@ INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int
     }
 }
 
-/* a block of s widened (as block_dot's operands) into out[32] */
+/* a block's widened codes (block_dot's operand) into out[32] */
 INLINE void widen_block(wide32 v, int16_t *out) {
     _mm256_store_si256((__m256i *)out, v.lo);
     _mm256_store_si256((__m256i *)(out + 16), v.hi);
@@ -527,7 +526,7 @@ INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, f
         const int j1 = j0 + jb < a->n ? j0 + jb : a->n;
         for (int r = r0; r < r1;) {
             const int rm = r + 4 <= r1 ? 4 : 1;
-            int8_prepare_rows(w, a, r, rm, rs, bits);
+            int8_prepare_rows(w, a, r, rm, rs);
             for (int i = 0; i < rm; i++) {
                 const uint8_t *codes = (const uint8_t *)w->data + (size_t)(r + i) * cols * bits / 8;
                 for (int b = 0; b < a->nblk; b++)
