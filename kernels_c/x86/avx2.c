@@ -467,21 +467,21 @@ INLINE void int8_prepare_rows(const ert_weight *w, const ert_act *a, int r0, int
     }
 }
 
-/* a block's widened codes (block_dot's operand) into out[32] */
+/* a block's widened codes (block_dot's operand) into out[32], and back */
 INLINE void widen_block(wide32 v, int16_t *out) {
     _mm256_store_si256((__m256i *)out, v.lo);
     _mm256_store_si256((__m256i *)(out + 16), v.hi);
 }
+INLINE wide32 widened_block(const int16_t *p) {
+    return (wide32){_mm256_load_si256((const __m256i *)p), _mm256_load_si256((const __m256i *)(p + 16))};
+}
 
-/* acc[r] += float(dot of the rows' widened block and the token's at `at`) * scl[r][i]: block_dot's lanes */
+/* acc[r] += float(block_dot of row r's widened block and the token's, at `at`) * scl[r][i] */
 INLINE void int8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
                           const int RM) {
-    const __m256i qa = _mm256_loadu_si256((const __m256i *)(q16 + at)), qb = _mm256_loadu_si256((const __m256i *)(q16 + at + 16));
-    for (int r = 0; r < RM; r++) {
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at)), qa),
-                                           _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(w16[r] + at + 16)), qb));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[r] + i), acc[r]);
-    }
+    for (int r = 0; r < RM; r++)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(widened_block(w16[r] + at), q16 + at)),
+                                 _mm256_broadcast_ss(scl[r] + i), acc[r]);
 }
 
 /* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened codes, q16 the token's
