@@ -68,8 +68,8 @@ class ArithWeights(ReferenceWeights):
     """A file's weights dequantized to float32, products in numpy float32, with the
     kernels' activation rounding added back on demand:
       float     x . W^T, nothing rounded (the float-arithmetic reference of issue 3)
-      kernels   q8: x rounded as the int8 kernels round it (per 32 values, int16 codes,
-                amax/formats.ACT_LEVELS);
+      kernels   q8: x rounded as the int8 kernels round it (per formats.ACT_SPAN values,
+                int16 codes, amax/formats.ACT_LEVELS);
                 q1..q4: the LUT kernels' int8 tables (formats.lut_tables: per group of the
                 weights, scale amax/127 with amax the largest |sum of 4|; in groups of several
                 blocks a step per 32-column block, ls*q/32768): y = x . W^T + sum_j sum_k 2^(k-1) d e[j, p_kj],
@@ -135,11 +135,9 @@ class ArithWeights(ReferenceWeights):
         if self.arith == "float" or FMT_KEY + name not in self.g.meta:
             return x @ self.matrix(name).T
         fmt, parts, rows, cols = tensor_format(self.g, name)
-        if fmt.bits == 8:  # as formats.quantize_activations, with self.act_levels
-            xb = x.reshape(len(x), -1, formats.BLOCK)
-            amax = np.abs(xb).max(axis=-1, keepdims=True)
-            inv = np.divide(self.act_levels, amax, out=np.zeros_like(amax), where=amax != 0)
-            return (np.rint(xb * inv) * (amax / self.act_levels)).reshape(x.shape) @ self.matrix(name).T
+        if fmt.bits == 8:  # formats.quantize_activations, with self.act_levels
+            q, da = formats.quantize_activations(x, self.act_levels)
+            return (q * da[..., None]).reshape(x.shape) @ self.matrix(name).T
         y, e = x @ self.matrix(name).T, self._table_error(x, fmt.group_size)
         step = max(1, (16 << 20) // (cols * 16))  # rows per spread matrix of at most 64 MiB
         for r0 in range(0, rows, step):

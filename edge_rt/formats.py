@@ -236,19 +236,25 @@ def for_bits(bits: int, group_size: int = DEFAULT_GROUP_SIZE):
     return {32: F32, 16: F16}.get(bits, lambda: GroupQuant(bits, group_size))()
 
 
-ACT_LEVELS = 16256  # ERT_ACT_LEVELS in kernels_c/include/edgert.h, which gives the reasons: 127 * 128
+ACT_LEVELS = 8128  # ERT_ACT_LEVELS in kernels_c/include/edgert.h, which gives the reasons: 127 * 64
+ACT_SPAN = 64  # columns sharing an activation scale (ERT_ACT_SPAN): a pair of blocks
 
 
-def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The int8 kernels' activation format (q5, q6, q8): per 32 values, int16
-    q = rint(x * L/amax), L = ACT_LEVELS, and the block scale amax/L (float32).
-    x: float32 [..., k], k a multiple of 32."""
+def quantize_activations(x: np.ndarray, levels: float = ACT_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 kernels' activation format (q5, q6, q8): per ACT_SPAN values (a row's last
+    block alone when it has an odd number), int16 q = rint(x * L/amax), L = levels, and
+    the scale amax/L (float32), repeated for each block of the span.
+    x: float32 [..., k], k a multiple of 32 -> q [..., k/32, 32], da [..., k/32]."""
     x = np.asarray(x, dtype=np.float32)
     xb = x.reshape(*x.shape[:-1], -1, BLOCK)
-    amax = np.abs(xb).max(axis=-1)
-    inv = np.divide(np.float32(ACT_LEVELS), amax, out=np.zeros_like(amax), where=amax != 0)
+    per = ACT_SPAN // BLOCK
+    bmax = np.abs(xb).max(axis=-1)  # [..., nblk]
+    pad = np.zeros((*bmax.shape[:-1], -bmax.shape[-1] % per), np.float32)
+    smax = np.concatenate([bmax, pad], axis=-1).reshape(*bmax.shape[:-1], -1, per).max(axis=-1)
+    amax = np.repeat(smax, per, axis=-1)[..., :bmax.shape[-1]]
+    inv = np.divide(np.float32(levels), amax, out=np.zeros_like(amax), where=amax != 0)
     q = np.rint(xb * inv[..., None]).astype(np.int16)
-    return q, (amax / np.float32(ACT_LEVELS)).astype(np.float32)
+    return q, (amax / np.float32(levels)).astype(np.float32)
 
 
 def lut_block_mult(group_size: int) -> bool:

@@ -7,8 +7,8 @@
  *   the activations, scale ls per group (formats.lut_tables); per group
  *   I = sum_k 2^k sum_j t[j][nibble of plane k] and
  *   y += d/2 * ls * I + (m + d*(2^bits-1)/2) * sum(x)
- *   q5, q6, q8, integer dots: per 32-block amax = max|x|, int16 q = rint(x * L/amax),
- *   da = amax/L (L = ERT_ACT_LEVELS);
+ *   q5, q6, q8, integer dots: per span of ERT_ACT_SPAN columns amax = max|x|, int16
+ *   q = rint(x * L/amax), da = amax/L (L = ERT_ACT_LEVELS) for each 32-block of it;
  *   s = c - o, o = ert_int8_offset(bits); y += da * (d*sum(s*q) + (m + o*d) * sum(q))
  */
 #define ERT_BUILDING
@@ -50,25 +50,29 @@ static void unpack_block(const ert_weight *w, int bits, int r, int b, uint8_t c[
 /* ---- activations ------------------------------------------------------------------ */
 
 void ert_quant_act_ref(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
-    int nblk = cols / ERT_BLOCK;
+    const int nblk = cols / ERT_BLOCK, per = ERT_ACT_SPAN / ERT_BLOCK;
     for (int j = 0; j < n; j++) {
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+        for (int b0 = 0; b0 < nblk; b0 += per) { /* a span: blocks b0..b1-1 */
+            const int b1 = b0 + per < nblk ? b0 + per : nblk;
+            const float *xs = x + (size_t)j * cols + (size_t)b0 * ERT_BLOCK;
             float amax = 0.0f;
-            for (int i = 0; i < ERT_BLOCK; i++) {
-                float a = fabsf(xb[i]);
+            for (int i = 0; i < (b1 - b0) * ERT_BLOCK; i++) {
+                float a = fabsf(xs[i]);
                 if (a > amax) amax = a;
             }
             float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
-            int32_t s = 0;
-            for (int i = 0; i < ERT_BLOCK; i++) {
-                int v = (int)rintf(xb[i] * inv);
-                qb[i] = (int16_t)v;
-                s += v;
+            for (int b = b0; b < b1; b++) {
+                const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+                int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+                int32_t s = 0;
+                for (int i = 0; i < ERT_BLOCK; i++) {
+                    int v = (int)rintf(xb[i] * inv);
+                    qb[i] = (int16_t)v;
+                    s += v;
+                }
+                da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
+                qsum[(size_t)j * nblk + b] = s;
             }
-            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
-            qsum[(size_t)j * nblk + b] = s;
         }
     }
 }

@@ -76,7 +76,7 @@ def test_c_path_matches_numpy_twin(tiny, arch, bits):
     # numpy's) can flip the rounding of one activation code or table entry, and the
     # flip travels on. The products alone agree with the twin exactly (tests/test_kernels.py).
     rms = np.sqrt(np.mean((ours - twin) ** 2) / np.mean(twin ** 2))
-    if bits == 8:  # int16 activations: a flip is 1/16256 of a block's largest value (measured ~2e-4 RMS)
+    if bits == 8:  # int16 activations: a flip is 1/8128 of a span's largest value (measured 2-4e-4 RMS)
         assert rms < 1e-3 and (ours.argmax(-1) == twin.argmax(-1)).all()
         return
     # 1-4 bits, int8 tables: ~1-2% RMS after six layers, at any position

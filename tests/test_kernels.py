@@ -154,7 +154,7 @@ def test_matmul_integer_parts_exact():
             parts["min"] = (-(2.0 ** (bits - 1)) * 2.0**-6 + rng.integers(-4, 4, (rows, ng)) * 2.0**-8).astype(np.float16)
             if not fmt.lut:
                 x = rng.integers(-127, 128, (3, cols)).astype(np.float32)
-                x[:, ::32] = 127.0  # amax = 127 in every block: q == 128x (ACT_LEVELS = 127*128), da == 1/128
+                x[:, ::32] = 127.0  # amax = 127 in every span: q == 64x (ACT_LEVELS = 127*64), da == 1/64
             else:
                 x = rng.integers(-31, 32, (3, cols)).astype(np.float32)  # 4-column |sums| <= 124
                 x[:, 0::32], x[:, 1::32], x[:, 2::32], x[:, 3::32] = 31.0, -32.0, 32.0, 32.0  # amax = 127

@@ -226,28 +226,33 @@ void SFX(ert_q8_matmul)(const ert_weight *w, const ert_act *a, int r0, int r1, f
 #if !ERT_NEON_DOTPROD
 /* ---- what does not depend on dotprod: built once, in the plain NEON object ------------------- */
 
+/* the largest |x| of the 32 values at xb */
+INLINE float block_amax(const float *xb) {
+    float32x4_t m = vabsq_f32(vld1q_f32(xb));
+    for (int t = 1; t < 8; t++) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(xb + 4 * t)));
+    return vmaxvq_f32(m);
+}
+
 void ert_quant_act_neon(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
-    const int nblk = cols / ERT_BLOCK;
+    const int nblk = cols / ERT_BLOCK, per = ERT_ACT_SPAN / ERT_BLOCK;
     for (int j = 0; j < n; j++) {
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            float32x4_t v[8];
-            for (int t = 0; t < 8; t++) v[t] = vld1q_f32(xb + 4 * t);
-            float32x4_t m = vmaxq_f32(vmaxq_f32(vmaxq_f32(vabsq_f32(v[0]), vabsq_f32(v[1])),
-                                                vmaxq_f32(vabsq_f32(v[2]), vabsq_f32(v[3]))),
-                                      vmaxq_f32(vmaxq_f32(vabsq_f32(v[4]), vabsq_f32(v[5])),
-                                                vmaxq_f32(vabsq_f32(v[6]), vabsq_f32(v[7]))));
-            const float amax = vmaxvq_f32(m);
+        for (int b0 = 0; b0 < nblk; b0 += per) { /* a span: blocks b0..b1-1 */
+            const int b1 = b0 + per < nblk ? b0 + per : nblk;
+            float amax = 0.0f;
+            for (int b = b0; b < b1; b++) amax = fmaxf(amax, block_amax(x + (size_t)j * cols + (size_t)b * ERT_BLOCK));
             const float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
-            int32x4_t i[8], s = vdupq_n_s32(0);
-            for (int t = 0; t < 8; t++) {
-                i[t] = vcvtnq_s32_f32(vmulq_n_f32(v[t], inv)); /* round to nearest, ties to even */
-                s = vaddq_s32(s, i[t]);
+            for (int b = b0; b < b1; b++) {
+                const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+                int32x4_t i[8], s = vdupq_n_s32(0);
+                for (int t = 0; t < 8; t++) {
+                    i[t] = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 4 * t), inv)); /* round to nearest, ties to even */
+                    s = vaddq_s32(s, i[t]);
+                }
+                int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+                for (int t = 0; t < 4; t++) vst1q_s16(qb + 8 * t, vcombine_s16(vmovn_s32(i[2 * t]), vmovn_s32(i[2 * t + 1])));
+                da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
+                qsum[(size_t)j * nblk + b] = vaddvq_s32(s);
             }
-            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            for (int t = 0; t < 4; t++) vst1q_s16(qb + 8 * t, vcombine_s16(vmovn_s32(i[2 * t]), vmovn_s32(i[2 * t + 1])));
-            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
-            qsum[(size_t)j * nblk + b] = vaddvq_s32(s);
         }
     }
 }

@@ -212,10 +212,10 @@ typedef struct {
     const float *xsum;  /* [n][ngroups] float32 sum of x over each group */
     /* q5, q6, q8 (integer dot products of int8 weights and int16 activations): */
     int nblk, ngroups, group_size;
-    const int16_t *q;   /* [n][cols] int16: rint(x * ERT_ACT_LEVELS/amax) per 32-block */
+    const int16_t *q;   /* [n][cols] int16: rint(x * ERT_ACT_LEVELS/amax), amax per ERT_ACT_SPAN */
     const int8_t *qd;   /* neon-dotprod only, else NULL: q's digits, [n][nblk][2][32] int8:
                            per block h[32] then l[32], q = 128*h + l (dispatch.c act_digits) */
-    const float *da;    /* [n][nblk]  amax/ERT_ACT_LEVELS (+ 8 readable floats past the end) */
+    const float *da;    /* [n][nblk]  amax/ERT_ACT_LEVELS of the block's span (+ 8 readable floats past the end) */
     const int32_t *qsum;/* [n][nblk]  sum of the block's q */
     const float *gsum;  /* [n][ngroups rounded up to a multiple of 8, zero padded]:
                            sum over the group's blocks of da*qsum */
@@ -298,15 +298,18 @@ static inline int ert_format_bits(int format) {
  * the codes c themselves, d*c.q + m*sum(q): the same sum; x86/avx2.c says why.) */
 static inline int ert_int8_offset(int bits) { return bits == 8 ? 128 : 0; }
 
-/* Levels of the int8 kernels' activations (formats.ACT_LEVELS): q = rint(x * L/amax) per 32
- * values, |q| <= L = 127*128. With int8 activations (127 levels, as llama.cpp's q8_0) the
- * 8-bit perplexity sat +0.16..0.42% over the float arithmetic of the same weights, its
- * rounding flips amplified by later layers; with these 128x finer steps it is +0.001%, on
- * Gemma-3 too (BENCHMARKS.md, round 15). L keeps two properties the kernels rely on: q splits into two
- * int8 digits q = 128*h + l, |h| <= 127, -64 <= l < 64 (act_digits: neon-dotprod's
- * vdotq_s32 on each), and a SIMD lane's partial sum converts to float exactly: 8 products
- * s*q (|s| <= 128, NEON) or 4 products c*q (c <= 255, AVX2) stay below 2^24. */
-#define ERT_ACT_LEVELS 16256
+/* Levels of the int8 kernels' activations (formats.ACT_LEVELS): q = rint(x * L/amax), amax the
+ * largest |x| of the ERT_ACT_SPAN columns sharing the scale (two blocks; a row's last block alone
+ * when it has an odd number), |q| <= L = 127*64. With int8 activations (127 levels, as llama.cpp's
+ * q8_0) the 8-bit perplexity sat +0.16..0.42% over the float arithmetic of the same weights, its
+ * rounding flips amplified by later layers; with 128x finer steps per 32 columns it was +0.001%,
+ * on Gemma-3 too (BENCHMARKS.md, round 15), and 64x finer per 64 columns keeps it there. L keeps
+ * the properties the kernels rely on: q splits into two int8 digits q = 128*h + l, |h| <= 64,
+ * -64 <= l < 64 (act_digits: neon-dotprod's vdotq_s32 on each), and a SIMD lane's partial sum
+ * converts to float exactly: 8 products s*q (|s| <= 128, NEON) or c*q (c <= 255; AVX2 sums a
+ * pair of blocks, 4 products each, before converting) stay below 2^24. */
+#define ERT_ACT_LEVELS 8128
+#define ERT_ACT_SPAN 64 /* columns sharing an activation scale: a pair of blocks (formats.ACT_SPAN) */
 
 /* IEEE half -> float, exact (subnormals, inf, NaN payload). */
 static inline float ert_half_to_float(uint16_t h) {

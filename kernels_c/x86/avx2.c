@@ -10,6 +10,7 @@
 #include "tiles.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,36 +28,40 @@ INLINE float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 /* ---- activations -------------------------------------------------------------------- */
 
-void ert_quant_act_avx2(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
-    const int nblk = cols / ERT_BLOCK;
+/* the largest |x| of the 32 values at xb */
+INLINE float block_amax(const float *xb) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 mx = _mm256_and_ps(_mm256_loadu_ps(xb), absmask);
+    for (int t = 8; t < ERT_BLOCK; t += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + t), absmask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+void ert_quant_act_avx2(const float *x, int n, int cols, int16_t *q, float *da, int32_t *qsum) {
+    const int nblk = cols / ERT_BLOCK, per = ERT_ACT_SPAN / ERT_BLOCK;
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int j = 0; j < n; j++) {
-        for (int b = 0; b < nblk; b++) {
-            const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
-            __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-            __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-            __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
-                                      _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float amax = _mm_cvtss_f32(m4);
-            const float inv = amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f;
-            const __m256 vi = _mm256_set1_ps(inv);
-            const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-            __m256i i0 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vi), rm));
-            __m256i i1 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vi), rm));
-            __m256i i2 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vi), rm));
-            __m256i i3 = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vi), rm));
-            __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-            int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK; /* (packs works per 128-bit lane) */
-            _mm256_storeu_si256((__m256i *)qb, _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-            _mm256_storeu_si256((__m256i *)(qb + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
-            da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
-            qsum[(size_t)j * nblk + b] = _mm_cvtsi128_si32(s4);
+        for (int b0 = 0; b0 < nblk; b0 += per) { /* a span: blocks b0..b1-1 */
+            const int b1 = b0 + per < nblk ? b0 + per : nblk;
+            float amax = 0.0f;
+            for (int b = b0; b < b1; b++) amax = fmaxf(amax, block_amax(x + (size_t)j * cols + (size_t)b * ERT_BLOCK));
+            const __m256 vi = _mm256_set1_ps(amax != 0.0f ? (float)ERT_ACT_LEVELS / amax : 0.0f);
+            for (int b = b0; b < b1; b++) {
+                const float *xb = x + (size_t)j * cols + (size_t)b * ERT_BLOCK;
+                __m256i i[4];
+                for (int t = 0; t < 4; t++)
+                    i[t] = _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * t), vi), rm));
+                __m256i s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+                int16_t *qb = q + (size_t)j * cols + (size_t)b * ERT_BLOCK; /* (packs works per 128-bit lane) */
+                _mm256_storeu_si256((__m256i *)qb, _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8));
+                _mm256_storeu_si256((__m256i *)(qb + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8));
+                da[(size_t)j * nblk + b] = amax / (float)ERT_ACT_LEVELS;
+                qsum[(size_t)j * nblk + b] = _mm_cvtsi128_si32(s4);
+            }
         }
     }
 }
@@ -270,11 +275,12 @@ LUT_KERNELS(q4, 4)
  * d * c.q + m * sum(q), the same number: the codes c (0..255) are dotted as they are.
  *   - each 32-code block (unpacked to bytes for q5, q6) is widened to int16 in two halves and
  *     dotted with up to 4 activation rows by madd: lane i holds columns 2i, 2i+1, 16+2i, 17+2i,
- *     an exact int32 sum of 4 products below 2^24 (4*255*ERT_ACT_LEVELS), so its float is exact
- *     (a 2048x2048 q8 GEMV in cache, best of 60: 164-172 us, against 243-248 us with s = c - 128
- *     sign-extended from a register; BENCHMARKS.md, round 15);
- *   - the lanes are converted to float and accumulated with the block scale d*da
- *     (prepared 8 blocks at a time), even and odd blocks in two FMA chains;
+ *     an int32 sum of 4 products (a 2048x2048 q8 GEMV in cache, best of 60: 164-172 us, against
+ *     243-248 us with s = c - 128 sign-extended from a register; BENCHMARKS.md, round 15);
+ *   - where a weight group holds whole activation spans, the lanes of a span's two blocks are
+ *     summed (unit_dot): 8 products, below 2^24 (8*255*ERT_ACT_LEVELS), so the float is exact;
+ *   - the lanes are converted to float and accumulated with the scale d*da (prepared 8 blocks
+ *     at a time), even and odd units in two FMA chains;
  *   - the min term sum_g m * sum_{b in g} da*qsum is added per group. */
 
 /* The 32 codes of an int8-format block at p (formats.py): q8 a byte each; q5, q6 16 bytes
@@ -363,32 +369,53 @@ INLINE void block_scales(const ert_weight *w, const ert_act *a, const act_rows *
     }
 }
 
-/* acc[k] += sum over blocks c0..c0+nb-1 of row r: float(block dot) * scl[k][.]
- * Even blocks go to acc, odd ones to acc2 (two independent FMA chains), whatever NR:
- * an activation row gets the same result whatever the batch it is in. */
+/* The int32 lanes of a unit's dot with the activations at q: m (1 or 2) blocks, widened in c.
+ * Where the weights' groups hold whole activation spans (group size a multiple of ERT_ACT_SPAN),
+ * a span's two blocks share d and da: they are one unit (P = 2), their lanes summed before the
+ * one conversion (8 products c*q a lane, below 2^24: exact); else a unit is a block (P = 1). */
+INLINE __m256i unit_dot(const wide32 *c, const int16_t *q, const int m) {
+    const __m256i p = block_dot(c[0], q);
+    return m == 2 ? _mm256_add_epi32(p, block_dot(c[1], q + ERT_BLOCK)) : p;
+}
+
+/* acc[k] += float(unit dot of the m blocks at cp, block b of the activations) * scl[k][i] */
+INLINE void last_unit(const uint8_t *cp, const act_rows *ar, size_t b, float (*scl)[CHUNK], int i, __m256 *acc,
+                      const int NR, const int bits, const int m) {
+    wide32 c[2];
+    for (int t = 0; t < m; t++) c[t] = block_c16(cp + (size_t)t * bits * 4, bits);
+    for (int k = 0; k < NR; k++)
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c, ar->q[k] + b * ERT_BLOCK, m)), _mm256_broadcast_ss(scl[k] + i),
+                                 acc[k]);
+}
+
+/* acc[k] += sum over the units of blocks c0..c0+nb-1 of row r (c0 a multiple of 2P):
+ * float(unit dot) * scl[k][its first block]. Even units go to acc, odd ones to acc2 (two
+ * independent FMA chains), whatever NR: an activation row gets the same result whatever the
+ * batch it is in. */
 INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb, float (*scl)[CHUNK], __m256 *acc,
-                       __m256 *acc2, const int NR, const int bits) {
+                       __m256 *acc2, const int NR, const int bits, const int P) {
     const size_t bb = (size_t)bits * 4; /* bytes per block */
     const uint8_t *cp = codes + (size_t)c0 * bb;
     int i = 0;
-    for (; i + 2 <= nb; i += 2) {
+    for (; i + 2 * P <= nb; i += 2 * P) {
         const size_t b = (size_t)c0 + i;
-        _mm_prefetch((const char *)cp + (size_t)i * bb + PREFETCH_CODES, _MM_HINT_T0);
-        const wide32 sa = block_c16(cp + (size_t)i * bb, bits), sb = block_c16(cp + (size_t)(i + 1) * bb, bits);
+        wide32 c[4];
+        for (int u = 0; u < 2 * P; u++) {
+            if (u % 2 == 0) _mm_prefetch((const char *)cp + (size_t)(i + u) * bb + PREFETCH_CODES, _MM_HINT_T0);
+            c[u] = block_c16(cp + (size_t)(i + u) * bb, bits);
+        }
         for (int k = 0; k < NR; k++) {
-            __m256i pa = block_dot(sa, ar->q[k] + b * ERT_BLOCK);
-            __m256i pb = block_dot(sb, ar->q[k] + (b + 1) * ERT_BLOCK);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_broadcast_ss(scl[k] + i), acc[k]);
-            acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_broadcast_ss(scl[k] + i + 1), acc2[k]);
+            const int16_t *q = ar->q[k] + b * ERT_BLOCK;
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c, q, P)), _mm256_broadcast_ss(scl[k] + i), acc[k]);
+            acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c + P, q + P * ERT_BLOCK, P)),
+                                      _mm256_broadcast_ss(scl[k] + i + P), acc2[k]);
         }
     }
-    if (i < nb) {
-        const size_t b = (size_t)c0 + i;
-        const wide32 sa = block_c16(cp + (size_t)i * bb, bits);
-        for (int k = 0; k < NR; k++) {
-            __m256i p = block_dot(sa, ar->q[k] + b * ERT_BLOCK);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scl[k] + i), acc[k]);
-        }
+    if (i < nb) { /* fewer than 2P blocks left: a unit into acc, and a block into acc2 (m constant in each call) */
+        const int m = nb - i < P ? nb - i : P;
+        if (m == 2) last_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 2);
+        else last_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 1);
+        if (i + m < nb) last_unit(cp + (size_t)(i + m) * bb, ar, (size_t)c0 + i + m, scl, i + m, acc2, NR, bits, 1);
     }
 }
 
@@ -406,7 +433,7 @@ INLINE void min_terms(const ert_weight *w, const ert_act *a, const act_rows *ar,
  * When a row fits one chunk, the block scales of row r+1 are prepared before the blocks
  * of row r are summed (double buffer: the stores are long done when read back). */
 INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int j0, float *y, const int NR,
-                      const int bits) {
+                      const int bits, const int P) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
     const size_t rowbytes = (size_t)w->cols * bits / 8;
     act_rows ar;
@@ -425,24 +452,26 @@ INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int
         min_terms(w, a, &ar, r, acc2, NR);
         if (one_chunk) {
             if (r + 1 < r1) block_scales(w, a, &ar, r + 1, 0, nblk, scl[(r + 1 - r0) & 1], NR);
-            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR, bits);
+            dot_blocks(codes, &ar, 0, nblk, scl[(r - r0) & 1], acc, acc2, NR, bits, P);
         } else {
             for (int c0 = 0; c0 < nblk; c0 += CHUNK) {
                 const int nb = nblk - c0 < CHUNK ? nblk - c0 : CHUNK;
                 block_scales(w, a, &ar, r, c0, nb, scl[0], NR);
-                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR, bits);
+                dot_blocks(codes, &ar, c0, nb, scl[0], acc, acc2, NR, bits, P);
             }
         }
         for (int k = 0; k < NR; k++) y[(size_t)(j0 + k) * w->rows + r] = hsum(_mm256_add_ps(acc[k], acc2[k]));
     }
 }
 
-#define INT8_ROWS(t0, t1, j0, NR) int8_rows(w, a, t0, t1, j0, y, NR, bits)
+/* P: blocks a unit (unit_dot) */
+#define INT8_ROWS(t0, t1, j0, NR) \
+    (w->group_size % ERT_ACT_SPAN ? int8_rows(w, a, t0, t1, j0, y, NR, bits, 1) : int8_rows(w, a, t0, t1, j0, y, NR, bits, 2))
 
 /* ---- q5, q6, q8 prefill: int16 madd micro-tiles ---------------------------------------------
  * The same arithmetic as int8_rows (a token's result is bit-identical alone or in a batch): per
- * (row, token) the min term then the odd blocks into one accumulator, the even blocks into
- * another, float(block dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
+ * (row, token) the min term then the odd units into one accumulator, the even units into
+ * another, float(unit dot) * (d*da) each, y = hsum of their sum. With 4 tokens or more, the
  * codes of 4 rows are widened to int16 once per token group (widen_block), so a
  * block dot is 2 madd and an add, and the rows' scales are converted once per 4 rows and
  * token group. */
@@ -476,18 +505,20 @@ INLINE wide32 widened_block(const int16_t *p) {
     return (wide32){_mm256_load_si256((const __m256i *)p), _mm256_load_si256((const __m256i *)(p + 16))};
 }
 
-/* acc[r] += float(block_dot of row r's widened block and the token's, at `at`) * scl[r][i] */
-INLINE void int8_wide_block(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i, __m256 *acc,
-                          const int RM) {
-    for (int r = 0; r < RM; r++)
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(widened_block(w16[r] + at), q16 + at)),
-                                 _mm256_broadcast_ss(scl[r] + i), acc[r]);
+/* acc[r] += float(unit_dot of row r's m widened blocks and the token's, at `at`) * scl[r][i] */
+INLINE void int8_wide_unit(const int16_t *const *w16, const int16_t *q16, size_t at, float (*scl)[CHUNK], int i,
+                           __m256 *acc, const int RM, const int m) {
+    for (int r = 0; r < RM; r++) {
+        wide32 c[2];
+        for (int t = 0; t < m; t++) c[t] = widened_block(w16[r] + at + t * ERT_BLOCK);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c, q16 + at, m)), _mm256_broadcast_ss(scl[r] + i), acc[r]);
+    }
 }
 
 /* y of rows r0..r0+RM-1 (RM <= 4) for token j: w16[r] the rows' widened codes, q16 the token's
- * q, rs the rows' scales */
+ * q, rs the rows' scales; units of P blocks (unit_dot) */
 INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscales *rs, int r0, int j, float *y,
-                    const int16_t *const *w16, const int16_t *q16, const int RM) {
+                      const int16_t *const *w16, const int16_t *q16, const int RM, const int P) {
     const int nblk = a->nblk, ngp = (a->ngroups + 7) & ~7;
     const float *da = a->da + (size_t)j * nblk;
     __m256 acc[4], acc2[4];
@@ -502,9 +533,16 @@ INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscale
         for (int i = 0; i < nb; i += 8) /* (da has 8 readable floats past the end; lanes past nb unused) */
             for (int r = 0; r < RM; r++)
                 _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
-        for (int i = 0; i < nb; i += 2) { /* (CHUNK is even: block c0 + i is even) */
-            int8_wide_block(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM);
-            if (i + 1 < nb) int8_wide_block(w16, q16, (size_t)(c0 + i + 1) * ERT_BLOCK, scl, i + 1, acc2, RM);
+        int i = 0; /* (CHUNK is a multiple of 2P) */
+        for (; i + 2 * P <= nb; i += 2 * P) {
+            int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, P);
+            int8_wide_unit(w16, q16, (size_t)(c0 + i + P) * ERT_BLOCK, scl, i + P, acc2, RM, P);
+        }
+        if (i < nb) { /* as in dot_blocks */
+            const int m = nb - i < P ? nb - i : P;
+            if (m == 2) int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, 2);
+            else int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, 1);
+            if (i + m < nb) int8_wide_unit(w16, q16, (size_t)(c0 + i + m) * ERT_BLOCK, scl, i + m, acc2, RM, 1);
         }
     }
     for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
@@ -534,10 +572,11 @@ INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, f
             }
             for (int j = j0; j < j1; j++) {
                 const int16_t *q16 = a->q + (size_t)j * cols;
-                if (rm == 4)
-                    int8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 4);
+                const int16_t *const *w16c = (const int16_t *const *)w16;
+                if (w->group_size % ERT_ACT_SPAN)
+                    rm == 4 ? int8_wide(w, a, rs, r, j, y, w16c, q16, 4, 1) : int8_wide(w, a, rs, r, j, y, w16c, q16, 1, 1);
                 else
-                    int8_wide(w, a, rs, r, j, y, (const int16_t *const *)w16, q16, 1);
+                    rm == 4 ? int8_wide(w, a, rs, r, j, y, w16c, q16, 4, 2) : int8_wide(w, a, rs, r, j, y, w16c, q16, 1, 2);
             }
             r += rm;
         }
