@@ -379,8 +379,8 @@ INLINE __m256i unit_dot(const wide32 *c, const int16_t *q, const int m) {
 }
 
 /* acc[k] += float(unit dot of the m blocks at cp, block b of the activations) * scl[k][i] */
-INLINE void last_unit(const uint8_t *cp, const act_rows *ar, size_t b, float (*scl)[CHUNK], int i, __m256 *acc,
-                      const int NR, const int bits, const int m) {
+INLINE void add_unit(const uint8_t *cp, const act_rows *ar, size_t b, float (*scl)[CHUNK], int i, __m256 *acc,
+                     const int NR, const int bits, const int m) {
     wide32 c[2];
     for (int t = 0; t < m; t++) c[t] = block_c16(cp + (size_t)t * bits * 4, bits);
     for (int k = 0; k < NR; k++)
@@ -398,24 +398,15 @@ INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb,
     const uint8_t *cp = codes + (size_t)c0 * bb;
     int i = 0;
     for (; i + 2 * P <= nb; i += 2 * P) {
-        const size_t b = (size_t)c0 + i;
-        wide32 c[4];
-        for (int u = 0; u < 2 * P; u++) {
-            if (u % 2 == 0) _mm_prefetch((const char *)cp + (size_t)(i + u) * bb + PREFETCH_CODES, _MM_HINT_T0);
-            c[u] = block_c16(cp + (size_t)(i + u) * bb, bits);
-        }
-        for (int k = 0; k < NR; k++) {
-            const int16_t *q = ar->q[k] + b * ERT_BLOCK;
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c, q, P)), _mm256_broadcast_ss(scl[k] + i), acc[k]);
-            acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unit_dot(c + P, q + P * ERT_BLOCK, P)),
-                                      _mm256_broadcast_ss(scl[k] + i + P), acc2[k]);
-        }
+        for (int u = 0; u < 2 * P; u += 2) _mm_prefetch((const char *)cp + (size_t)(i + u) * bb + PREFETCH_CODES, _MM_HINT_T0);
+        add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, P);
+        add_unit(cp + (size_t)(i + P) * bb, ar, (size_t)c0 + i + P, scl, i + P, acc2, NR, bits, P);
     }
     if (i < nb) { /* fewer than 2P blocks left: a unit into acc, and a block into acc2 (m constant in each call) */
         const int m = nb - i < P ? nb - i : P;
-        if (m == 2) last_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 2);
-        else last_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 1);
-        if (i + m < nb) last_unit(cp + (size_t)(i + m) * bb, ar, (size_t)c0 + i + m, scl, i + m, acc2, NR, bits, 1);
+        if (m == 2) add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 2);
+        else add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 1);
+        if (i + m < nb) add_unit(cp + (size_t)(i + m) * bb, ar, (size_t)c0 + i + m, scl, i + m, acc2, NR, bits, 1);
     }
 }
 
