@@ -126,7 +126,8 @@ class Model:
 
     def __init__(self, model, mem_budget=None, threads: int | None = None, ctx: int = 2048, kv_type: str = "f16",
                  kv_policy: str = "stop", verify: bool = True, keep_encoder: bool = True):
-        memory.return_freed_memory()
+        if mem_budget is not None:  # a budget to keep: resident memory must be live memory
+            memory.return_freed_memory()
         self.path = resolve(model)
         self.g = GGUFFile(self.path)
         version = self.g.meta.get("edgert.format_version")

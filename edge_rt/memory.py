@@ -10,7 +10,12 @@ _done = False
 def return_freed_memory() -> None:
     """glibc raises its mmap threshold each time a large block is freed, after which
     large arrays come from the heap and stay resident after they die (~90 MiB of a
-    2k-token prefill). A fixed threshold sends them back to the kernel on free."""
+    2k-token prefill). A fixed threshold sends them back to the kernel on free.
+
+    Process-wide, and not free: every array over 256 KiB is then mapped and faulted in
+    anew, and numpy's element-wise work on 5 MB arrays ran 2-12x slower on this host
+    (a converter's clip search 2x). So only a process that measures its memory against
+    a plan sets it: the CLI's run, eval, bench and plan, and a Model given a budget."""
     global _done
     if _done:
         return
