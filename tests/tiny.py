@@ -15,13 +15,14 @@ from edge_rt.gguf_file import GGUFFile
 D, FF, H, KV, HD, LAYERS = 128, 256, 4, 2, 32, 6
 
 
-def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True, rope_freqs: bool = False) -> Source:
+def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True, rope_freqs: bool = False,
+                layers: int = LAYERS) -> Source:
     real = GGUFFile(vocab_from)
     meta = {k: v for k, v in real.meta.items() if k.startswith("tokenizer.")}
     types = {k: v for k, v in real.types.items() if k.startswith("tokenizer.")}
     n_vocab = len(meta["tokenizer.ggml.tokens"])
     meta |= {"general.architecture": arch, "general.name": f"tiny-{arch}",
-             f"{arch}.block_count": LAYERS, f"{arch}.context_length": 4096, f"{arch}.embedding_length": D,
+             f"{arch}.block_count": layers, f"{arch}.context_length": 4096, f"{arch}.embedding_length": D,
              f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": H,
              f"{arch}.attention.head_count_kv": KV, f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
              f"{arch}.rope.freq_base": 10000.0 if arch != "gemma3" else 1000000.0,
@@ -30,7 +31,7 @@ def tiny_source(arch: str, vocab_from: Path, seed: int = 0, tied: bool = True, r
         meta[f"{arch}.attention.sliding_window"] = 16
     rng = np.random.default_rng(seed)
     t: dict[str, np.ndarray] = {"token_embd.weight": rng.standard_normal((n_vocab, D)) * 0.5}
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"blk.{i}."
         t |= {p + "attn_norm.weight": 1 + 0.1 * rng.standard_normal(D),
               p + "attn_q.weight": rng.standard_normal((H * HD, D)) / np.sqrt(D),
