@@ -378,6 +378,29 @@ INLINE __m256i unit_dot(const wide32 *c, const int16_t *q, const int m) {
     return m == 2 ? _mm256_add_epi32(p, block_dot(c[1], q + ERT_BLOCK)) : p;
 }
 
+/* blocks a unit (unit_dot) of w: 2 where its groups hold whole activation spans, else 1 */
+INLINE int unit_blocks(const ert_weight *w) { return w->group_size % ERT_ACT_SPAN ? 1 : 2; }
+
+/* The units of blocks 0..nb-1 (a chunk; nb a multiple of 2P but at a row's end): even units
+ * into acc, odd ones into acc2 (two independent FMA chains); fewer than 2P blocks left, a unit
+ * into acc and a block into acc2. UNIT(i, into, m) adds the unit of m blocks at block i, m a
+ * constant in each expansion (so the accumulators stay in registers); STEP(i) begins each pair. */
+#define FOR_UNITS(nb, P, STEP, UNIT, acc, acc2)                        \
+    do {                                                               \
+        int i_ = 0;                                                    \
+        for (; i_ + 2 * (P) <= (nb); i_ += 2 * (P)) {                  \
+            STEP(i_);                                                  \
+            UNIT(i_, acc, P);                                          \
+            UNIT(i_ + (P), acc2, P);                                   \
+        }                                                              \
+        if (i_ < (nb)) {                                               \
+            const int m_ = (nb) - i_ < (P) ? (nb) - i_ : (P);          \
+            if (m_ == 2) UNIT(i_, acc, 2);                             \
+            else UNIT(i_, acc, 1);                                     \
+            if (i_ + m_ < (nb)) UNIT(i_ + m_, acc2, 1);                \
+        }                                                              \
+    } while (0)
+
 /* acc[k] += float(unit dot of the m blocks at cp, block b of the activations) * scl[k][i] */
 INLINE void add_unit(const uint8_t *cp, const act_rows *ar, size_t b, float (*scl)[CHUNK], int i, __m256 *acc,
                      const int NR, const int bits, const int m) {
@@ -388,26 +411,18 @@ INLINE void add_unit(const uint8_t *cp, const act_rows *ar, size_t b, float (*sc
                                  acc[k]);
 }
 
-/* acc[k] += sum over the units of blocks c0..c0+nb-1 of row r (c0 a multiple of 2P):
- * float(unit dot) * scl[k][its first block]. Even units go to acc, odd ones to acc2 (two
- * independent FMA chains), whatever NR: an activation row gets the same result whatever the
- * batch it is in. */
+/* acc, acc2 += the units of blocks c0..c0+nb-1 of row r (c0 a multiple of 2P), float(unit dot) *
+ * scl[k][its first block]: an activation row gets the same result whatever NR, the batch it is in */
 INLINE void dot_blocks(const uint8_t *codes, const act_rows *ar, int c0, int nb, float (*scl)[CHUNK], __m256 *acc,
                        __m256 *acc2, const int NR, const int bits, const int P) {
     const size_t bb = (size_t)bits * 4; /* bytes per block */
     const uint8_t *cp = codes + (size_t)c0 * bb;
-    int i = 0;
-    for (; i + 2 * P <= nb; i += 2 * P) {
-        for (int u = 0; u < 2 * P; u += 2) _mm_prefetch((const char *)cp + (size_t)(i + u) * bb + PREFETCH_CODES, _MM_HINT_T0);
-        add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, P);
-        add_unit(cp + (size_t)(i + P) * bb, ar, (size_t)c0 + i + P, scl, i + P, acc2, NR, bits, P);
-    }
-    if (i < nb) { /* fewer than 2P blocks left: a unit into acc, and a block into acc2 (m constant in each call) */
-        const int m = nb - i < P ? nb - i : P;
-        if (m == 2) add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 2);
-        else add_unit(cp + (size_t)i * bb, ar, (size_t)c0 + i, scl, i, acc, NR, bits, 1);
-        if (i + m < nb) add_unit(cp + (size_t)(i + m) * bb, ar, (size_t)c0 + i + m, scl, i + m, acc2, NR, bits, 1);
-    }
+#define PREFETCH(i) \
+    for (int u = 0; u < 2 * P; u += 2) _mm_prefetch((const char *)cp + (size_t)((i) + u) * bb + PREFETCH_CODES, _MM_HINT_T0)
+#define DOT_UNIT(i, into, m) add_unit(cp + (size_t)(i) * bb, ar, (size_t)c0 + (i), scl, i, into, NR, bits, m)
+    FOR_UNITS(nb, P, PREFETCH, DOT_UNIT, acc, acc2);
+#undef PREFETCH
+#undef DOT_UNIT
 }
 
 /* acc[k] += the min term of row r: sum_g m * gsum[k][g], 8 groups per
@@ -455,9 +470,8 @@ INLINE void int8_rows(const ert_weight *w, const ert_act *a, int r0, int r1, int
     }
 }
 
-/* P: blocks a unit (unit_dot) */
 #define INT8_ROWS(t0, t1, j0, NR) \
-    (w->group_size % ERT_ACT_SPAN ? int8_rows(w, a, t0, t1, j0, y, NR, bits, 1) : int8_rows(w, a, t0, t1, j0, y, NR, bits, 2))
+    (unit_blocks(w) == 2 ? int8_rows(w, a, t0, t1, j0, y, NR, bits, 2) : int8_rows(w, a, t0, t1, j0, y, NR, bits, 1))
 
 /* ---- q5, q6, q8 prefill: int16 madd micro-tiles ---------------------------------------------
  * The same arithmetic as int8_rows (a token's result is bit-identical alone or in a batch): per
@@ -524,17 +538,11 @@ INLINE void int8_wide(const ert_weight *w, const ert_act *a, const int8_rowscale
         for (int i = 0; i < nb; i += 8) /* (da has 8 readable floats past the end; lanes past nb unused) */
             for (int r = 0; r < RM; r++)
                 _mm256_store_ps(scl[r] + i, _mm256_mul_ps(_mm256_load_ps(rs->d[r] + c0 + i), _mm256_loadu_ps(da + c0 + i)));
-        int i = 0; /* (CHUNK is a multiple of 2P) */
-        for (; i + 2 * P <= nb; i += 2 * P) {
-            int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, P);
-            int8_wide_unit(w16, q16, (size_t)(c0 + i + P) * ERT_BLOCK, scl, i + P, acc2, RM, P);
-        }
-        if (i < nb) { /* as in dot_blocks */
-            const int m = nb - i < P ? nb - i : P;
-            if (m == 2) int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, 2);
-            else int8_wide_unit(w16, q16, (size_t)(c0 + i) * ERT_BLOCK, scl, i, acc, RM, 1);
-            if (i + m < nb) int8_wide_unit(w16, q16, (size_t)(c0 + i + m) * ERT_BLOCK, scl, i + m, acc2, RM, 1);
-        }
+#define NO_STEP(i) (void)(i) /* the widened codes are in cache */
+#define WIDE_UNIT(i, into, m) int8_wide_unit(w16, q16, (size_t)(c0 + (i)) * ERT_BLOCK, scl, i, into, RM, m)
+        FOR_UNITS(nb, P, NO_STEP, WIDE_UNIT, acc, acc2); /* (CHUNK is a multiple of 2P) */
+#undef NO_STEP
+#undef WIDE_UNIT
     }
     for (int r = 0; r < RM; r++) y[(size_t)j * w->rows + r0 + r] = hsum(_mm256_add_ps(acc[r], acc2[r]));
 }
@@ -564,10 +572,10 @@ INLINE void int8_matmul(const ert_weight *w, const ert_act *a, int r0, int r1, f
             for (int j = j0; j < j1; j++) {
                 const int16_t *q16 = a->q + (size_t)j * cols;
                 const int16_t *const *w16c = (const int16_t *const *)w16;
-                if (w->group_size % ERT_ACT_SPAN)
-                    rm == 4 ? int8_wide(w, a, rs, r, j, y, w16c, q16, 4, 1) : int8_wide(w, a, rs, r, j, y, w16c, q16, 1, 1);
-                else
+                if (unit_blocks(w) == 2)
                     rm == 4 ? int8_wide(w, a, rs, r, j, y, w16c, q16, 4, 2) : int8_wide(w, a, rs, r, j, y, w16c, q16, 1, 2);
+                else
+                    rm == 4 ? int8_wide(w, a, rs, r, j, y, w16c, q16, 4, 1) : int8_wide(w, a, rs, r, j, y, w16c, q16, 1, 1);
             }
             r += rm;
         }
