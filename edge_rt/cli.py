@@ -62,15 +62,21 @@ BACKEND = click.option("--backend", type=click.Choice(["edge-rt", "onnxruntime"]
                        help="onnxruntime: run an .onnx from `convert --format onnx` (float32 KV cache; no memory plan).")
 
 
+def _load_measured(model, **kw):
+    """api.load in a command that reports its memory against the plan, budget or not: freed
+    arrays go back to the kernel (memory.return_freed_memory)."""
+    from . import memory
+    from .api import load
+    memory.return_freed_memory()
+    return load(model, **kw)
+
+
 def _load(model, backend: str, mem_budget, threads, ctx, kv_type, **kw):
     """api.load, or the onnxruntime backend (which plans no memory and keeps a float32 cache)."""
     if backend == "edge-rt":
         if str(model).endswith(".onnx"):
             raise EdgeRtError(f"{model}: an ONNX graph; run it with --backend onnxruntime")
-        from . import memory
-        from .api import load
-        memory.return_freed_memory()  # peak RSS is reported against the plan, budget or not
-        return load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, **kw)
+        return _load_measured(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type, **kw)
     refused = [flag for flag, given in (("--mem-budget", mem_budget is not None), (f"--kv-type {kv_type}", kv_type != "f16"),
                                         ("--kv-policy sink-window", kw.get("kv_policy") == "sink-window")) if given]
     if refused:
@@ -201,12 +207,9 @@ def run(model, prompt, n_predict, ctx, kv_type, kv_policy, mem_budget, threads, 
 @click.option("--json", "as_json", is_flag=True)
 def plan(model, mem_budget, ctx, kv_type, prompt_tokens, threads, as_json):
     """The memory plan `run` would use: what stays resident, what streams, and the total."""
-    from . import memory
-    from .api import load
     from .flash import HEAD_BUFFER, Reader, residency
     from .plan import check
-    memory.return_freed_memory()  # its footprint is measured as run's is
-    m = load(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
+    m = _load_measured(model, mem_budget=mem_budget, threads=threads, ctx=ctx, kv_type=kv_type)
     m.drop_encoder()  # as run does once its prompt is read
     p = m.plan_for(min(prompt_tokens or ctx, ctx), 0)
     check(p, m.budget, 1 << 62)  # refuses an impossible budget, naming the smallest that works
