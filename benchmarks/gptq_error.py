@@ -62,14 +62,14 @@ def main() -> None:
     rows = []
     for bits in map(int, a.bits.split(",")):
         fmt = formats.GroupQuant(bits, a.group_size)
-        search = [rel_error(w, gptq.dequantize(*gptq.search(w, fmt), a.group_size), H_test[n])
+        search = [rel_error(w, fmt.decode(*gptq.search(w, fmt)), H_test[n])
                   for n, w in weights.items()]
         width_rows = [{"bits": bits, "method": "clip search", "test": geomean(search)}]
         for windows, G in grams.items():
             for damp in damps:
                 test, own = [], []
                 for n, w in weights.items():
-                    q = gptq.dequantize(*gptq.gptq(w, G[n], fmt, damp=damp), a.group_size)
+                    q = fmt.decode(*gptq.gptq(w, G[n], fmt, damp=damp))
                     test.append(rel_error(w, q, H_test[n]))
                     own.append(rel_error(w, q, G[n]))
                 width_rows.append({"bits": bits, "method": "gptq", "windows": windows, "damp": damp,

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from edge_rt import formats
 
-from . import gptq
 from .readers import Source
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
@@ -55,7 +54,7 @@ def output_error(w: np.ndarray, wq: np.ndarray, H: np.ndarray) -> float:
 
 def rtn(fmt: formats.GroupQuant, w: np.ndarray) -> np.ndarray:
     """w round-to-nearest in fmt, dequantized (fmt.dequantize(fmt.quantize(w)) without the packing)."""
-    return gptq.dequantize(*fmt.round(w), fmt.group_size)
+    return fmt.decode(*fmt.round(w))
 
 
 def search(ws: list[np.ndarray], fmts: list, H: np.ndarray, count: int) -> tuple[np.ndarray, float, list]:

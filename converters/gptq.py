@@ -12,8 +12,8 @@
 - `refit`: per row, the (d, m) of all its groups at once, by least squares on the layer's
   output error for the codes given.
 
-Both return integer codes c[rows, cols] and d, m [rows, groups] float16; `encode` makes
-the format's parts from them only through the format object (fmt.pack)."""
+Both return integer codes c[rows, cols] and d, m [rows, groups] float16, as the format's
+own `round` does; `fmt.encode` packs them into the file's parts, `fmt.decode` gives d*c + m."""
 from __future__ import annotations
 
 import numpy as np
@@ -180,14 +180,3 @@ def refit(w: np.ndarray, H: np.ndarray, codes: np.ndarray, g: int, d: np.ndarray
         take[take] = error(new[take]) < error(old[take])
         d_out[r:r + n][take], m_out[r:r + n][take] = new[take, :ng], new[take, ng:]
     return d_out, m_out
-
-
-def encode(fmt: formats.GroupQuant, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
-    """The parts of fmt for codes c and float16 d, m: what fmt.quantize returns."""
-    return {"codes": fmt.pack(np.asarray(c, np.uint8)), "scale": fmt.pack_groups(d), "min": fmt.pack_groups(m)}
-
-
-def dequantize(c, d, m, group_size: int) -> np.ndarray:
-    """w = d*c + m in float32, the format's definition, from codes and per-group d, m."""
-    gidx = np.arange(c.shape[1]) // group_size
-    return d.astype(np.float32)[:, gidx] * c.astype(np.float32) + m.astype(np.float32)[:, gidx]

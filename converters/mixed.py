@@ -82,7 +82,7 @@ def choose_widths(src, chosen: dict, budget: int, file_size, quantize, group_siz
                   progress: bool | None = None, keep=(), calib_text=None) -> dict:
     """chosen: name -> format with every quantizable matrix as a GroupQuant (its format is
     replaced, except for the names in keep); file_size(chosen) -> exact bytes of the file;
-    quantize(name, fmt, w) -> parts: the quantizer the file is written with, which the
+    quantize(name, fmt, w) -> (codes, d, m): the quantizer the file is written with, which the
     measure uses too. Returns the new choice."""
     names = [n for n, f in chosen.items() if isinstance(f, formats.GroupQuant) and n not in keep]
     opts = options(group_sizes(group_size))

@@ -131,9 +131,8 @@ class Weights:
         if not isinstance(fmt, formats.GroupQuant):
             return "f32", self.g.init(name, np.asarray(w, np.float32))
         rows, cols = w.shape
-        p = self.quantize(name, fmt, w)
-        c = fmt.unpack(p["codes"], cols)
-        d, m = fmt.unpack_groups(p["scale"]).astype(np.float32), fmt.unpack_groups(p["min"]).astype(np.float32)
+        c, d, m = self.quantize(name, fmt, w)
+        d, m = d.astype(np.float32), m.astype(np.float32)
         centered = (m + (1 << fmt.bits - 1) * d).T  # the minimum term of d * (c - 2^(bits-1))
         if fmt.bits == 8:  # codes [cols, rows]: DequantizeLinear along axis 0, no transpose at run time
             zero = np.full(d.T.shape, 128, np.uint8)
@@ -326,7 +325,7 @@ def io(spec: Spec) -> tuple[list, list]:
 def write_onnx(out, src: Source, chosen: dict, quantize, meta: dict, progress: bool | None = None,
                int8_activations: bool = False) -> Path:
     """Write OUT and OUT.data (see the module's docstring); chosen: name -> format,
-    quantize(name, fmt, w) -> parts (converters/quantize.quantizer). int8_activations:
+    quantize(name, fmt, w) -> (codes, d, m) (converters/quantize.quantizer). int8_activations:
     4-bit products with int8 activations (MatMulNBits accuracy_level 4: faster, less exact)."""
     out = Path(out)
     spec = spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path)

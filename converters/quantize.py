@@ -41,12 +41,14 @@ def choose_formats(shapes: dict, bits: int, group_size: int, embed_bits: int | N
 
 
 def quantizer(method: str, gram: dict | None = None):
-    """quantize(name, fmt, w) -> parts for a method; gram: name -> input Gram matrix."""
+    """quantize(name, fmt, w) -> (codes, d, m) for a method, as fmt.round returns them
+    (unpacked: fmt.encode makes the file's parts, fmt.decode the float weights);
+    gram: name -> input Gram matrix."""
     def quantize(name, fmt, w):
         if method in ("rtn", "awq"):
-            return fmt.quantize(w)
+            return fmt.round(w)
         H = (gram or {}).get(name)
         if method in ("gptq", "awq+gptq") and H is not None:
-            return gptq.encode(fmt, *gptq.gptq(w, H, fmt))
-        return gptq.encode(fmt, *gptq.search(w, fmt))
+            return gptq.gptq(w, H, fmt)
+        return gptq.search(w, fmt)
     return quantize

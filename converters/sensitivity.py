@@ -114,7 +114,7 @@ def measure(src: Source, names: list[str], options, quantize, calib_text=None,
             windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, scored: int = DEFAULT_SCORED,
             progress: bool | None = None) -> dict[str, dict[tuple[int, int], float]]:
     """name -> {(bits, group size): cost} for every matrix in names and pair in options;
-    quantize(name, fmt, w) -> the format's parts (the convert's quantizer)."""
+    quantize(name, fmt, w) -> (codes, d, m) (the convert's quantizer)."""
     spec = spec_from_meta(src.meta, len(src.meta.get("tokenizer.ggml.tokens", [])), src.path)
     W = SwappedWeights(src)
     # one BLAS thread: products of 128 rows gain little from a second, and on a loaded
@@ -128,7 +128,7 @@ def measure(src: Source, names: list[str], options, quantize, calib_text=None,
             out[name] = {}
             for opt in options:
                 fmt = formats.GroupQuant(*opt)
-                W.swap = {name: fmt.dequantize(quantize(name, fmt, w), w.shape[1])}
+                W.swap = {name: fmt.decode(*quantize(name, fmt, w))}
                 out[name][opt] = float(np.mean([r.kl(name) for r in runs]))
                 bar.update()
             W.swap = {}

@@ -124,8 +124,8 @@ def file_bytes(src: Source, items: list[Item], extra: dict, alignment: int = ALI
 
 
 def edge_rt_items(src: Source, chosen: dict, quantize: Callable | None = None) -> tuple[list[Item], dict]:
-    """Items and per-tensor metadata for our GGUF; quantize(name, fmt, w) -> parts makes a
-    group-quantized tensor's parts (default: the format's own round-to-nearest)."""
+    """Items and per-tensor metadata for our GGUF; quantize(name, fmt, w) -> (codes, d, m)
+    quantizes a group-quantized tensor (default: the format's own round-to-nearest)."""
     items, extra = [], {}
     for name, shape in src.shapes.items():
         fmt = chosen[name]
@@ -139,7 +139,7 @@ def edge_rt_items(src: Source, chosen: dict, quantize: Callable | None = None) -
 
             def produce(name=name, fmt=fmt):
                 w = src.load(name)
-                p = quantize(name, fmt, w) if quantize else fmt.quantize(w)
+                p = fmt.encode(*quantize(name, fmt, w)) if quantize else fmt.quantize(w)
                 return [p["codes"].view(np.int8), p["scale"], p["min"]]
         else:
             dtype = np.dtype(np.float16 if isinstance(fmt, formats.F16) else np.float32)

@@ -95,8 +95,11 @@ class GroupQuant:
 
     # -- quantize ------------------------------------------------------------------
     def quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        c, d, m = self.round(w)
-        return {"codes": self.pack(c), "scale": self.pack_groups(d), "min": self.pack_groups(m)}
+        return self.encode(*self.round(w))
+
+    def encode(self, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored parts for codes c [rows, cols] and float16 d, m [rows, groups]."""
+        return {"codes": self.pack(np.asarray(c, np.uint8)), "scale": self.pack_groups(d), "min": self.pack_groups(m)}
 
     def round(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Round-to-nearest: codes uint8 [rows, cols] and d, m float16 [rows, groups]."""
@@ -174,11 +177,14 @@ class GroupQuant:
 
     # -- dequantize ----------------------------------------------------------------
     def dequantize(self, parts: dict[str, np.ndarray], cols: int) -> np.ndarray:
-        c = self.unpack(np.asarray(parts["codes"]).view(np.uint8), cols).astype(np.float32)
-        gidx = np.arange(cols) // self.group_size
-        d = self.unpack_groups(parts["scale"]).astype(np.float32)[:, gidx]
-        m = self.unpack_groups(parts["min"]).astype(np.float32)[:, gidx]
-        return d * c + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
+        return self.decode(self.unpack(np.asarray(parts["codes"]).view(np.uint8), cols),
+                           self.unpack_groups(parts["scale"]), self.unpack_groups(parts["min"]))
+
+    def decode(self, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """w = d*c + m in float32 from codes [rows, cols] and per-group d, m [rows, groups]."""
+        gidx = np.arange(c.shape[1]) // self.group_size
+        d, m = d.astype(np.float32)[:, gidx], m.astype(np.float32)[:, gidx]
+        return d * c.astype(np.float32) + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
 
 
 def _plane_pairs(bits: int) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ def test_round_trip_matches_definition(bits, group):
     H = w.T @ w + np.eye(256, dtype=np.float32)
     for c, d, m in (gptq.search(w, fmt), gptq.gptq(w, H, fmt)):
         assert c.dtype == np.uint8 and c.max() <= (1 << bits) - 1 and d.dtype == m.dtype == np.float16
-        assert np.array_equal(fmt.dequantize(gptq.encode(fmt, c, d, m), 256), gptq.dequantize(c, d, m, group))
+        assert np.array_equal(fmt.dequantize(fmt.encode(c, d, m), 256), fmt.decode(c, d, m))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_gptq_beats_round_to_nearest(smollm2_stats, name, bits):
     w, H = stats.matrix(name), stats.gram[name]
     fmt = formats.GroupQuant(bits, 128)
     rtn = output_error(w, fmt.dequantize(fmt.quantize(w), w.shape[1]), H)
-    ours = output_error(w, gptq.dequantize(*gptq.gptq(w, H, fmt), 128), H)
+    ours = output_error(w, fmt.decode(*gptq.gptq(w, H, fmt)), H)
     assert ours < 0.5 * rtn, (ours, rtn)
 
 
@@ -74,11 +74,12 @@ def test_refit_lowers_output_error(smollm2_stats, name):
     from the clip search's codes, whose (d, m) were fitted group by group on diag(H)."""
     src, stats = smollm2_stats
     w, H = stats.matrix(name), stats.gram[name]
-    c, d, m = gptq.search(w, formats.GroupQuant(3, 32), np.diag(H))
+    fmt = formats.GroupQuant(3, 32)
+    c, d, m = gptq.search(w, fmt, np.diag(H))
     d2, m2 = gptq.refit(w, H, c, 32, d, m)
 
     def per_row(d, m):
-        e = (w - gptq.dequantize(c, d, m, 32)).astype(np.float64)
+        e = (w - fmt.decode(c, d, m)).astype(np.float64)
         return np.einsum("ij,jk,ik->i", e, H, e)
     before, after = per_row(d, m), per_row(d2, m2)
     assert d2.dtype == m2.dtype == np.float16 and np.isfinite(d2).all() and np.isfinite(m2).all()
