@@ -182,9 +182,14 @@ class GroupQuant:
 
     def decode(self, c: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
         """w = d*c + m in float32 from codes [rows, cols] and per-group d, m [rows, groups]."""
-        gidx = np.arange(c.shape[1]) // self.group_size
-        d, m = d.astype(np.float32)[:, gidx], m.astype(np.float32)[:, gidx]
-        return d * c.astype(np.float32) + m  # d*c is exact in float32, so this equals fmaf(d, c, m)
+        rows, cols = c.shape
+        ng, g = self.groups(cols), self.group_size
+        w = np.zeros((rows, ng * g), np.float32)  # the last group padded to its full size
+        w[:, :cols] = c
+        wg = w.reshape(rows, ng, g)
+        wg *= d.astype(np.float32)[..., None]  # d*c is exact in float32, so d*c + m equals fmaf(d, c, m)
+        wg += m.astype(np.float32)[..., None]
+        return w if ng * g == cols else np.ascontiguousarray(w[:, :cols])
 
 
 def _plane_pairs(bits: int) -> list[tuple[int, int]]:
@@ -196,14 +201,17 @@ def _pack_tiles(c: np.ndarray, bits: int) -> np.ndarray:
     """codes [ntiles, h, cols] -> the tiles' bytes, flat: [tile][block][pair u][s][row][e]."""
     nt, h, cols = c.shape
     nblk = cols // BLOCK
-    planes = (c[None] >> np.arange(bits, dtype=np.uint8)[:, None, None, None]) & 1  # [k, t, r, cols]
-    q = planes.reshape(bits, nt, h, nblk, 8, 4)
-    nib = (q << np.arange(4, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # [k, t, r, b, j]
-    byte = nib[..., 0::2] | (nib[..., 1::2] << 4)  # [k, t, r, b, s]
+    # byte s of a block in plane k: bit p is bit k of the code in column 8s + p (nibble j = 2s, 2s+1)
+    byte = np.stack([np.packbits((c >> k) & 1, axis=-1, bitorder="little") for k in range(bits)])
+    byte = byte.reshape(bits, nt, h, nblk, 4)  # [k, t, r, b, s]
     parts = [(byte[k:k + 2].transpose(1, 3, 4, 2, 0) if wd == 2  # [t, b, s, r, e]
               else byte[k].reshape(nt, h, nblk, 2, 2).transpose(0, 2, 3, 1, 4)  # [t, b, s, r, e]: sub-group pair 2s+e
               ).reshape(nt, nblk, 4 * h * wd) for k, wd in _plane_pairs(bits)]
     return np.concatenate(parts, axis=2).reshape(-1)
+
+
+# _SPREAD[v]: a uint64 whose byte p is bit p of v
+_SPREAD = np.array([sum(((v >> p) & 1) << (8 * p) for p in range(8)) for v in range(256)], "<u8")
 
 
 def _unpack_tiles(flat: np.ndarray, h: int, cols: int, bits: int) -> np.ndarray:
@@ -221,10 +229,10 @@ def _unpack_tiles(flat: np.ndarray, h: int, cols: int, bits: int) -> np.ndarray:
             planes.append(part.transpose(0, 3, 1, 2, 4).reshape(1, -1, h, nblk, 4))  # [1, t, r, b, 2s+e]
         pos += wd * 4 * h
     byte = np.concatenate(planes)  # [k, t, r, b, s]
-    nib = np.stack([byte & 15, byte >> 4], axis=-1).reshape(*byte.shape[:-1], 8)  # [k, t, r, b, j]
-    bit = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1  # [k, t, r, b, j, i]
-    c = (bit << np.arange(bits, dtype=np.uint8)[:, None, None, None, None, None]).sum(axis=0, dtype=np.uint8)
-    return c.reshape(-1, cols)
+    c = _SPREAD[byte[0]]  # 8 codes of a byte's columns as the 8 bytes of a uint64 (little-endian)
+    for k in range(1, bits):
+        c |= _SPREAD[byte[k]] << np.uint64(k)
+    return np.ascontiguousarray(c).view(np.uint8).reshape(-1, cols)
 
 
 def by_name(name: str, group_size: int = DEFAULT_GROUP_SIZE):
