@@ -365,9 +365,10 @@ def matmul_reference(fmt, parts: dict[str, np.ndarray], cols: int, x: np.ndarray
     m = fmt.unpack_groups(parts["min"]).astype(np.float64)[:, gidx]
     if not fmt.lut:
         o = int8_offset(fmt.bits)
-        s = c.astype(np.int64).reshape(rows, nblk, BLOCK) - o
+        s = (c.reshape(rows, nblk, BLOCK).astype(np.float64) - o).transpose(1, 2, 0)  # [nblk, 32, rows]
         qa, da = quantize_activations(x)  # [n, nblk, 32], [n, nblk]
-        dot = np.einsum("rbi,nbi->nrb", s, qa.astype(np.int64))  # exact integers
+        # integer dots in float64 products: every partial sum is an integer below 2^25, exact
+        dot = np.matmul(qa.astype(np.float64).transpose(1, 0, 2), s).transpose(1, 2, 0)  # [n, rows, nblk]
         sq = qa.astype(np.int64).sum(axis=-1)  # [n, nblk]
         y = da.astype(np.float64)[:, None, :] * (d[None] * dot + (m + o * d)[None] * sq[:, None, :])
         return y.sum(axis=-1).astype(np.float32)
