@@ -57,7 +57,7 @@ def test_the_structure_walker_finds_every_kind_of_field():
 
 def test_short_coverage_guided_run(tmp_path):
     pytest.importorskip("atheris", reason="atheris has no wheel for this platform / Python")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--runs", "100000", "--max-time", "15",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--runs", "100000", "--max-time", "5",
                         "--artifacts", str(tmp_path / "findings"), "--work-corpus", str(tmp_path / "corpus"), "--json"],
                        capture_output=True, text=True, timeout=600)
     summary = json.loads(r.stdout.strip().splitlines()[-1])
