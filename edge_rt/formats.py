@@ -108,14 +108,16 @@ class GroupQuant:
         self.check_shape(cols)
         g, ng, qmax = self.group_size, self.groups(cols), (1 << self.bits) - 1
         pad = ng * g - cols
-        wg = np.pad(w, ((0, 0), (0, pad)), mode="edge").reshape(rows, ng, g)
+        wg = (np.pad(w, ((0, 0), (0, pad)), mode="edge") if pad else w).reshape(rows, ng, g)
         lo, hi = wg.min(axis=2), wg.max(axis=2)
         m = lo.astype(np.float16)
         d = ((hi - lo) / qmax).astype(np.float16)
         d32, m32 = d.astype(np.float32), m.astype(np.float32)
         inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
-        c = np.rint((wg - m32[..., None]) * inv[..., None])
-        return np.clip(c, 0, qmax).astype(np.uint8).reshape(rows, ng * g)[:, :cols], d, m
+        c = wg - m32[..., None]  # rint((w - m) * inv), clipped to 0..qmax: in place, one array
+        c *= inv[..., None]
+        np.clip(np.rint(c, out=c), 0, qmax, out=c)
+        return c.astype(np.uint8).reshape(rows, ng * g)[:, :cols], d, m
 
     def pack(self, c: np.ndarray) -> np.ndarray:
         """uint8 codes [rows, cols] -> uint8 [rows, cols*bits/8] in the layout above
