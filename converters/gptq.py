@@ -23,7 +23,7 @@ from edge_rt import formats
 SHRINK = np.linspace(1.0, 0.5, 11, dtype=np.float32)  # range fractions tried per group
 DAMP = 0.01  # Hessian dampening, as a fraction of its mean diagonal
 BLOCK_COLS = 128  # GPTQ's lazy-update block
-SEARCH_ROWS = 8192  # rows per step of the clip search (Gemma-3's head: 262,144 rows)
+SEARCH_ELEMS = 1 << 19  # weights per step of the clip search (~2 MB arrays: fastest here, 2x 8192-row steps)
 REFIT_ROWS = 256  # rows per step of the refit
 RIDGE = 1e-9  # the refit's pull towards the old (d, m), relative to its mean diagonal
 
@@ -32,11 +32,18 @@ def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndar
     """c = clip(rint((w - m) / d), 0, qmax) with d, m as float16 values; d == 0 gives 0."""
     d32, m32 = d.astype(np.float32), m.astype(np.float32)
     inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
-    return np.clip(np.rint((w - m32) * inv), 0, qmax)
+    c = w - m32
+    c *= inv
+    return np.clip(np.rint(c, out=c), 0, qmax, out=c)
 
 
 def _err(w, c, d, m, h):
-    return (h * np.square(w - (d.astype(np.float32) * c + m.astype(np.float32)))).sum(axis=-1)
+    """sum h (w - (d c + m))^2 over the last axis, in one working array"""
+    t = d.astype(np.float32) * c
+    t += m.astype(np.float32)
+    np.square(np.subtract(w, t, out=t), out=t)
+    t *= h
+    return t.sum(axis=-1)
 
 
 def fit_groups(wg: np.ndarray, h: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,29 +53,31 @@ def fit_groups(wg: np.ndarray, h: np.ndarray, bits: int) -> tuple[np.ndarray, np
     wg = np.asarray(wg, np.float32)
     h = np.broadcast_to(np.asarray(h, np.float32), wg.shape)
     lo, hi = wg.min(axis=-1), wg.max(axis=-1)
+    n, v = h.sum(-1), (h * wg).sum(-1)
     best = None
     for s in SHRINK:
         m = (lo * s).astype(np.float16)
         d = ((hi - lo) * s / qmax).astype(np.float16)
         c = codes_for(wg, d[..., None], m[..., None], qmax)
         # weighted least squares for (d, m) given c: [sum h c^2, sum h c; sum h c, sum h] [d m]^T = [sum h c w, sum h w]
-        a, b, n = (h * c * c).sum(-1), (h * c).sum(-1), h.sum(-1)
-        u, v = (h * c * wg).sum(-1), (h * wg).sum(-1)
+        hc = h * c
+        a, b, u = (hc * c).sum(-1), hc.sum(-1), (hc * wg).sum(-1)
         det = a * n - b * b
         ok = det > 1e-12 * np.maximum(a * n, 1e-30)
         d2 = np.where(ok, (u * n - b * v) / np.where(ok, det, 1), d).astype(np.float16)
         m2 = np.where(ok, (a * v - b * u) / np.where(ok, det, 1), m).astype(np.float16)
-        for dd, mm in ((d, m), (d2, m2)):
-            cc = codes_for(wg, dd[..., None], mm[..., None], qmax)
+        for dd, mm, cc in ((d, m, c), (d2, m2, None)):
+            if cc is None:
+                cc = codes_for(wg, dd[..., None], mm[..., None], qmax)
             e = _err(wg, cc, dd[..., None], mm[..., None], h)
             if best is None:
                 best = [e, cc, dd, mm]
-            else:
-                take = e < best[0]
-                best[0] = np.where(take, e, best[0])
-                best[1] = np.where(take[..., None], cc, best[1])
-                best[2] = np.where(take, dd, best[2])
-                best[3] = np.where(take, mm, best[3])
+                continue
+            take = e < best[0]
+            best[0] = np.where(take, e, best[0])
+            np.copyto(best[1], cc, where=take[..., None])
+            best[2] = np.where(take, dd, best[2])
+            best[3] = np.where(take, mm, best[3])
     return best[1], best[2], best[3]
 
 
@@ -78,12 +87,12 @@ def _grouped(w: np.ndarray, g: int) -> np.ndarray:
     return np.pad(w, ((0, 0), (0, ng * g - cols)), mode="edge").reshape(rows, ng, g), ng
 
 
-def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None = None,
-           chunk: int = SEARCH_ROWS):
-    """Round-to-nearest with the searched (d, m) of every group: codes, d, m. Rows go
-    `chunk` at a time: the search holds several float32 copies of what it is given."""
+def search(w: np.ndarray, fmt: formats.GroupQuant, importance: np.ndarray | None = None):
+    """Round-to-nearest with the searched (d, m) of every group: codes, d, m. Rows go a
+    few at a time (SEARCH_ELEMS weights), each group's search being independent."""
     w = np.asarray(w, np.float32)
     rows, cols = w.shape
+    chunk = max(1, SEARCH_ELEMS // cols)
     ng = fmt.groups(cols)
     h = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32)
     hg = np.pad(h, (0, ng * fmt.group_size - cols)).reshape(1, ng, fmt.group_size)
