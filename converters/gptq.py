@@ -28,15 +28,6 @@ REFIT_ROWS = 256  # rows per step of the refit
 RIDGE = 1e-9  # the refit's pull towards the old (d, m), relative to its mean diagonal
 
 
-def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
-    """c = clip(rint((w - m) / d), 0, qmax) with d, m as float16 values; d == 0 gives 0."""
-    d32, m32 = d.astype(np.float32), m.astype(np.float32)
-    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
-    c = w - m32
-    c *= inv
-    return np.clip(np.rint(c, out=c), 0, qmax, out=c)
-
-
 def _err(w, c, d, m, h):
     """sum h (w - (d c + m))^2 over the last axis, in one working array"""
     t = d.astype(np.float32) * c
@@ -58,7 +49,7 @@ def fit_groups(wg: np.ndarray, h: np.ndarray, bits: int) -> tuple[np.ndarray, np
     for s in SHRINK:
         m = (lo * s).astype(np.float16)
         d = ((hi - lo) * s / qmax).astype(np.float16)
-        c = codes_for(wg, d[..., None], m[..., None], qmax)
+        c = formats.codes_for(wg, d[..., None], m[..., None], qmax)
         # weighted least squares for (d, m) given c: [sum h c^2, sum h c; sum h c, sum h] [d m]^T = [sum h c w, sum h w]
         hc = h * c
         a, b, u = (hc * c).sum(-1), hc.sum(-1), (hc * wg).sum(-1)
@@ -68,7 +59,7 @@ def fit_groups(wg: np.ndarray, h: np.ndarray, bits: int) -> tuple[np.ndarray, np
         m2 = np.where(ok, (a * v - b * u) / np.where(ok, det, 1), m).astype(np.float16)
         for dd, mm, cc in ((d, m, c), (d2, m2, None)):
             if cc is None:
-                cc = codes_for(wg, dd[..., None], mm[..., None], qmax)
+                cc = formats.codes_for(wg, dd[..., None], mm[..., None], qmax)
             e = _err(wg, cc, dd[..., None], mm[..., None], h)
             if best is None:
                 best = [e, cc, dd, mm]
@@ -132,7 +123,7 @@ def gptq(w: np.ndarray, H: np.ndarray, fmt: formats.GroupQuant, damp: float = DA
         D1, M1 = d_all[:, group].astype(np.float32), m_all[:, group].astype(np.float32)
         for i in range(i2 - i1):
             d, m = D1[:, i], M1[:, i]
-            c = codes_for(W1[:, i], d, m, qmax)
+            c = formats.codes_for(W1[:, i], d, m, qmax)
             codes[:, order[i1 + i]] = c
             err = (W1[:, i] - (d * c + m)) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])

@@ -70,6 +70,16 @@ class F16(F32):
         return 2 * rows * cols
 
 
+def codes_for(w: np.ndarray, d: np.ndarray, m: np.ndarray, qmax: int) -> np.ndarray:
+    """The group formats' rounding of w to a given (d, m): c = clip(rint((w - m) * (1/d)),
+    0, qmax) in float32, d and m taken as float16 values; d == 0 gives 0. One working array."""
+    d32, m32 = d.astype(np.float32), m.astype(np.float32)
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+    c = w - m32
+    c *= inv
+    return np.clip(np.rint(c, out=c), 0, qmax, out=c)
+
+
 class GroupQuant:
     """Asymmetric round-to-nearest, one (scale, min) pair per group of columns."""
 
@@ -112,11 +122,7 @@ class GroupQuant:
         lo, hi = wg.min(axis=2), wg.max(axis=2)
         m = lo.astype(np.float16)
         d = ((hi - lo) / qmax).astype(np.float16)
-        d32, m32 = d.astype(np.float32), m.astype(np.float32)
-        inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
-        c = wg - m32[..., None]  # rint((w - m) * inv), clipped to 0..qmax: in place, one array
-        c *= inv[..., None]
-        np.clip(np.rint(c, out=c), 0, qmax, out=c)
+        c = codes_for(wg, d[..., None], m[..., None], qmax)
         return c.astype(np.uint8).reshape(rows, ng * g)[:, :cols], d, m
 
     def pack(self, c: np.ndarray) -> np.ndarray:
